@@ -1,0 +1,125 @@
+"""RunLayout: the one place that names every directory and file of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("download", "prepare", "proxy", "score", "prune", "train", "evaluate", "report")
+STAGE_DIRS = {name: f"{i + 1:02d}_{name}" for i, name in enumerate(STAGES)}
+
+
+def run_name(strategy: str, sparsity: float) -> str:
+    """Folder name of one pruned corpus / model: ``el2n-high-0.3``; ``full`` for the baseline."""
+    return "full" if strategy == "full" else f"{strategy}-{sparsity:g}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # run level
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.resolved.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / STAGE_DIRS[stage]
+
+    def manifest(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "manifest.json"
+
+    def in_progress(self, stage: str) -> Path:
+        return self.stage_dir(stage) / ".in-progress.json"
+
+    # 01_download
+    def pair_dir(self, pair: str) -> Path:
+        return self.stage_dir("download") / pair
+
+    def split_file(self, pair: str, split: str, lang: str) -> Path:
+        return self.pair_dir(pair) / f"{split}.{lang}"
+
+    def download_ids(self, pair: str) -> Path:
+        return self.pair_dir(pair) / "train.ids"
+
+    @property
+    def noise_ids(self) -> Path:
+        """Sentence ids known to be noise (written for the synthetic corpus)."""
+        return self.stage_dir("download") / "noise.ids"
+
+    # 02_prepare
+    @property
+    def spm_model(self) -> Path:
+        return self.stage_dir("prepare") / "spm.model"
+
+    @property
+    def spm_dir(self) -> Path:
+        return self.stage_dir("prepare") / "spm"
+
+    @property
+    def data_bin(self) -> Path:
+        return self.stage_dir("prepare") / "data-bin"
+
+    @property
+    def prepare_ids(self) -> Path:
+        return self.stage_dir("prepare") / "train.ids"
+
+    @property
+    def prepare_tasks(self) -> Path:
+        """One line per fairseq train index: ``<pair>\\t<src>-<tgt>`` (direction of the example)."""
+        return self.stage_dir("prepare") / "train.tasks"
+
+    @property
+    def test_index(self) -> Path:
+        return self.stage_dir("prepare") / "test.tsv"
+
+    # 03_proxy
+    def proxy_seed_dir(self, seed: int) -> Path:
+        return self.stage_dir("proxy") / f"seed{seed}"
+
+    def proxy_checkpoint(self, seed: int, updates: int) -> Path:
+        return self.proxy_seed_dir(seed) / f"checkpoint_u{updates}.pt"
+
+    # 04_score
+    @property
+    def scores(self) -> Path:
+        return self.stage_dir("score") / "scores.parquet"
+
+    @property
+    def token_scores(self) -> Path:
+        return self.stage_dir("score") / "tokens.parquet"
+
+    def score_shard(self, index: int, count: int) -> Path:
+        return self.stage_dir("score") / "shards" / f"shard-{index:04d}-of-{count:04d}.parquet"
+
+    # 05_prune
+    def prune_dir(self, name: str) -> Path:
+        return self.stage_dir("prune") / name
+
+    def kept_ids(self, name: str) -> Path:
+        return self.prune_dir(name) / "kept.ids"
+
+    def pruned_data_bin(self, name: str) -> Path:
+        return self.prune_dir(name) / "data-bin"
+
+    # 06_train
+    def train_dir(self, name: str) -> Path:
+        return self.stage_dir("train") / name
+
+    # 07_evaluate
+    def eval_dir(self, name: str) -> Path:
+        return self.stage_dir("evaluate") / name
+
+    def metrics(self, name: str) -> Path:
+        return self.eval_dir(name) / "metrics.json"
+
+    # 08_report
+    def report_file(self, name: str) -> Path:
+        return self.stage_dir("report") / name

@@ -1,0 +1,159 @@
+"""Manifests: how each stage's artifacts were made, and whether they are still fresh.
+
+A stage is fresh when its manifest exists, its recorded config equals the current one, every
+upstream stage is fresh and its recorded output digest equals what this stage consumed, and its
+own outputs are still on disk with their recorded sizes (``verify`` rehashes them too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def temp_path(path: Path) -> Path:
+    """A sibling temp name to write into before ``os.replace(tmp, path)``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
+
+
+def describe_outputs(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Fingerprint files (and every file under folders) relative to the stage folder."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")))
+        else:
+            files.append(p)
+    out: dict[str, dict[str, Any]] = {}
+    for f in files:
+        entry: dict[str, Any] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+        if f.suffix in (".ids", ".tasks", ".tsv", ".hyp") or f.parent.name in ("spm",) or _is_text_split(f):
+            entry["lines"] = count_lines(f)
+        out[str(f.relative_to(root))] = entry
+    return out
+
+
+def _is_text_split(f: Path) -> bool:
+    return f.stem in ("train", "valid", "test") and len(f.suffix) in (3, 4) and f.suffix != ".bin"
+
+
+@dataclass
+class Manifest:
+    data: dict[str, Any]
+
+    @property
+    def outputs_digest(self) -> str:
+        return self.data["outputs_digest"]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.data.get("stats", {})
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest | None:
+        try:
+            return cls(json.loads(path.read_text(encoding="utf-8")))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+
+def build_manifest(stage: str, config: dict[str, Any], inputs: dict[str, str], stage_dir: Path,
+                   outputs: list[Path], stats: dict[str, Any], started: float) -> Manifest:
+    described = describe_outputs(stage_dir, outputs)
+    return Manifest({
+        "stage": stage,
+        "mtprune_version": __version__,
+        "versions": _versions(),
+        "config": config,
+        "config_hash": json_hash(config),
+        "inputs": inputs,
+        "outputs": described,
+        "outputs_digest": json_hash({k: v["sha256"] for k, v in described.items()}),
+        "stats": stats,
+        "started": _iso(started),
+        "finished": _iso(time.time()),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    })
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    atomic_write_text(path, json.dumps(manifest.data, indent=2, sort_keys=False) + "\n")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "fairseq-fixed", "sentencepiece", "sacrebleu"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def check_outputs(stage_dir: Path, manifest: Manifest, rehash: bool = False) -> list[str]:
+    """Problems with a stage's recorded outputs: missing, resized, or (with rehash) changed."""
+    problems = []
+    for rel, entry in manifest.data.get("outputs", {}).items():
+        p = stage_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif p.stat().st_size != entry["bytes"]:
+            problems.append(f"{rel} changed size ({p.stat().st_size} bytes, recorded {entry['bytes']})")
+        elif rehash and file_sha256(p) != entry["sha256"]:
+            problems.append(f"{rel} changed since it was written")
+    return problems

@@ -1,0 +1,112 @@
+"""Readers for OPUS-100: the Hugging Face hub, and local copies in the release or hub-parquet layout.
+
+Every reader yields, per split, ``(text_l1, text_l2)`` tuples in the order of the source, with
+``l1, l2 = pair.split("-")`` (OPUS-100 names pairs alphabetically: ``de-en``, ``en-es``, ...).
+The position in the train split is the ``<n>`` of a sentence id.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputError, StageError
+
+SPLITS = ("train", "valid", "test")
+RELEASE_SPLIT = {"train": "train", "valid": "dev", "test": "test"}
+HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
+HUB_DATASET = "Helsinki-NLP/opus-100"
+
+Pairs = Iterator[tuple[str, str]]
+
+
+def langs(pair: str) -> tuple[str, str]:
+    a, b = pair.split("-")
+    return a, b
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: line {lineno}: invalid UTF-8 (byte {e.start})") from None
+
+
+def read_parallel_text(path_a: Path, path_b: Path) -> Pairs:
+    """Two line-aligned text files, streamed; a count mismatch or bad UTF-8 names file and line."""
+    for p in (path_a, path_b):
+        if not p.is_file():
+            raise InputError(f"{p}: file not found")
+    with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+        for i, (ra, rb) in enumerate(itertools.zip_longest(fa, fb), start=1):
+            if ra is None or rb is None:
+                short, long_ = (path_a, path_b) if ra is None else (path_b, path_a)
+                n_short = i - 1
+                n_long = n_short + 1 + sum(1 for _ in (fb if ra is None else fa))
+                raise InputError(f"{short}: has {n_short} lines but {long_} has {n_long}; "
+                                 f"the two sides must be line-aligned (first unmatched line {i})")
+            yield _decode(ra, path_a, i).rstrip("\r\n"), _decode(rb, path_b, i).rstrip("\r\n")
+
+
+def detect_layout(root: Path, pair: str) -> str:
+    d = root / pair
+    if not root.is_dir():
+        raise InputError(f"{root}: local source folder not found")
+    if not d.is_dir():
+        raise InputError(f"{d}: pair folder not found (expected {root}/<pair>/ for each pair)")
+    if any(d.glob(f"opus.{pair}-*")):
+        return "release"
+    if any(d.glob("*.parquet")):
+        return "parquet"
+    raise InputError(f"{d}: neither opus.{pair}-<split>.<lang> files nor <split>-*.parquet files found")
+
+
+def read_local(root: Path, pair: str, split: str) -> Pairs:
+    layout = detect_layout(root, pair)
+    l1, l2 = langs(pair)
+    if layout == "release":
+        name = RELEASE_SPLIT[split]
+        return read_parallel_text(root / pair / f"opus.{pair}-{name}.{l1}", root / pair / f"opus.{pair}-{name}.{l2}")
+    files = sorted((root / pair).glob(f"{HUB_SPLIT[split]}-*.parquet"))
+    if not files:
+        raise InputError(f"{root / pair}: no {HUB_SPLIT[split]}-*.parquet file for split {split}")
+    return _read_parquet(files, pair)
+
+
+def _read_parquet(files: list[Path], pair: str) -> Pairs:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    l1, l2 = langs(pair)
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{f}: not a readable parquet file ({e})") from None
+        if "translation" not in pf.schema_arrow.names:
+            raise InputError(f"{f}: no 'translation' column (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=["translation"], batch_size=10_000):
+            for row in batch.column(0).to_pylist():
+                if not row or l1 not in row or l2 not in row:
+                    raise InputError(f"{f}: a translation entry lacks {l1!r} or {l2!r}: {row!r}")
+                yield row[l1] or "", row[l2] or ""
+
+
+def read_hub(pair: str, split: str) -> Pairs:
+    """OPUS-100 from the hub (``datasets``); a hub that cannot be reached is one clear line."""
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a hard dependency
+        raise StageError(f"the 'datasets' package is needed for download.source=hub ({e})") from None
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, pair, split=HUB_SPLIT[split])
+    except Exception as e:  # datasets raises many kinds for "offline"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(
+            f"cannot load {HUB_DATASET} ({pair}, {HUB_SPLIT[split]}) from the Hugging Face hub: {first[:200]}. "
+            f"For a copy on disk use --set download.source=local:DIR") from None
+    l1, l2 = langs(pair)
+    for row in ds:
+        t = row["translation"]
+        yield t.get(l1) or "", t.get(l2) or ""

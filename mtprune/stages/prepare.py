@@ -1,0 +1,204 @@
+"""Stage 2: one joint SentencePiece model, target-language tags, fairseq-binarized data.
+
+All pairs and directions go into one data-bin (fairseq "languages" src/tgt); each source line
+starts with a tag naming the target language (``<2de>``), so one model serves every pair.
+``train.ids`` maps fairseq's train index i (line i) to its sentence id; ``train.tasks`` gives the
+pair and direction of the same example.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..fairseq_backend import SRC, TGT, preprocess, write_dictionary
+from ..layout import RunLayout
+from ..manifest import atomic_write_text, temp_path
+from ..pipeline import StageResult
+from ..sources import langs
+
+SECTIONS = ("prepare",)
+UPSTREAM = ("download",)
+log = logging.getLogger("mtprune")
+
+
+def tag(lang: str) -> str:
+    return f"<2{lang}>"
+
+
+def tasks(pairs: tuple[str, ...] | list[str], direction: str) -> list[tuple[str, str, str]]:
+    """(pair, source language, target language) for every translation direction of the run."""
+    out = []
+    for pair in pairs:
+        a, b = langs(pair)
+        other = b if a == "en" else a
+        if direction in ("en-xx", "both"):
+            out.append((pair, "en", other))
+        if direction in ("xx-en", "both"):
+            out.append((pair, other, "en"))
+    return out
+
+
+def read_lines(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+# ---- SentencePiece encoding in worker processes -------------------------------------------------
+
+_sp: Any = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _sp
+    import sentencepiece as spm
+
+    _sp = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode_chunk(lines: list[str]) -> list[list[str]]:
+    return _sp.encode(lines, out_type=str)
+
+
+def _chunks(lines: list[str], size: int = 2000) -> Iterator[list[str]]:
+    for i in range(0, len(lines), size):
+        yield lines[i:i + size]
+
+
+class Encoder:
+    """Encodes text with the SentencePiece model on ``workers`` processes, with a progress bar."""
+
+    def __init__(self, model_path: Path, workers: int) -> None:
+        self.model_path, self.workers = str(model_path), workers
+
+    def __enter__(self) -> Encoder:
+        if self.workers > 1:
+            self.pool = get_context("spawn").Pool(self.workers, _init_worker, (self.model_path,))
+        else:
+            _init_worker(self.model_path)
+            self.pool = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+    def encode(self, lines: list[str], desc: str) -> list[list[str]]:
+        from tqdm import tqdm
+
+        out: list[list[str]] = []
+        mapper = self.pool.imap if self.pool is not None else map
+        with tqdm(total=len(lines), desc=desc, unit="sent", leave=False, disable=None) as bar:
+            for chunk in mapper(_encode_chunk, _chunks(lines)):
+                out.extend(chunk)
+                bar.update(len(chunk))
+        return out
+
+
+def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, str]]) -> None:
+    import sentencepiece as spm
+
+    p = cfg.prepare
+    sentences: list[str] = []
+    for pair in cfg.download.pairs:
+        for lang in langs(pair):
+            sentences.extend(read_lines(layout.split_file(pair, "train", lang)))
+    rng = random.Random(cfg.download.seed)
+    if len(sentences) > p.spm_sample:
+        sentences = rng.sample(sentences, p.spm_sample)
+    sample = layout.stage_dir("prepare") / "spm.sample.txt"
+    atomic_write_text(sample, "\n".join(sentences) + "\n")
+    tags = sorted({tag(t) for _, _, t in all_tasks})
+    prefix = temp_path(layout.spm_model).with_suffix("")
+    log.info("prepare: training SentencePiece (%s, vocab %d) on %d sentences", p.model_type, p.vocab_size,
+             len(sentences))
+    spm.SentencePieceTrainer.train(
+        input=str(sample), model_prefix=str(prefix), vocab_size=p.vocab_size, model_type=p.model_type,
+        character_coverage=p.character_coverage, user_defined_symbols=tags, hard_vocab_limit=False,
+        num_threads=_workers(cfg), input_sentence_size=0,
+        shuffle_input_sentence=False, minloglevel=2)
+    os.replace(f"{prefix}.model", layout.spm_model)
+    os.replace(f"{prefix}.vocab", layout.spm_model.with_suffix(".vocab"))
+    sample.unlink()
+
+
+def _workers(cfg: Config) -> int:
+    return cfg.prepare.workers or os.cpu_count() or 1
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    tmp = temp_path(path)
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
+    import sentencepiece as spm
+
+    all_tasks = tasks(cfg.download.pairs, cfg.download.direction)
+    sd = layout.stage_dir("prepare")
+    train_spm(cfg, layout, all_tasks)
+    vocab = [p for p, _ in (ln.split("\t") for ln in read_lines(layout.spm_model.with_suffix(".vocab")))]
+    sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
+    assert sp.get_piece_size() == len(vocab)
+    layout.spm_dir.mkdir(parents=True, exist_ok=True)
+    dict_path = sd / "dict.txt"
+    write_dictionary(vocab, dict_path)
+
+    stats: dict[str, Any] = {"vocab_size": len(vocab), "tasks": {}}
+    train_src: list[str] = []
+    train_tgt: list[str] = []
+    ids: list[str] = []
+    task_lines: list[str] = []
+    valid_src: list[str] = []
+    valid_tgt: list[str] = []
+    limit = cfg.prepare.max_tokens
+    with Encoder(layout.spm_model, _workers(cfg)) as enc:
+        for pair, s, t in all_tasks:
+            name = f"{pair}:{s}-{t}"
+            raw_ids = read_lines(layout.download_ids(pair))
+            src = enc.encode(read_lines(layout.split_file(pair, "train", s)), f"encode {name} train")
+            tgt = enc.encode(read_lines(layout.split_file(pair, "train", t)), f"encode {name} train")
+            dropped = 0
+            for sid, a, b in zip(raw_ids, src, tgt, strict=True):
+                if len(a) + 1 > limit or len(b) > limit:
+                    dropped += 1
+                    continue
+                train_src.append(f"{tag(t)} " + " ".join(a))
+                train_tgt.append(" ".join(b))
+                ids.append(sid)
+                task_lines.append(f"{pair}\t{s}-{t}")
+            vsrc = enc.encode(read_lines(layout.split_file(pair, "valid", s)), f"encode {name} valid")
+            vtgt = enc.encode(read_lines(layout.split_file(pair, "valid", t)), f"encode {name} valid")
+            for a, b in zip(vsrc, vtgt, strict=True):
+                if len(a) + 1 <= limit and len(b) <= limit:
+                    valid_src.append(f"{tag(t)} " + " ".join(a))
+                    valid_tgt.append(" ".join(b))
+            stats["tasks"][name] = {"train": len(src) - dropped, "dropped_too_many_tokens": dropped}
+            log.info("prepare: %s: %d training pairs encoded (%d over %d pieces dropped)", name,
+                     len(src) - dropped, dropped, limit)
+    for split, a, b in (("train", train_src, train_tgt), ("valid", valid_src, valid_tgt)):
+        _write(layout.spm_dir / f"{split}.{SRC}", a)
+        _write(layout.spm_dir / f"{split}.{TGT}", b)
+    _write(layout.prepare_ids, ids)
+    _write(layout.prepare_tasks, task_lines)
+    stats["train_pairs"] = len(ids)
+    stats["train_target_tokens"] = sum(len(x.split()) + 1 for x in train_tgt)
+
+    tmp_bin = temp_path(layout.data_bin)
+    for d in (tmp_bin, layout.data_bin):
+        shutil.rmtree(d, ignore_errors=True)
+    preprocess(layout.spm_dir / "train", layout.spm_dir / "valid", tmp_bin, dict_path, _workers(cfg),
+               sd / "preprocess.log")
+    os.replace(tmp_bin, layout.data_bin)
+    return StageResult([layout.spm_model, dict_path, layout.spm_dir, layout.data_bin, layout.prepare_ids,
+                        layout.prepare_tasks], stats)
