@@ -237,8 +237,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TestSet:
+    """An extra test set from plain text files, e.g. FLORES devtest (one sentence per line)."""
+
     name: str
-    pair: str
+    src_lang: str
+    tgt_lang: str
     src: str
     ref: str
 
@@ -259,9 +262,13 @@ class EvaluateConfig:
             out.append("evaluate.max_tokens: must be >= 16")
         if self.checkpoint not in ("best", "last"):
             out.append(f"evaluate.checkpoint: must be best or last, got {self.checkpoint!r}")
+        langs = {lang for p in OPUS_PAIRS for lang in p.split("-")}
         for i, t in enumerate(self.extra_test_sets):
-            if t.pair not in OPUS_PAIRS:
-                out.append(f"evaluate.extra_test_sets[{i}].pair: unknown pair {t.pair!r}")
+            if t is None:
+                continue
+            for k in ("src_lang", "tgt_lang"):
+                if getattr(t, k) not in langs:
+                    out.append(f"evaluate.extra_test_sets[{i}].{k}: unknown language {getattr(t, k)!r}")
         return out
 
 

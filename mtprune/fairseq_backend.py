@@ -166,16 +166,21 @@ def interval_checkpoint(save_dir: Path, updates: int) -> Path | None:
 
 # ---- in-process loading -------------------------------------------------------------------------
 
-def _allow_fairseq_pickles() -> None:
+def quiet_fairseq() -> None:
+    """Allow fairseq's pickled checkpoints and keep its INFO chatter out of our progress output."""
+    import warnings
+
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load at call time
+    logging.getLogger("fairseq").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
+    warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask and attn_mask.*")
 
 
 def load_model(checkpoint: Path, data_bin: Path, device: str) -> tuple[Any, Any]:
     """(model in eval mode on ``device``, fairseq task) with the dictionary of ``data_bin``."""
-    import torch
+    quiet_fairseq()
     from fairseq import checkpoint_utils
 
-    _allow_fairseq_pickles()
     if not checkpoint.is_file():
         raise UsageError(f"{checkpoint}: checkpoint not found")
     try:
@@ -196,11 +201,11 @@ def load_model(checkpoint: Path, data_bin: Path, device: str) -> tuple[Any, Any]
     model = models[0].to(device).eval()
     if device == "cpu":
         model = model.float()
-    _ = torch  # torch is imported for its side effects on fairseq's modules
     return model, task
 
 
 def load_dictionary(data_bin: Path) -> Any:
+    quiet_fairseq()
     from fairseq.data import Dictionary
 
     return Dictionary.load(str(data_bin / f"dict.{TGT}.txt"))

@@ -1,0 +1,124 @@
+"""Stage 5: drop a fraction of the training pairs per strategy and sparsity, binarize the rest.
+
+``<score>-high`` drops the highest values of a score column, ``<score>-low`` the lowest, ``random``
+a seeded random subset (nested: a larger sparsity drops a superset). Ties are broken by sentence id.
+The kept pairs are copied token for token out of the full data-bin, so every pruned corpus shares
+the full corpus's SentencePiece model and fairseq dictionary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..errors import UsageError
+from ..layout import RunLayout, run_name
+from ..manifest import temp_path
+from ..pipeline import StageResult
+
+SECTIONS = ("prune",)
+UPSTREAM = ("prepare", "score")
+log = logging.getLogger("mtprune")
+
+
+def _id_order_key(sentence_ids: list[str], directions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pairs = np.array([s.rsplit("/", 1)[0] for s in sentence_ids])
+    nums = np.array([int(s.rsplit("/", 1)[1]) for s in sentence_ids], dtype=np.int64)
+    return pairs, nums, np.array(directions)
+
+
+def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int) -> np.ndarray:
+    """Boolean mask over the rows of a score table: True where the pair is dropped."""
+    n = len(df)
+    groups = [np.arange(n)] if scope == "global" else [np.flatnonzero(df["pair"].to_numpy() == p)
+                                                      for p in sorted(df["pair"].unique())]
+    pairs, nums, dirs = _id_order_key(df["sentence_id"].tolist(),
+                                      df["direction"].tolist() if "direction" in df else [""] * n)
+    if strategy != "random":
+        column, side = strategy.rsplit("-", 1)
+        if column not in df.columns or column in ("sentence_id", "pair", "direction", "index"):
+            known = [c for c in df.columns if c not in ("sentence_id", "pair", "direction", "index")]
+            raise UsageError(f"prune.strategies: {strategy!r} needs a score column {column!r}; "
+                             f"scores.parquet has: {', '.join(known)}")
+        values = df[column].to_numpy(dtype=np.float64)
+        if np.isnan(values).any():
+            raise UsageError(f"prune: score column {column!r} has missing values")
+    mask = np.zeros(n, dtype=bool)
+    rng = np.random.default_rng(seed)
+    for g in groups:
+        k = int(round(sparsity * len(g)))
+        if k == 0:
+            continue
+        if strategy == "random":
+            order = g[rng.permutation(len(g))]
+        else:
+            primary = -values[g] if side == "high" else values[g]
+            # np.lexsort sorts by the last key first: score, then sentence id (pair, n, direction)
+            order = g[np.lexsort((dirs[g], nums[g], pairs[g], primary))]
+        mask[order[:k]] = True
+    return mask
+
+
+def write_subset(full_bin: Path, out_bin: Path, keep: np.ndarray) -> None:
+    """Copy the kept examples (fairseq indices) of the train split into a new data-bin."""
+    from fairseq.data import indexed_dataset
+
+    from ..fairseq_backend import SRC, TGT, load_train_pairs
+
+    src, tgt, d = load_train_pairs(full_bin)
+    tmp = temp_path(out_bin)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for lang, ds in ((SRC, src), (TGT, tgt)):
+        prefix = tmp / f"train.{SRC}-{TGT}.{lang}"
+        builder = indexed_dataset.make_builder(f"{prefix}.bin", impl="mmap", vocab_size=len(d))
+        for i in keep:
+            builder.add_item(ds[int(i)])
+        builder.finalize(f"{prefix}.idx")
+    for f in full_bin.iterdir():  # dictionaries and the validation split are shared with the full corpus
+        if not f.name.startswith("train.") and f.suffix != ".log":
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(out_bin, ignore_errors=True)
+    os.replace(tmp, out_bin)
+
+
+def runs(cfg: Config) -> list[tuple[str, str, float]]:
+    """(name, strategy, sparsity) of every pruned corpus."""
+    return [(run_name(st, sp), st, sp) for st in cfg.prune.strategies for sp in cfg.prune.sparsities]
+
+
+def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
+    import pandas as pd
+
+    from ..fairseq_backend import quiet_fairseq
+
+    quiet_fairseq()
+    df = pd.read_parquet(layout.scores)
+    df = df.sort_values("index").reset_index(drop=True)
+    both = cfg.download.direction == "both" or df["direction"].nunique() > df["pair"].nunique()
+    outputs: list[Path] = []
+    stats: dict[str, Any] = {"total": len(df), "runs": {}}
+    for name, strategy, sparsity in runs(cfg):
+        mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed)
+        kept = df[~mask]
+        folder = layout.prune_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = (kept["sentence_id"] + "\t" + kept["direction"]) if both else kept["sentence_id"]
+        tmp = temp_path(layout.kept_ids(name))
+        tmp.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+        os.replace(tmp, layout.kept_ids(name))
+        write_subset(layout.data_bin, layout.pruned_data_bin(name), kept["index"].to_numpy())
+        per_pair = {p: {"kept": int(c), "dropped": int(Counter(df["pair"][mask]).get(p, 0))}
+                    for p, c in sorted(Counter(kept["pair"]).items())}
+        stats["runs"][name] = {"strategy": strategy, "sparsity": sparsity, "kept": int(len(kept)),
+                               "dropped": int(mask.sum()), "per_pair": per_pair}
+        log.info("prune: %s: kept %d, dropped %d", name, len(kept), int(mask.sum()))
+        outputs += [layout.kept_ids(name), layout.pruned_data_bin(name)]
+    return StageResult(outputs, stats)
