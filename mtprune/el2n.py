@@ -28,7 +28,8 @@ def token_el2n_nll(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     sq_rest = torch.linalg.vecdot(p, p)
     el2n = torch.sqrt(sq_rest + rest * rest)
     nll = torch.where(rest < 0.5, -torch.log1p(-rest.clamp(max=0.5)), -torch.log(p_y))
-    underflow = p_y == 0  # p_y below the float range: take the exact log-softmax for those rows
+    # p_y near or below the smallest normal float32 has lost its digits: exact log-softmax for those rows
+    underflow = p_y < 1e-30
     if bool(underflow.any()):
         zu = z[underflow].double()
         nll[underflow] = (torch.logsumexp(zu, -1) - zu.gather(-1, y[underflow]).squeeze(-1)).to(nll.dtype)

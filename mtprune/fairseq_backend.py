@@ -213,6 +213,7 @@ def load_dictionary(data_bin: Path) -> Any:
 
 def load_train_pairs(data_bin: Path, split: str = "train") -> tuple[Any, Any, Any]:
     """(source dataset, target dataset, dictionary) of a binarized split, indexable by example."""
+    quiet_fairseq()
     from fairseq.data import data_utils
 
     d = load_dictionary(data_bin)

@@ -1,0 +1,100 @@
+"""Shared helpers: tiny corpora in OPUS-100's layouts, CLI runners, a tiny trained run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mtprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit code, stdout + stderr)."""
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def cli_subprocess(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtprune", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def error_lines(output: str) -> list[str]:
+    return [ln for ln in output.splitlines() if "error:" in ln or "failed:" in ln]
+
+
+def sentence(i: int, lang: str) -> str:
+    words = {"en": "the cat sees a dog near house river tree".split(),
+             "de": "die katze sieht einen hund nahe haus fluss baum".split(),
+             "es": "el gato ve un perro cerca casa rio arbol".split(),
+             "fr": "le chat voit un chien pres maison riviere arbre".split(),
+             "it": "il gatto vede un cane vicino casa fiume albero".split()}[lang]
+    return " ".join(words[(i * (k + 3)) % len(words)] for k in range(3 + i % 5)) + f" {i}"
+
+
+def write_release(root: Path, pair: str, n_train: int = 60, n_eval: int = 10) -> Path:
+    """A corpus in OPUS-100's release layout: <root>/<pair>/opus.<pair>-<split>.<lang>."""
+    d = root / pair
+    d.mkdir(parents=True, exist_ok=True)
+    a, b = pair.split("-")
+    offsets = {"train": 0, "dev": 10_000, "test": 20_000}
+    for split, n in (("train", n_train), ("dev", n_eval), ("test", n_eval)):
+        for lang in (a, b):
+            lines = [sentence(offsets[split] + i, lang) for i in range(n)]
+            (d / f"opus.{pair}-{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def write_parquet(root: Path, pair: str, n_train: int = 60, n_eval: int = 10) -> Path:
+    """The hub's parquet layout: <root>/<pair>/<split>-00000-of-00001.parquet, column `translation`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = root / pair
+    d.mkdir(parents=True, exist_ok=True)
+    a, b = pair.split("-")
+    offsets = {"train": 0, "validation": 10_000, "test": 20_000}
+    for split, n in (("train", n_train), ("validation", n_eval), ("test", n_eval)):
+        rows = [{"translation": {a: sentence(offsets[split] + i, a), b: sentence(offsets[split] + i, b)}}
+                for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows), d / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+@pytest.fixture
+def local_corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "opus"
+    for pair in ("de-en", "en-fr"):
+        write_release(root, pair)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic run taken through `score` with real fairseq (about half a minute)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    for stage in ("download", "prepare", "proxy", "score"):
+        code, out = cli(stage, "-c", str(TINY), "--run-dir", str(run), "-q")
+        assert code == 0, out
+    return run
+
+
+@pytest.fixture
+def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run that a test may change."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst, symlinks=True)
+    return dst
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")

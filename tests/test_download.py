@@ -1,0 +1,216 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, cli, error_lines, write_parquet, write_release
+from mtprune.layout import RunLayout
+
+
+def download(run: Path, *sets: str) -> tuple[int, str]:
+    args = ["download", "--run-dir", str(run), "-q"]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args)
+
+
+def read(p: Path) -> list[str]:
+    return p.read_text(encoding="utf-8").splitlines()
+
+
+def test_release_layout(tmp_path: Path, local_corpus: Path) -> None:
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{local_corpus}", "download.pairs=[de-en,en-fr]")
+    assert code == 0, out
+    L = RunLayout(run)
+    assert len(read(L.split_file("de-en", "train", "de"))) == 60
+    assert read(L.download_ids("de-en"))[:3] == ["de-en/0", "de-en/1", "de-en/2"]
+    assert read(L.split_file("en-fr", "valid", "fr")) == read(local_corpus / "en-fr" / "opus.en-fr-dev.fr")
+    assert L.manifest("download").is_file()
+
+
+def test_parquet_layout_gives_the_same_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_release(tmp_path / "rel", "en-it")
+    write_parquet(tmp_path / "pq", "en-it")
+    assert download(a, f"download.source=local:{tmp_path / 'rel'}", "download.pairs=[en-it]")[0] == 0
+    assert download(b, f"download.source=local:{tmp_path / 'pq'}", "download.pairs=[en-it]")[0] == 0
+    for split in ("train", "valid", "test"):
+        for lang in ("en", "it"):
+            assert read(RunLayout(a).split_file("en-it", split, lang)) == read(RunLayout(b).split_file("en-it", split, lang))
+
+
+def test_sentence_ids_count_raw_lines_before_cleaning_and_subsampling(tmp_path: Path) -> None:
+    root = tmp_path / "opus"
+    write_release(root, "de-en", n_train=50)
+    de = root / "de-en" / "opus.de-en-train.de"
+    lines = read(de)
+    lines[3] = "   "          # empty side -> dropped
+    lines[7] = "x " * 300      # too long -> dropped
+    test_de = read(root / "de-en" / "opus.de-en-test.de")[0]
+    test_en = read(root / "de-en" / "opus.de-en-test.en")[0]
+    lines[9] = test_de         # also in the test set -> dropped
+    en = read(root / "de-en" / "opus.de-en-train.en")
+    en[9] = test_en
+    de.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "de-en" / "opus.de-en-train.en").write_text("\n".join(en) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", "download.pairs=[de-en]", "download.max_words=100")
+    assert code == 0, out
+    L = RunLayout(run)
+    ids = read(L.download_ids("de-en"))
+    assert "de-en/3" not in ids and "de-en/7" not in ids and "de-en/9" not in ids
+    assert len(ids) == 47
+    raw_de = read(de)
+    kept_de = read(L.split_file("de-en", "train", "de"))
+    for sid, text in zip(ids, kept_de, strict=True):
+        assert raw_de[int(sid.split("/")[1])].strip() == text
+    import json
+
+    stats = json.loads(L.manifest("download").read_text())["stats"]["pairs"]["de-en"]["train"]
+    assert stats["empty_side"] == 1 and stats["too_long"] == 1 and stats["in_test_set"] == 1
+
+
+def test_subsample_is_seeded_and_keeps_source_order(tmp_path: Path, local_corpus: Path) -> None:
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        run = tmp_path / name
+        code, out = download(run, f"download.source=local:{local_corpus}", "download.pairs=[de-en]",
+                             "download.max_train_per_pair=20", f"download.seed={seed}")
+        assert code == 0, out
+        outs.append(read(RunLayout(run).download_ids("de-en")))
+    assert outs[0] == outs[1] != outs[2]
+    assert len(outs[0]) == 20
+    nums = [int(s.split("/")[1]) for s in outs[0]]
+    assert nums == sorted(nums)
+
+
+def test_crlf_and_missing_final_newline_are_read(tmp_path: Path) -> None:
+    root = tmp_path / "opus"
+    write_release(root, "de-en", n_train=12)
+    for lang in ("de", "en"):
+        p = root / "de-en" / f"opus.de-en-train.{lang}"
+        p.write_bytes(p.read_text().rstrip("\n").replace("\n", "\r\n").encode())
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", "download.pairs=[de-en]")
+    assert code == 0, out
+    lines = read(RunLayout(run).split_file("de-en", "train", "de"))
+    assert len(lines) == 12 and not any("\r" in ln for ln in lines)
+
+
+def test_direction_both_is_accepted(tmp_path: Path, local_corpus: Path) -> None:
+    code, out = download(tmp_path / "r", f"download.source=local:{local_corpus}", "download.pairs=[de-en]",
+                         "download.direction=both")
+    assert code == 0, out
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "opus100-real-sample").is_dir(), reason="shared data not present")
+def test_real_opus100_lines(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{SHARED_DATA / 'opus100-real-sample'}")
+    assert code == 0, out
+    L = RunLayout(run)
+    for pair in ("de-en", "en-es", "en-fr", "en-it"):
+        a, b = pair.split("-")
+        n = len(read(L.download_ids(pair)))
+        assert 1 <= n <= 2
+        assert len(read(L.split_file(pair, "train", a))) == n == len(read(L.split_file(pair, "train", b)))
+        raw = read(SHARED_DATA / "opus100-real-sample" / pair / f"opus.{pair}-train.{a}")
+        for sid, line in zip(read(L.download_ids(pair)), read(L.split_file(pair, "train", a)), strict=True):
+            assert " ".join(raw[int(sid.split("/")[1])].split()) == line
+
+
+def test_hub_source_reads_the_hub_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub cannot be reached here: stand in for `datasets.load_dataset` with the hub's row format."""
+    import datasets
+
+    from conftest import sentence
+
+    calls = []
+
+    def fake_load(name: str, config: str, split: str):
+        calls.append((name, config, split))
+        a, b = config.split("-")
+        off = {"train": 0, "validation": 100, "test": 200}[split]
+        return [{"translation": {a: sentence(off + i, a), b: sentence(off + i, b)}} for i in range(15)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    code, out = download(tmp_path / "r", "download.source=hub", "download.pairs=[en-es]")
+    assert code == 0, out
+    assert ("Helsinki-NLP/opus-100", "en-es", "train") in calls
+    assert ("Helsinki-NLP/opus-100", "en-es", "validation") in calls
+    assert len(read(RunLayout(tmp_path / "r").download_ids("en-es"))) >= 1
+
+
+def test_unreachable_hub_is_one_line_naming_local_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'Helsinki-NLP/opus-100' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    code, out = download(tmp_path / "r", "download.pairs=[de-en]")
+    assert code == 1
+    assert len(error_lines(out)) == 1
+    assert "download.source=local:DIR" in out
+    assert not RunLayout(tmp_path / "r").manifest("download").exists()
+
+
+# ---- bad input: exit 2, one line naming the file (and line), no manifest -----------------------
+
+def _bad(tmp_path: Path, root: Path, pairs: str = "[de-en]") -> str:
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", f"download.pairs={pairs}")
+    assert code == 2, out
+    assert len(error_lines(out)) == 1, out
+    assert not RunLayout(run).manifest("download").exists()
+    return out
+
+
+def test_mismatched_line_counts(tmp_path: Path) -> None:
+    root = write_release(tmp_path / "opus", "de-en", n_train=10)
+    p = root / "de-en" / "opus.de-en-train.en"
+    p.write_text(p.read_text() + "one more line\n")
+    out = _bad(tmp_path, root)
+    assert "opus.de-en-train.de: has 10 lines but" in out and "has 11" in out
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    root = write_release(tmp_path / "opus", "de-en", n_train=10)
+    p = root / "de-en" / "opus.de-en-train.de"
+    lines = p.read_bytes().split(b"\n")
+    lines[4] = b"caf\xe9 au lait"
+    p.write_bytes(b"\n".join(lines))
+    out = _bad(tmp_path, root)
+    assert "opus.de-en-train.de: line 5: invalid UTF-8" in out
+
+
+def test_missing_split(tmp_path: Path) -> None:
+    root = write_release(tmp_path / "opus", "de-en")
+    (root / "de-en" / "opus.de-en-dev.en").unlink()
+    out = _bad(tmp_path, root)
+    assert "opus.de-en-dev.en: file not found" in out
+
+
+def test_missing_pair_folder(tmp_path: Path) -> None:
+    root = write_release(tmp_path / "opus", "de-en")
+    out = _bad(tmp_path, root, "[de-en,en-fr]")
+    assert "en-fr: pair folder not found" in out
+
+
+def test_unknown_pair(tmp_path: Path, local_corpus: Path) -> None:
+    out = _bad(tmp_path, local_corpus, "[de-fr]")
+    assert "unknown pair 'de-fr'" in out
+
+
+def test_empty_after_cleaning(tmp_path: Path) -> None:
+    root = write_release(tmp_path / "opus", "de-en", n_train=5)
+    (root / "de-en" / "opus.de-en-train.de").write_text("\n" * 5)
+    out = _bad(tmp_path, root)
+    assert "no training pairs left after cleaning" in out
+
+
+def test_prepare_before_download(tmp_path: Path) -> None:
+    code, out = cli("prepare", "--run-dir", str(tmp_path / "run"))
+    assert code == 2
+    assert "run `mtprune download` first" in out
+    assert len(error_lines(out)) == 1

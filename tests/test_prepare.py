@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, cli
+from mtprune.fairseq_backend import load_train_pairs
+from mtprune.layout import RunLayout
+from mtprune.stages.prepare import read_lines
+
+
+def _decode_example(L: RunLayout, i: int) -> tuple[str, str]:
+    import sentencepiece as spm
+
+    src, tgt, d = load_train_pairs(L.data_bin)
+    sp = spm.SentencePieceProcessor(model_file=str(L.spm_model))
+    s_pieces = d.string(src[i]).split()
+    t_pieces = d.string(tgt[i]).split()
+    return s_pieces[0] + " " + sp.decode(s_pieces[1:]), sp.decode(t_pieces)
+
+
+def _check_mapping(L: RunLayout, pairs: list[str]) -> int:
+    """Every fairseq train example decodes to the raw pair its sentence id names."""
+    ids = read_lines(L.prepare_ids)
+    tasks = [t.split("\t") for t in read_lines(L.prepare_tasks)]
+    raw = {}
+    for pair in pairs:
+        a, b = pair.split("-")
+        line_of = {sid: k for k, sid in enumerate(read_lines(L.download_ids(pair)))}
+        raw[pair] = (line_of, {a: read_lines(L.split_file(pair, "train", a)), b: read_lines(L.split_file(pair, "train", b))})
+    src, _, _ = load_train_pairs(L.data_bin)
+    assert len(ids) == len(src) == len(tasks)
+    step = max(1, len(ids) // 200)
+    for i in range(0, len(ids), step):
+        pair, direction = tasks[i]
+        s, t = direction.split("-")
+        line_of, text = raw[pair]
+        k = line_of[ids[i]]
+        got_src, got_tgt = _decode_example(L, i)
+        assert got_src == f"<2{t}> {text[s][k]}", (i, ids[i])
+        assert got_tgt == text[t][k], (i, ids[i])
+    return len(ids)
+
+
+def test_prepare_maps_every_fairseq_index_to_its_sentence(tmp_path: Path, local_corpus: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["--set", f"download.source=local:{local_corpus}", "--set", "download.pairs=[de-en,en-fr]",
+            "--set", "prepare.vocab_size=200", "--run-dir", str(run), "-q"]
+    assert cli("download", *sets)[0] == 0
+    code, out = cli("prepare", *sets)
+    assert code == 0, out
+    L = RunLayout(run)
+    assert _check_mapping(L, ["de-en", "en-fr"]) == 120
+    assert (L.data_bin / "dict.src.txt").read_text() == (L.data_bin / "dict.tgt.txt").read_text()
+    assert "<2de> 1" in (L.data_bin / "dict.src.txt").read_text()
+
+
+def test_direction_both_tags_each_direction(tmp_path: Path, local_corpus: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["--set", f"download.source=local:{local_corpus}", "--set", "download.pairs=[de-en]",
+            "--set", "download.direction=both", "--set", "prepare.vocab_size=200", "--run-dir", str(run), "-q"]
+    assert cli("download", *sets)[0] == 0
+    assert cli("prepare", *sets)[0] == 0
+    L = RunLayout(run)
+    assert {t for t in read_lines(L.prepare_tasks)} == {"de-en\ten-de", "de-en\tde-en"}
+    assert _check_mapping(L, ["de-en"]) == 120
+
+
+def test_rerun_is_a_no_op_and_a_config_change_makes_it_stale(tmp_path: Path, local_corpus: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["--set", f"download.source=local:{local_corpus}", "--set", "download.pairs=[de-en]",
+            "--set", "prepare.vocab_size=200", "--run-dir", str(run)]
+    assert cli("download", *sets, "-q")[0] == 0
+    assert cli("prepare", *sets, "-q")[0] == 0
+    before = RunLayout(run).manifest("prepare").read_text()
+    code, out = cli("prepare", *sets)
+    assert code == 0 and "fresh" in out and "nothing to do" in out
+    assert RunLayout(run).manifest("prepare").read_text() == before
+    code, out = cli("status", *sets[:-2], "--set", "prepare.vocab_size=150", "--run-dir", str(run))
+    assert "prepare   stale" in out and "prepare.vocab_size" in out
+    assert "proxy     missing" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "tatoeba-opus100-layout").is_dir(), reason="shared data not present")
+def test_download_and_prepare_on_tatoeba_in_opus_layout(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["--set", f"download.source=local:{SHARED_DATA / 'tatoeba-opus100-layout'}",
+            "--set", "download.max_train_per_pair=1500", "--set", "download.max_valid_per_pair=100",
+            "--set", "prepare.vocab_size=2000", "--run-dir", str(run), "-q"]
+    code, out = cli("download", *sets)
+    assert code == 0, out
+    code, out = cli("prepare", *sets)
+    assert code == 0, out
+    assert _check_mapping(RunLayout(run), ["de-en", "en-es", "en-fr", "en-it"]) == 6000
