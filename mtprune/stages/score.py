@@ -116,10 +116,46 @@ def score_batch(model: Any, batch: dict[str, Any], pad: int, chunk_tokens: int, 
     return segment_mean(el2n, rows, n), segment_mean(nll, rows, n), el2n, nll
 
 
-def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str) -> dict[str, Any]:
-    """Score the given fairseq train indices with every checkpoint; arrays aligned with ``indices``."""
+def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, indices: np.ndarray,
+                  batch_tokens: int, chunk_tokens: int, device: str, dtype: Any, dump_tokens: bool = False,
+                  desc: str = "score") -> dict[str, Any]:
+    """The scoring loop: one pass over length-bucketed batches, every model on each batch.
+
+    Returns per-pair (len(indices), len(models)) arrays of mean EL2N and NLL aligned with ``indices``.
+    """
     import torch
     from tqdm import tqdm
+
+    pad, eos = dictionary.pad(), dictionary.eos()
+    pos = np.empty(int(indices.max()) + 1 if len(indices) else 0, dtype=np.int64)
+    pos[indices] = np.arange(len(indices))
+    el2n = np.zeros((len(indices), len(models)), dtype=np.float64)
+    nll = np.zeros_like(el2n)
+    tokens: list[dict[str, Any]] = []
+    batches = length_batches(np.asarray(src_ds.sizes), np.asarray(tgt_ds.sizes), indices, batch_tokens)
+    t0 = time.time()
+    with torch.inference_mode(), tqdm(total=len(indices), desc=desc, unit="sent", disable=None) as bar:
+        for b in batches:
+            batch = collate(src_ds, tgt_ds, b, pad, eos)
+            rows = pos[b]
+            tok_sum = None
+            for k, model in enumerate(models):
+                s_el2n, s_nll, t_el2n, t_nll = score_batch(model, batch, pad, chunk_tokens, device, dtype)
+                el2n[rows, k] = s_el2n.cpu().numpy()
+                nll[rows, k] = s_nll.cpu().numpy()
+                if dump_tokens:
+                    both = torch.stack([t_el2n, t_nll]).double().cpu()
+                    tok_sum = both if tok_sum is None else tok_sum + both
+            if tok_sum is not None:
+                _collect_tokens(tokens, batch, b, tok_sum / len(models), pad, dictionary)
+            bar.update(len(b))
+    return {"el2n": el2n, "nll": nll, "n_tokens": np.asarray(tgt_ds.sizes)[indices].astype(np.int64),
+            "tokens": tokens, "seconds": time.time() - t0}
+
+
+def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str) -> dict[str, Any]:
+    """Score the given fairseq train indices with every proxy checkpoint of the run."""
+    import torch
 
     from ..fairseq_backend import load_model, load_train_pairs
 
@@ -132,33 +168,9 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
         vocab = m.decoder.embed_tokens.num_embeddings
         if vocab != len(dictionary):
             raise UsageError(f"{c.path}: dictionary size {vocab} does not match {layout.data_bin} ({len(dictionary)})")
-    pad, eos = dictionary.pad(), dictionary.eos()
-    pos = {int(i): k for k, i in enumerate(indices)}
-    el2n = np.zeros((len(indices), len(ckpts)), dtype=np.float64)
-    nll = np.zeros_like(el2n)
-    n_tokens = np.asarray(tgt_ds.sizes)[indices].astype(np.int64)
-    tokens: list[dict[str, Any]] = []
-    batches = length_batches(np.asarray(src_ds.sizes), np.asarray(tgt_ds.sizes), indices, cfg.score.batch_tokens)
-    t0 = time.time()
-    with torch.inference_mode(), tqdm(total=len(indices), desc=desc, unit="sent", disable=None) as bar:
-        for b in batches:
-            batch = collate(src_ds, tgt_ds, b, pad, eos)
-            rows = [pos[int(i)] for i in b]
-            tok_sum = None
-            for k, model in enumerate(models):
-                s_el2n, s_nll, t_el2n, t_nll = score_batch(model, batch, pad, cfg.score.chunk_tokens, device, dtype)
-                el2n[rows, k] = s_el2n.cpu().numpy()
-                nll[rows, k] = s_nll.cpu().numpy()
-                if cfg.score.dump_tokens:
-                    pair = torch.stack([t_el2n, t_nll]).double().cpu()
-                    tok_sum = pair if tok_sum is None else tok_sum + pair
-            if cfg.score.dump_tokens:
-                assert tok_sum is not None
-                _collect_tokens(tokens, batch, b, tok_sum / len(models), pad, dictionary)
-            bar.update(len(b))
-    elapsed = time.time() - t0
-    return {"el2n": el2n, "nll": nll, "n_tokens": n_tokens, "tokens": tokens, "checkpoints": ckpts,
-            "seconds": elapsed, "device": device}
+    res = score_dataset(models, src_ds, tgt_ds, dictionary, indices, cfg.score.batch_tokens,
+                        cfg.score.chunk_tokens, device, dtype, cfg.score.dump_tokens, desc)
+    return {**res, "checkpoints": ckpts, "device": device}
 
 
 def _collect_tokens(out: list[dict[str, Any]], batch: dict[str, Any], b: np.ndarray, values: Any, pad: int,

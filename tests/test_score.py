@@ -1,0 +1,165 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY, cli, error_lines
+from mtprune.config import load_config
+from mtprune.el2n import reference_el2n_nll
+from mtprune.errors import UsageError
+from mtprune.fairseq_backend import load_model, load_train_pairs
+from mtprune.layout import RunLayout
+from mtprune.stages.prepare import read_lines
+from mtprune.stages.score import collate, score_batch
+
+
+def cfg_for(run: Path, *sets: str):
+    return load_config(TINY, list(sets), run_dir=str(run))
+
+
+def test_one_row_per_training_pair_with_the_contract_columns(tiny_run: Path) -> None:
+    L = RunLayout(tiny_run)
+    df = pd.read_parquet(L.scores)
+    ids = read_lines(L.prepare_ids)
+    assert len(df) == len(ids) == df["sentence_id"].nunique()
+    assert sorted(df["sentence_id"]) == sorted(ids)
+    for col in ("sentence_id", "pair", "n_tokens", "el2n", "el2n_std", "nll",
+                "el2n@s1u10", "el2n@s1u20", "el2n@s2u10", "el2n@s2u20", "nll@s1u10", "nll@s2u20"):
+        assert col in df.columns, col
+    per_ckpt = df[[c for c in df.columns if c.startswith("el2n@")]].to_numpy()
+    np.testing.assert_allclose(df["el2n"], per_ckpt.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(df["el2n_std"], per_ckpt.std(axis=1), rtol=1e-9, atol=1e-12)
+    assert ((df["el2n"] >= 0) & (df["el2n"] <= 2 ** 0.5)).all()
+    assert (df["n_tokens"] >= 2).all()  # at least one piece plus EOS
+
+
+def test_ids_join_back_to_the_raw_text(tiny_run: Path) -> None:
+    L = RunLayout(tiny_run)
+    df = pd.read_parquet(L.scores)
+    src, tgt, d = load_train_pairs(L.data_bin)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(L.spm_model))
+    for row in df.sample(20, random_state=0).itertuples():
+        pair = row.pair
+        a, b = pair.split("-")
+        tgt_lang = b if a == "en" else a
+        line = read_lines(L.download_ids(pair)).index(row.sentence_id)
+        raw = read_lines(L.split_file(pair, "train", tgt_lang))[line]
+        assert sp.decode(d.string(tgt[row.index]).split()) == raw
+        assert row.n_tokens == len(tgt[row.index])
+
+
+def _model_and_data(run: Path):
+    L = RunLayout(run)
+    model, _ = load_model(L.proxy_checkpoint(1, 20), L.data_bin, "cpu")
+    src, tgt, d = load_train_pairs(L.data_bin)
+    return model, src, tgt, d
+
+
+def test_scores_equal_a_float64_onehot_reference_on_a_real_model(tiny_run: Path) -> None:
+    model, src, tgt, d = _model_and_data(tiny_run)
+    idx = np.arange(0, 40)
+    batch = collate(src, tgt, idx, d.pad(), d.eos())
+    with torch.inference_mode():
+        s_el2n, s_nll, _, _ = score_batch(model, batch, d.pad(), chunk_tokens=13, device="cpu", dtype=None)
+        logits, _ = model(batch["src_tokens"], batch["src_lengths"], batch["prev"])
+    for k in range(len(idx)):
+        mask = batch["target"][k].ne(d.pad())
+        e, n = reference_el2n_nll(logits[k][mask], batch["target"][k][mask])
+        assert abs(float(s_el2n[k]) - float(e.mean())) <= 1e-5 * float(e.mean())
+        assert abs(float(s_nll[k]) - float(n.mean())) <= 1e-5 * float(n.mean())
+
+
+def test_a_pair_scores_the_same_alone_and_inside_a_padded_batch(tiny_run: Path) -> None:
+    model, src, tgt, d = _model_and_data(tiny_run)
+    lengths = np.asarray(tgt.sizes)
+    short = int(np.argmin(lengths))
+    idx = np.array([short] + list(np.argsort(-lengths)[:15]))  # the short pair padded by the longest ones
+    with torch.inference_mode():
+        alone = score_batch(model, collate(src, tgt, idx[:1], d.pad(), d.eos()), d.pad(), 1024, "cpu", None)
+        batched = score_batch(model, collate(src, tgt, idx, d.pad(), d.eos()), d.pad(), 1024, "cpu", None)
+    assert abs(float(alone[0][0]) - float(batched[0][0])) <= 1e-5 * float(alone[0][0])
+    assert abs(float(alone[1][0]) - float(batched[1][0])) <= 1e-5 * float(alone[1][0])
+
+
+def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
+    L = RunLayout(tiny_copy)
+    full = pd.read_parquet(L.scores)
+    shutil.rmtree(L.stage_dir("score"))
+    for i in range(3):
+        code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--shard", f"{i}/3", "-q")
+        assert code == 0, out
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy))
+    assert code == 0, out
+    assert "merging 3 finished shards" in out
+    merged = pd.read_parquet(L.scores)
+    # other batch compositions change float32 sums in the last digits only
+    pd.testing.assert_frame_equal(merged.sort_values("index").reset_index(drop=True),
+                                  full.sort_values("index").reset_index(drop=True), check_exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_shard_spec(tiny_run: Path) -> None:
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_run), "--shard", "3/3")
+    assert code == 2 and "expected I/N" in out
+
+
+def test_dump_tokens_writes_per_token_values(tiny_copy: Path) -> None:
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "score.dump_tokens=true", "-q")
+    assert code == 0, out
+    L = RunLayout(tiny_copy)
+    tok = pd.read_parquet(L.token_scores)
+    scores = pd.read_parquet(L.scores)
+    assert len(tok) == int(scores["n_tokens"].sum())
+    means = tok.groupby("sentence_id")["el2n"].mean()
+    np.testing.assert_allclose(means[scores["sentence_id"]].to_numpy(), scores["el2n"].to_numpy(), rtol=1e-5)
+
+
+def test_corrupt_checkpoint_is_one_line_and_leaves_nothing_finished(tiny_copy: Path) -> None:
+    L = RunLayout(tiny_copy)
+    shutil.rmtree(L.stage_dir("score"))
+    ck = L.proxy_checkpoint(2, 10)
+    ck.write_bytes(ck.read_bytes()[:1000])
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy))
+    assert code == 2, out
+    assert len(error_lines(out)) == 1
+    # the truncated file changed size: the proxy stage is no longer fresh, and score says so
+    assert "proxy" in error_lines(out)[0]
+    assert not L.scores.exists() and not L.manifest("score").exists()
+
+
+def test_corrupt_checkpoint_file_is_named(tiny_copy: Path, tmp_path: Path) -> None:
+    L = RunLayout(tiny_copy)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(L.proxy_checkpoint(1, 10).read_bytes()[:2000])
+    with pytest.raises(UsageError, match="bad.pt: corrupt or unreadable checkpoint"):
+        load_model(bad, L.data_bin, "cpu")
+
+
+def test_checkpoint_with_another_dictionary_is_refused(tiny_copy: Path, tmp_path: Path) -> None:
+    L = RunLayout(tiny_copy)
+    other = tmp_path / "data-bin"
+    shutil.copytree(L.data_bin, other)
+    for name in ("dict.src.txt", "dict.tgt.txt"):
+        with open(other / name, "a") as f:
+            f.write("".join(f"extra{i} 1\n" for i in range(20)))
+    with pytest.raises(UsageError, match="different dictionary"):
+        load_model(L.proxy_checkpoint(1, 10), other, "cpu")
+
+
+def test_score_without_proxy_checkpoints(tmp_path: Path, tiny_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(RunLayout(run).stage_dir("proxy"))
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(run))
+    assert code == 2
+    assert "upstream stage 'proxy' is missing" in out and "mtprune proxy" in out
+
+
+def test_checkpoint_list_naming_an_unsaved_update_count(tiny_copy: Path) -> None:
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "proxy.checkpoints=[10,30]")
+    assert code == 2
+    assert "upstream stage 'proxy' is stale" in out and "proxy.checkpoints" in out

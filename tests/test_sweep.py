@@ -1,0 +1,104 @@
+"""The whole sweep on a tiny synthetic config: real fairseq training, real sacrebleu (about a minute)."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, cli, cli_subprocess
+from mtprune.layout import STAGES, RunLayout
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run = tmp_path_factory.mktemp("sweep") / "run"
+    p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(run), "-q")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run, p.stdout
+
+
+def test_sweep_writes_every_stage_and_prints_the_table(swept: tuple[Path, str]) -> None:
+    run, stdout = swept
+    L = RunLayout(run)
+    for stage in STAGES:
+        assert L.manifest(stage).is_file(), stage
+    assert "| strategy | sparsity | pair | bleu | chrf | n_train |" in stdout
+    for name in ("results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md"):
+        assert L.report_file(name).stat().st_size > 0, name
+    assert L.report_file("bleu_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    assert (L.stage_dir("train") / "full" / "checkpoint_best.pt").is_file()
+    assert L.kept_ids("el2n-high-0.2").is_file()
+    assert (L.eval_dir("random-0.2") / "de-en.hyp").is_file()
+
+
+def test_results_csv_follows_the_contract(swept: tuple[Path, str]) -> None:
+    run, _ = swept
+    with open(RunLayout(run).report_file("results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == ["strategy", "sparsity", "pair", "bleu", "chrf", "n_train"]
+    got = {(r["strategy"], float(r["sparsity"]), r["pair"]) for r in rows}
+    for strategy, sparsity in (("full", 0.0), ("el2n-high", 0.2), ("random", 0.2)):
+        for pair in ("de-en", "en-es", "en-fr", "en-it", "all"):
+            assert (strategy, sparsity, pair) in got
+    full_all = next(r for r in rows if r["strategy"] == "full" and r["pair"] == "all")
+    pruned_all = next(r for r in rows if r["strategy"] == "random" and r["pair"] == "all")
+    assert int(full_all["n_train"]) == 1200 and int(pruned_all["n_train"]) == 960
+    per_pair = [float(r["bleu"]) for r in rows if r["strategy"] == "full" and r["pair"] != "all"]
+    assert abs(float(full_all["bleu"]) - sum(per_pair) / 4) < 0.01
+
+
+def test_metrics_carry_sacrebleu_signatures(swept: tuple[Path, str]) -> None:
+    run, _ = swept
+    m = json.loads(RunLayout(run).metrics("full").read_text())
+    r = m["results"]["en-fr"]
+    assert r["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert r["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+    assert r["sentences"] == 40
+
+
+def test_kept_ids_drop_exactly_the_highest_el2n(swept: tuple[Path, str]) -> None:
+    import pandas as pd
+
+    run, _ = swept
+    L = RunLayout(run)
+    df = pd.read_parquet(L.scores)
+    kept = set(L.kept_ids("el2n-high-0.2").read_text().split())
+    assert len(kept) == 960
+    dropped = df[~df["sentence_id"].isin(kept)]
+    assert dropped["el2n"].min() >= df[df["sentence_id"].isin(kept)]["el2n"].max()
+
+
+def test_report_scores_the_known_noise(swept: tuple[Path, str]) -> None:
+    run, _ = swept
+    md = RunLayout(run).report_file("results.md").read_text()
+    assert "Finding known noise (120 of 1200 pairs labelled" in md
+    assert "| el2n |" in md and "How stable is EL2N?" in md
+    assert "## de-en: highest EL2N" in RunLayout(run).report_file("examples.md").read_text()
+
+
+def test_rerun_is_fresh_and_a_new_sparsity_reuses_finished_models(swept: tuple[Path, str], tmp_path: Path) -> None:
+    src, _ = swept
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run))
+    assert code == 0, out
+    assert out.count("nothing to do") == len(STAGES)
+
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", "prune.sparsities=[0.2,0.4]", "--dry-run")
+    assert code == 0, out
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith(("skip", "run"))}
+    assert lines["download"].startswith("skip") and lines["score"].startswith("skip")
+    assert lines["prune"].startswith("run") and "prune.sparsities" in lines["prune"]
+    assert lines["train"].startswith("run") and "upstream prune" in lines["train"]
+
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", "prune.sparsities=[0.2,0.4]")
+    assert code == 0, out
+    assert "train full: already done, skipping" in out
+    assert "train el2n-high-0.2: already done, skipping" in out
+    assert "running 2 unit(s)" in out
+    code, out = cli("status", "-c", str(TINY), "--run-dir", str(run), "--set", "prune.sparsities=[0.2,0.4]")
+    assert out.count("fresh") == len(STAGES)
