@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .faults import crash_point
 from .manifest import atomic_write_text
 
 log = logging.getLogger("mtprune")
@@ -77,6 +78,7 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool) -> dict[str, dic
     def one(u: Unit) -> tuple[str, dict[str, Any]]:
         _prepare_folder(u)
         result = u.work(threads)
+        crash_point(f"unit-done:{u.name}")
         atomic_write_text(u.folder / "done.json", json.dumps({"key": u.key, "result": result}, sort_keys=True))
         return u.name, result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,8 +15,17 @@ from typing import Any
 
 from .config import Config, dump_yaml
 from .errors import UsageError
+from .faults import crash_point
 from .layout import STAGES, RunLayout
-from .manifest import Manifest, atomic_write_text, build_manifest, check_outputs, json_hash, write_manifest
+from .manifest import (
+    Manifest,
+    atomic_write_bytes,
+    atomic_write_text,
+    build_manifest,
+    check_outputs,
+    json_hash,
+    write_manifest,
+)
 
 log = logging.getLogger("mtprune")
 
@@ -130,10 +140,14 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
     key = {"config_hash": json_hash(section), "inputs": inputs}
     sd = layout.stage_dir(stage)
     keeps_units = getattr(mod, "KEEPS_UNITS", False)
+    previous = sd.with_name(sd.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)  # left by a run that was killed: that run is redone now
+    old_manifest = layout.manifest(stage).read_bytes() if layout.manifest(stage).exists() else None
     if overwrite or (not keeps_units and (state.status == "stale" or _in_progress_key(layout, stage) != key)):
         if sd.exists():
             log.info("%s: clearing %s (%s)", stage, sd, "--overwrite" if overwrite else state.reason)
-            shutil.rmtree(sd)
+            # kept aside until the new run succeeds, so that a failure leaves the last good artifacts
+            os.replace(sd, previous)
     sd.mkdir(parents=True, exist_ok=True)
     layout.manifest(stage).unlink(missing_ok=True)
     atomic_write_text(layout.in_progress(stage), json.dumps(key))
@@ -141,10 +155,22 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
 
     started = time.time()
     log.info("%s: running (%s)", stage, state.reason)
-    result: StageResult = mod.run(cfg, layout, overwrite=overwrite, **options)
-    manifest = build_manifest(stage, section, inputs, sd, result.outputs, result.stats, started)
+    try:
+        crash_point(f"{stage}:start")
+        result: StageResult = mod.run(cfg, layout, overwrite=overwrite, **options)
+        manifest = build_manifest(stage, section, inputs, sd, result.outputs, result.stats, started)
+        crash_point(f"{stage}:before-manifest")
+    except BaseException:
+        if previous.exists():  # put the last good artifacts back as they were
+            shutil.rmtree(sd, ignore_errors=True)
+            os.replace(previous, sd)
+        elif old_manifest is not None:
+            atomic_write_bytes(layout.manifest(stage), old_manifest)
+            layout.in_progress(stage).unlink(missing_ok=True)
+        raise
     write_manifest(layout.manifest(stage), manifest)
     layout.in_progress(stage).unlink(missing_ok=True)
+    shutil.rmtree(previous, ignore_errors=True)
     log.info("%s: done in %.1fs", stage, time.time() - started)
     return manifest
 

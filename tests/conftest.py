@@ -89,6 +89,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The whole tiny sweep, run once through the real command line: (run directory, stdout)."""
+    run = tmp_path_factory.mktemp("sweep") / "run"
+    p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(run), "-q")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run, p.stdout
+
+
 @pytest.fixture
 def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny run that a test may change."""

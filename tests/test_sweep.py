@@ -7,18 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cli, cli_subprocess
+from conftest import TINY, cli
 from mtprune.layout import STAGES, RunLayout
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    run = tmp_path_factory.mktemp("sweep") / "run"
-    p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(run), "-q")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return run, p.stdout
+@pytest.fixture
+def swept(tiny_swept: tuple[Path, str]) -> tuple[Path, str]:
+    return tiny_swept
 
 
 def test_sweep_writes_every_stage_and_prints_the_table(swept: tuple[Path, str]) -> None:
@@ -101,4 +98,5 @@ def test_rerun_is_fresh_and_a_new_sparsity_reuses_finished_models(swept: tuple[P
     assert "train el2n-high-0.2: already done, skipping" in out
     assert "running 2 unit(s)" in out
     code, out = cli("status", "-c", str(TINY), "--run-dir", str(run), "--set", "prune.sparsities=[0.2,0.4]")
-    assert out.count("fresh") == len(STAGES)
+    states = [ln.split()[1] for ln in out.splitlines() if ln.startswith("  ")]
+    assert states == ["fresh"] * len(STAGES)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import InputError
+from ..faults import crash_point
 from ..layout import RunLayout
 from ..manifest import temp_path
 from ..pipeline import StageResult
@@ -127,6 +128,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         written = {n for n, _, _ in train}
         noise_lines += [f"{pair}/{n}\t{kind}" for n, kind in sorted(noise.items()) if n in written]
         stats["pairs"][pair] = per_split
+        crash_point(f"download:after:{pair}")
         log.info("download: %s: train %d (read %d, empty %d, too long %d, in test %d), valid %d, test %d",
                  pair, len(train), train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
                  train_counts["in_test_set"], len(valid), len(test))

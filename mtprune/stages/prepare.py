@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import Config
 from ..fairseq_backend import SRC, TGT, preprocess, write_dictionary
+from ..faults import crash_point
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, temp_path
 from ..pipeline import StageResult
@@ -147,6 +148,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     all_tasks = tasks(cfg.download.pairs, cfg.download.direction)
     sd = layout.stage_dir("prepare")
     train_spm(cfg, layout, all_tasks)
+    crash_point("prepare:after-spm")
     vocab = [p for p, _ in (ln.split("\t") for ln in read_lines(layout.spm_model.with_suffix(".vocab")))]
     sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
     assert sp.get_piece_size() == len(vocab)
@@ -197,6 +199,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     tmp_bin = temp_path(layout.data_bin)
     for d in (tmp_bin, layout.data_bin):
         shutil.rmtree(d, ignore_errors=True)
+    crash_point("prepare:before-binarize")
     preprocess(layout.spm_dir / "train", layout.spm_dir / "valid", tmp_bin, dict_path, _workers(cfg),
                sd / "preprocess.log")
     os.replace(tmp_bin, layout.data_bin)

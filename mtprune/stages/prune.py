@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import UsageError
+from ..faults import crash_point
 from ..layout import RunLayout, run_name
 from ..manifest import temp_path
 from ..pipeline import StageResult
@@ -121,4 +122,5 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                                "dropped": int(mask.sum()), "per_pair": per_pair}
         log.info("prune: %s: kept %d, dropped %d", name, len(kept), int(mask.sum()))
         outputs += [layout.kept_ids(name), layout.pruned_data_bin(name)]
+        crash_point(f"prune:after:{name}")
     return StageResult(outputs, stats)

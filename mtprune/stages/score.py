@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import UsageError
+from ..faults import crash_point
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, json_hash, temp_path
 from ..pipeline import StageResult, stage_config, upstream_digests
@@ -215,6 +216,7 @@ def _write_parquet(table: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     pq.write_table(table, tmp, row_group_size=100_000)
+    crash_point(f"write:{path.name}")
     os.replace(tmp, path)
 
 
