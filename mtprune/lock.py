@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from types import TracebackType
 
-from .errors import MtpruneError
+from .errors import MtpruneError, UsageError
 
 
 class RunLocked(MtpruneError):
@@ -37,7 +37,13 @@ class RunLock:
         self.held = False
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self._take()
+        except PermissionError as e:
+            raise UsageError(f"run directory {self.path.parent} is not writable ({e.strerror}: {e.filename})") from None
+
+    def _take(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}
         for _ in range(2):
             try:
