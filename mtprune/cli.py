@@ -104,25 +104,65 @@ def main() -> None:
     """
 
 
+LAUNCHER_OPTION = click.option(
+    "--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default=None,
+    help="local: run here (default); slurm: submit job arrays through submitit and return; "
+         "submitit-local: the same jobs as local subprocesses. Overrides launch.launcher.")
+
+
+def _with_launcher(cfg: Config, launcher: str | None) -> Config:
+    import dataclasses
+
+    if launcher is None:
+        return cfg
+    return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, launcher=launcher))
+
+
+def _submit_and_report(cfg: Config, layout: RunLayout, stages: tuple[str, ...]) -> None:
+    from .slurm import submit
+
+    jobs = submit(cfg, layout, cfg.launch.launcher, stages)
+    if not jobs:
+        click.echo("nothing to submit: every stage is fresh")
+    for j in jobs:
+        click.echo(f"{j.job_id}\t{j.stage}\t{' '.join(j.argv[:1] + j.argv[5:])}")
+
+
 def _stage_command(stage: str) -> None:
     from .lock import RunLock
     from .pipeline import run_stage
 
-    extra: list[Callable[..., Any]] = []
+    extra: list[Callable[..., Any]] = [LAUNCHER_OPTION]
     if stage == "score":
         extra.append(click.option("--shard", default=None, metavar="I/N",
                                   help="Score only slice I of N (0-based) into 04_score/shards/; "
                                        "`mtprune score` without --shard merges the finished shards."))
+    if stage in ("proxy", "train"):
+        extra.append(click.option("--unit", default=None, metavar="NAME",
+                                  help="Run one unit only (proxy: seed<k>; train: full, el2n-high-0.3, ...), "
+                                       "as a job array task does; the plain command then writes the manifest."))
 
-    def command(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, **opts: Any) -> None:
+    def command(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, launcher: str | None,
+                **opts: Any) -> None:
+        cfg = _with_launcher(cfg, launcher)
+
         def go() -> None:
-            with RunLock(layout.lock, stage):
-                if stage == "score" and opts.get("shard"):
+            if cfg.launch.launcher != "local":
+                _submit_and_report(cfg, layout, (stage,))
+                return
+            unit = opts.get("shard") or opts.get("unit")
+            lock = layout.stage_dir(stage) / f".lock-{unit.replace('/', '-of-')}" if unit else layout.lock
+            with RunLock(lock, f"{stage} {unit}" if unit else stage):
+                if opts.get("shard"):
                     from .stages.score import run_shard
 
                     run_shard(cfg, layout, opts["shard"])
-                    return
-                run_stage(stage, cfg, layout, overwrite=overwrite)
+                elif opts.get("unit"):
+                    from .pipeline import run_unit
+
+                    run_unit(stage, cfg, layout, opts["unit"])
+                else:
+                    run_stage(stage, cfg, layout, overwrite=overwrite)
 
         guarded(stage, go, verbose)
 
@@ -143,21 +183,34 @@ for _stage in STAGES:
 @main.command()
 @click.option("--dry-run", is_flag=True, help="List what would run and why, run nothing.")
 @click.option("--overwrite", is_flag=True, help="Redo every stage, even fresh ones.")
+@LAUNCHER_OPTION
 @config_options
-def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite: bool) -> None:
-    """Run every stage in order, skipping fresh ones; print the results table at the end."""
+def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite: bool,
+          launcher: str | None) -> None:
+    """Run every stage in order, skipping fresh ones; print the results table at the end.
+
+    With --launcher slurm every stage that is not fresh is submitted at once, each depending on
+    the one before (independent units as job arrays), and the job ids are printed.
+    """
     from .lock import RunLock
     from .pipeline import plan, run_stage
 
+    cfg = _with_launcher(cfg, launcher)
+
     def go() -> None:
-        if dry_run:
+        if cfg.launch.launcher != "local" and not dry_run:
+            _submit_and_report(cfg, layout, STAGES)
+            if cfg.launch.launcher == "slurm":
+                return
+        elif dry_run:
             for st in plan(cfg, layout):
                 action = "skip" if st.fresh and not overwrite else "run "
                 click.echo(f"{action}  {st.stage:<9} {st.status}: {st.reason}")
             return
-        with RunLock(layout.lock, "sweep"):
-            for stage in STAGES:
-                run_stage(stage, cfg, layout, overwrite=overwrite)
+        else:
+            with RunLock(layout.lock, "sweep"):
+                for stage in STAGES:
+                    run_stage(stage, cfg, layout, overwrite=overwrite)
         table = layout.report_file("results.md")
         if table.exists():
             click.echo(table.read_text(encoding="utf-8"))
@@ -180,7 +233,33 @@ def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
             st = fresh(stage)
             bad |= st.status == "stale" and verify
             click.echo(f"  {stage:<9} {st.status:<10} {st.reason}")
+        from .slurm import job_states
+
+        jobs = job_states(layout)
+        if jobs:
+            click.echo("jobs:")
+            for _stage, jid, state, cmd in jobs:
+                click.echo(f"  {jid:<14} {state:<8} {cmd}")
         if bad:
             sys.exit(1)
 
     guarded("status", go, verbose)
+
+
+@main.command(name="slurm-script")
+@click.argument("stage", type=click.Choice(list(STAGES)))
+@config_options
+def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str) -> None:
+    """Print a plain sbatch script for one stage (a job array where the stage has units).
+
+    For users who submit by hand: `mtprune slurm-script proxy -c cfg.yaml > proxy.sbatch`.
+    The script runs `mtprune STAGE` on the run's resolved config, which this command saves.
+    """
+    from .pipeline import save_resolved_config
+    from .slurm import sbatch_script
+
+    def go() -> None:
+        save_resolved_config(cfg, layout)
+        click.echo(sbatch_script(cfg, layout, stage, str(layout.resolved_config.resolve())), nl=False)
+
+    guarded("slurm-script", go, verbose)

@@ -284,6 +284,46 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = 1  # for the GPU stages (proxy, score, train, evaluate); the others get none
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    time_min: int = 720
+    array_parallelism: int = 8  # array tasks running at once
+    extra: tuple[str, ...] = ()  # more sbatch options as "key=value", e.g. "constraint=a100"
+
+    def problems(self) -> list[str]:
+        out = []
+        for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
+            if getattr(self, k) < (0 if k == "gpus_per_node" else 1):
+                out.append(f"launch.slurm.{k}: must be >= {0 if k == 'gpus_per_node' else 1}")
+        for e in self.extra:
+            if "=" not in e:
+                out.append(f"launch.slurm.extra: {e!r} is not key=value")
+        return out
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    # local: in this process; slurm: job arrays through submitit; submitit-local: the same jobs as
+    # subprocesses of this machine (submitit's local executor), stage after stage
+    launcher: str = "local"
+    score_shards: int = 0  # 0: one shard per array task that runs at once (slurm.array_parallelism)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def problems(self) -> list[str]:
+        out = self.slurm.problems()
+        if self.launcher not in ("local", "slurm", "submitit-local"):
+            out.append(f"launch.launcher: must be local, slurm or submitit-local, got {self.launcher!r}")
+        if self.score_shards < 0:
+            out.append("launch.score_shards: must be >= 0")
+        return out
+
+
+@dataclass(frozen=True)
 class Config:
     run_dir: str = "runs/default"
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -295,6 +335,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def problems(self) -> list[str]:
         out: list[str] = []

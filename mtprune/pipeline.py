@@ -186,3 +186,26 @@ def plan(cfg: Config, layout: RunLayout) -> list[StageState]:
     """What `sweep` would do: every stage's state, with downstream of a non-fresh stage stale."""
     fresh = Freshness(cfg, layout)
     return [fresh(s) for s in STAGES]
+
+
+def run_unit(stage: str, cfg: Config, layout: RunLayout, name: str) -> dict[str, Any]:
+    """One work unit of a stage (``seed2`` of proxy, ``el2n-high-0.3`` of train), no manifest.
+
+    A cluster runs the units as a job array; the plain stage command afterwards finds them
+    done and writes the manifest.
+    """
+    from .fairseq_backend import cuda_available
+    from .launch import run_units
+
+    mod = stage_module(stage)
+    if not hasattr(mod, "units"):
+        raise UsageError(f"{stage}: has no units; run it without --unit")
+    fresh = Freshness(cfg, layout)
+    for up in mod.UPSTREAM:
+        if not fresh(up).fresh:
+            raise UsageError(f"{stage}: upstream stage '{up}' is {fresh(up).status}; run `mtprune {up}` first")
+    use_cuda = cuda_available()
+    units = {u.folder.name: u for u in mod.units(cfg, layout, use_cuda)}
+    if name not in units:
+        raise UsageError(f"{stage} --unit {name!r}: no such unit (units: {', '.join(units)})")
+    return run_units([units[name]], parallel=1, use_cuda=use_cuda)

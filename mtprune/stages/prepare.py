@@ -8,6 +8,7 @@ pair and direction of the same example.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ from ..config import Config
 from ..fairseq_backend import SRC, TGT, preprocess, write_dictionary
 from ..faults import crash_point
 from ..layout import RunLayout
-from ..manifest import atomic_write_text, temp_path
+from ..manifest import atomic_write_bytes, temp_path
 from ..pipeline import StageResult
 from ..sources import langs
 
@@ -104,6 +105,11 @@ class Encoder:
 
 
 def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, str]]) -> None:
+    """Joint SentencePiece model over a seeded sample of every pair's training text (both sides).
+
+    Trained from memory into memory, so the model file holds no paths and two runs of the same
+    config write the same bytes.
+    """
     import sentencepiece as spm
 
     p = cfg.prepare
@@ -114,20 +120,15 @@ def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, st
     rng = random.Random(cfg.download.seed)
     if len(sentences) > p.spm_sample:
         sentences = rng.sample(sentences, p.spm_sample)
-    sample = layout.stage_dir("prepare") / "spm.sample.txt"
-    atomic_write_text(sample, "\n".join(sentences) + "\n")
     tags = sorted({tag(t) for _, _, t in all_tasks})
-    prefix = temp_path(layout.spm_model).with_suffix("")
     log.info("prepare: training SentencePiece (%s, vocab %d) on %d sentences", p.model_type, p.vocab_size,
              len(sentences))
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=str(sample), model_prefix=str(prefix), vocab_size=p.vocab_size, model_type=p.model_type,
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=p.vocab_size, model_type=p.model_type,
         character_coverage=p.character_coverage, user_defined_symbols=tags, hard_vocab_limit=False,
-        num_threads=_workers(cfg), input_sentence_size=0,
-        shuffle_input_sentence=False, minloglevel=2)
-    os.replace(f"{prefix}.model", layout.spm_model)
-    os.replace(f"{prefix}.vocab", layout.spm_model.with_suffix(".vocab"))
-    sample.unlink()
+        num_threads=_workers(cfg), input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    atomic_write_bytes(layout.spm_model, model.getvalue())
 
 
 def _workers(cfg: Config) -> int:
@@ -149,9 +150,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     sd = layout.stage_dir("prepare")
     train_spm(cfg, layout, all_tasks)
     crash_point("prepare:after-spm")
-    vocab = [p for p, _ in (ln.split("\t") for ln in read_lines(layout.spm_model.with_suffix(".vocab")))]
     sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
-    assert sp.get_piece_size() == len(vocab)
+    vocab = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     layout.spm_dir.mkdir(parents=True, exist_ok=True)
     dict_path = sd / "dict.txt"
     write_dictionary(vocab, dict_path)
@@ -202,6 +202,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     crash_point("prepare:before-binarize")
     preprocess(layout.spm_dir / "train", layout.spm_dir / "valid", tmp_bin, dict_path, _workers(cfg),
                sd / "preprocess.log")
+    (tmp_bin / "preprocess.log").unlink(missing_ok=True)  # holds paths; our own copy is 02_prepare/preprocess.log
     os.replace(tmp_bin, layout.data_bin)
     return StageResult([layout.spm_model, dict_path, layout.spm_dir, layout.data_bin, layout.prepare_ids,
                         layout.prepare_tasks], stats)

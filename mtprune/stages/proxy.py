@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -55,22 +56,24 @@ def _seed_work(cfg: Config, layout: RunLayout, seed: int, use_cuda: bool):
     return work
 
 
-def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
-    use_cuda = cuda_available()
+def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
+    """One work unit per seed (``seed<k>``); a cluster runs them as one job array."""
     data_key = file_sha256(layout.data_bin / "train.src-tgt.tgt.bin")
-    units = []
+    out = []
     for seed in cfg.proxy.seeds:
         key = {"model": cfg.section("model"), "proxy": {k: v for k, v in cfg.section("proxy")["proxy"].items()
                                                          if k not in ("seeds", "parallel")},
                "seed": seed, "data": data_key}
-        units.append(Unit(f"proxy seed{seed}", layout.proxy_seed_dir(seed), key,
-                          _seed_work(cfg, layout, seed, use_cuda)))
-    results = run_units(units, cfg.proxy.parallel, use_cuda)
+        out.append(Unit(f"proxy seed{seed}", layout.proxy_seed_dir(seed), key, _seed_work(cfg, layout, seed, use_cuda)))
+    return out
+
+
+def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
+    use_cuda = cuda_available()
+    results = run_units(units(cfg, layout, use_cuda), cfg.proxy.parallel, use_cuda)
     wanted = {layout.proxy_seed_dir(s).name for s in cfg.proxy.seeds}
     for d in layout.stage_dir("proxy").glob("seed*"):
         if d.name not in wanted:
-            import shutil
-
             shutil.rmtree(d)
     outputs: list[Path] = [layout.proxy_checkpoint(s, u) for s in cfg.proxy.seeds for u in cfg.proxy.checkpoints]
     return StageResult(outputs, {"losses": results, "device": "cuda" if use_cuda else "cpu"})

@@ -44,16 +44,21 @@ def _work(cfg: Config, name: str, data_bin: Path, folder: Path, use_cuda: bool):
     return work
 
 
-def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
-    use_cuda = cuda_available()
-    units = []
+def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
+    """One work unit per model (``full``, ``el2n-high-0.3``, ...); a cluster runs them as one job array."""
+    out = []
     for name, _st, _sp, data_bin in models(cfg, layout):
         key = {"model": cfg.section("model"), "train": {k: v for k, v in cfg.section("train")["train"].items()
                                                          if k not in ("parallel", "include_full")},
                "data": file_sha256(data_bin / "train.src-tgt.tgt.bin")}
-        units.append(Unit(f"train {name}", layout.train_dir(name), key,
-                          _work(cfg, name, data_bin, layout.train_dir(name), use_cuda)))
-    results = run_units(units, cfg.train.parallel, use_cuda)
+        out.append(Unit(f"train {name}", layout.train_dir(name), key,
+                        _work(cfg, name, data_bin, layout.train_dir(name), use_cuda)))
+    return out
+
+
+def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
+    use_cuda = cuda_available()
+    results = run_units(units(cfg, layout, use_cuda), cfg.train.parallel, use_cuda)
     wanted = {layout.train_dir(n).name for n, *_ in models(cfg, layout)}
     for d in layout.stage_dir("train").iterdir():
         if d.is_dir() and d.name not in wanted:
