@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +71,15 @@ def _executor(cfg: Config, layout: RunLayout, stage: str, kind: str) -> tuple[An
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=s.time_min)
         return ex, {}
+    if shutil.which("sbatch") is None:
+        raise UsageError("--launcher slurm needs Slurm's sbatch on PATH; on a machine without Slurm use "
+                         "--launcher local, or `mtprune slurm-script STAGE` to write scripts to submit elsewhere")
     ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     params: dict[str, Any] = {
         "name": f"mtprune-{stage}", "timeout_min": s.time_min, "nodes": 1, "tasks_per_node": 1,
-        "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb,
-        "gpus_per_node": s.gpus_per_node if stage in GPU_STAGES else 0,
-        "slurm_array_parallelism": s.array_parallelism}
+        "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb, "slurm_array_parallelism": s.array_parallelism}
+    if stage in GPU_STAGES and s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
     if s.partition:
         params["slurm_partition"] = s.partition
     extra = dict(e.split("=", 1) for e in s.extra)

@@ -314,8 +314,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         indices = np.arange(n)
         res = score_indices(cfg, layout, indices, "score")
         table = _table(cfg, layout, indices, res)
-        stats.update(seconds=round(res["seconds"], 2), device=res["device"],
-                     sentences_per_second=round(n / max(res["seconds"], 1e-9), 1))
+        secs = max(res["seconds"], 1e-9)
+        stats.update(seconds=round(res["seconds"], 2), device=res["device"], checkpoints_scored=len(ckpts),
+                     sentences_per_second=round(n / secs, 1),
+                     target_tokens_per_second=round(float(res["n_tokens"].sum()) * len(ckpts) / secs, 1))
         if cfg.score.dump_tokens:
             ids = table.column("sentence_id").to_pylist()
             tok = pa.Table.from_pylist(res["tokens"])

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU smoke test: on a machine with a GPU, train a small transformer for a few hundred updates in
+# bf16 (fp16 where bf16 is missing), score every pair, and print tokens/s for training and scoring.
+#   scripts/gpu_smoke.sh [RUN_DIR]          (default runs/gpu-smoke; needs .venv, see scripts/setup.sh)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+run="${1:-runs/gpu-smoke}"
+py=.venv/bin/python
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_smoke: no GPU visible to torch')"
+prec=$("$py" -c "import torch; print('bf16' if torch.cuda.is_bf16_supported() else 'fp16')")
+sets=(--run-dir "$run"
+      --set download.source=synthetic --set download.synthetic_train_per_pair=20000
+      --set download.max_valid_per_pair=200 --set download.max_test_per_pair=200
+      --set prepare.vocab_size=8000
+      --set model.encoder_layers=6 --set model.decoder_layers=6 --set model.embed_dim=512
+      --set model.ffn_dim=2048 --set model.attention_heads=8
+      --set "proxy.seeds=[1]" --set "proxy.checkpoints=[200,400]" --set proxy.warmup_updates=100
+      --set proxy.max_tokens=8192 --set proxy.lr=0.0007 --set proxy.precision="$prec"
+      --set score.device=cuda --set score.precision="$prec" --set score.batch_tokens=32000
+      --set score.chunk_tokens=8192)
+for stage in download prepare proxy score; do
+  .venv/bin/mtprune "$stage" "${sets[@]}" -q
+done
+"$py" - "$run" "$prec" <<'PY'
+import json, re, sys
+from pathlib import Path
+run, prec = Path(sys.argv[1]), sys.argv[2]
+wps = [float(m) for m in re.findall(r"\| wps ([\d.]+)", (run / "03_proxy/seed1/train.log").read_text())]
+score = json.loads((run / "04_score/manifest.json").read_text())["stats"]
+import torch
+print(f"gpu: {torch.cuda.get_device_name(0)}; precision {prec}")
+print(f"training: {max(wps):,.0f} target tokens/s (fairseq wps, best logged interval)")
+print(f"scoring:  {score['target_tokens_per_second']:,.0f} target tokens/s "
+      f"({score['sentences_per_second']:,.0f} sentences/s x {score['checkpoints_scored']} checkpoints)")
+PY
