@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -14,7 +13,7 @@ from ..config import Config
 from ..errors import InputError
 from ..faults import crash_point
 from ..layout import RunLayout
-from ..manifest import temp_path
+from ..manifest import write_lines
 from ..pipeline import StageResult
 from ..sources import langs, read_hub, read_local
 from ..synthetic import make_pair
@@ -81,12 +80,6 @@ def _subsample(rows: list, limit: int | None, seed: str) -> list:
     return [rows[i] for i in keep]
 
 
-def _write_lines(path: Path, lines: Iterable[str]) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
@@ -120,10 +113,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                                     ("test", test, test_counts)):
             for side, lang in ((1, l1), (2, l2)):
                 path = layout.split_file(pair, split, lang)
-                _write_lines(path, (r[side] for r in rows))
+                write_lines(path, (r[side] for r in rows))
                 outputs.append(path)
             per_split[split] = {**dict(counts), "written": len(rows)}
-        _write_lines(layout.download_ids(pair), (f"{pair}/{n}" for n, _, _ in train))
+        write_lines(layout.download_ids(pair), (f"{pair}/{n}" for n, _, _ in train))
         outputs.append(layout.download_ids(pair))
         written = {n for n, _, _ in train}
         noise_lines += [f"{pair}/{n}\t{kind}" for n, kind in sorted(noise.items()) if n in written]
@@ -133,7 +126,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                  pair, len(train), train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
                  train_counts["in_test_set"], len(valid), len(test))
     if d.source == "synthetic":
-        _write_lines(layout.noise_ids, noise_lines)
+        write_lines(layout.noise_ids, noise_lines)
         outputs.append(layout.noise_ids)
         stats["noise_pairs"] = len(noise_lines)
     return StageResult(outputs, stats)

@@ -22,7 +22,7 @@ from ..config import Config
 from ..fairseq_backend import SRC, TGT, preprocess, write_dictionary
 from ..faults import crash_point
 from ..layout import RunLayout
-from ..manifest import atomic_write_bytes, temp_path
+from ..manifest import atomic_write_bytes, temp_path, write_lines
 from ..pipeline import StageResult
 from ..sources import langs
 
@@ -135,13 +135,6 @@ def _workers(cfg: Config) -> int:
     return cfg.prepare.workers or os.cpu_count() or 1
 
 
-def _write(path: Path, lines: list[str]) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
-
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     import sentencepiece as spm
@@ -189,10 +182,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
             log.info("prepare: %s: %d training pairs encoded (%d over %d pieces dropped)", name,
                      len(src) - dropped, dropped, limit)
     for split, a, b in (("train", train_src, train_tgt), ("valid", valid_src, valid_tgt)):
-        _write(layout.spm_dir / f"{split}.{SRC}", a)
-        _write(layout.spm_dir / f"{split}.{TGT}", b)
-    _write(layout.prepare_ids, ids)
-    _write(layout.prepare_tasks, task_lines)
+        write_lines(layout.spm_dir / f"{split}.{SRC}", a)
+        write_lines(layout.spm_dir / f"{split}.{TGT}", b)
+    write_lines(layout.prepare_ids, ids)
+    write_lines(layout.prepare_tasks, task_lines)
     stats["train_pairs"] = len(ids)
     stats["train_target_tokens"] = sum(len(x.split()) + 1 for x in train_tgt)
 

@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import UsageError
 from ..faults import crash_point
 from ..layout import RunLayout, run_name
-from ..manifest import temp_path
+from ..manifest import temp_path, write_lines
 from ..pipeline import StageResult
 
 SECTIONS = ("prune",)
@@ -112,9 +112,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         folder = layout.prune_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
         lines = (kept["sentence_id"] + "\t" + kept["direction"]) if both else kept["sentence_id"]
-        tmp = temp_path(layout.kept_ids(name))
-        tmp.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
-        os.replace(tmp, layout.kept_ids(name))
+        write_lines(layout.kept_ids(name), lines)
         write_subset(layout.data_bin, layout.pruned_data_bin(name), kept["index"].to_numpy())
         per_pair = {p: {"kept": int(c), "dropped": int(Counter(df["pair"][mask]).get(p, 0))}
                     for p, c in sorted(Counter(kept["pair"]).items())}
