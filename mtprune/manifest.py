@@ -14,10 +14,11 @@ import platform
 import socket
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from . import __version__
 from .faults import crash_point
@@ -42,14 +43,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_lines(path: Path, lines: Iterable[str]) -> None:
-    """Stream lines (newline added to each) into a temp file, then rename it into place."""
+@contextmanager
+def open_atomic(path: Path) -> Iterator[TextIO]:
+    """A text file written under a temp name and renamed into place only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    f = open(tmp, "w", encoding="utf-8", newline="\n")
+    try:
+        yield f
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Stream lines (newline added to each) into a temp file, then rename it into place."""
+    with open_atomic(path) as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def temp_path(path: Path) -> Path:

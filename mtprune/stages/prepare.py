@@ -9,11 +9,13 @@ pair and direction of the same example.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from ..config import Config
 from ..fairseq_backend import SRC, TGT, preprocess, write_dictionary
 from ..faults import crash_point
 from ..layout import RunLayout
-from ..manifest import atomic_write_bytes, temp_path, write_lines
+from ..manifest import atomic_write_bytes, count_lines, open_atomic, temp_path
 from ..pipeline import StageResult
 from ..sources import langs
 
@@ -65,17 +67,20 @@ def _init_worker(model_path: str) -> None:
     _sp = spm.SentencePieceProcessor(model_file=model_path)
 
 
-def _encode_chunk(lines: list[str]) -> list[list[str]]:
-    return _sp.encode(lines, out_type=str)
+def _encode_pairs(chunk: list[tuple[str, str]]) -> list[tuple[list[str], list[str]]]:
+    a = _sp.encode([x for x, _ in chunk], out_type=str)
+    b = _sp.encode([y for _, y in chunk], out_type=str)
+    return list(zip(a, b, strict=True))
 
 
-def _chunks(lines: list[str], size: int = 2000) -> Iterator[list[str]]:
-    for i in range(0, len(lines), size):
-        yield lines[i:i + size]
+def _chunked(items: Iterable[Any], size: int = 2000) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 class Encoder:
-    """Encodes text with the SentencePiece model on ``workers`` processes, with a progress bar."""
+    """Encodes text with the SentencePiece model on ``workers`` processes, streaming, in order."""
 
     def __init__(self, model_path: Path, workers: int) -> None:
         self.model_path, self.workers = str(model_path), workers
@@ -92,16 +97,21 @@ class Encoder:
         if self.pool is not None:
             self.pool.terminate()
 
-    def encode(self, lines: list[str], desc: str) -> list[list[str]]:
+    def encode_pairs(self, pairs: Iterable[tuple[str, str]], total: int,
+                     desc: str) -> Iterator[tuple[list[str], list[str]]]:
         from tqdm import tqdm
 
-        out: list[list[str]] = []
         mapper = self.pool.imap if self.pool is not None else map
-        with tqdm(total=len(lines), desc=desc, unit="sent", leave=False, disable=None) as bar:
-            for chunk in mapper(_encode_chunk, _chunks(lines)):
-                out.extend(chunk)
+        with tqdm(total=total, desc=desc, unit="pair", leave=False, disable=None) as bar:
+            for chunk in mapper(_encode_pairs, _chunked(pairs)):
+                yield from chunk
                 bar.update(len(chunk))
-        return out
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
 
 
 def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, str]]) -> None:
@@ -113,13 +123,17 @@ def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, st
     import sentencepiece as spm
 
     p = cfg.prepare
-    sentences: list[str] = []
+    rng = random.Random(cfg.download.seed)
+    sentences: list[str] = []  # a uniform reservoir sample: memory stays at spm_sample sentences
+    seen = 0
     for pair in cfg.download.pairs:
         for lang in langs(pair):
-            sentences.extend(read_lines(layout.split_file(pair, "train", lang)))
-    rng = random.Random(cfg.download.seed)
-    if len(sentences) > p.spm_sample:
-        sentences = rng.sample(sentences, p.spm_sample)
+            for line in _text_lines(layout.split_file(pair, "train", lang)):
+                seen += 1
+                if len(sentences) < p.spm_sample:
+                    sentences.append(line)
+                elif (j := rng.randrange(seen)) < p.spm_sample:
+                    sentences[j] = line
     tags = sorted({tag(t) for _, _, t in all_tasks})
     log.info("prepare: training SentencePiece (%s, vocab %d) on %d sentences", p.model_type, p.vocab_size,
              len(sentences))
@@ -150,44 +164,41 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     write_dictionary(vocab, dict_path)
 
     stats: dict[str, Any] = {"vocab_size": len(vocab), "tasks": {}}
-    train_src: list[str] = []
-    train_tgt: list[str] = []
-    ids: list[str] = []
-    task_lines: list[str] = []
-    valid_src: list[str] = []
-    valid_tgt: list[str] = []
     limit = cfg.prepare.max_tokens
-    with Encoder(layout.spm_model, _workers(cfg)) as enc:
+    n_train = n_target_tokens = 0
+    with Encoder(layout.spm_model, _workers(cfg)) as enc, ExitStack() as files:
+        out = {name: files.enter_context(open_atomic(path)) for name, path in (
+            ("train.src", layout.spm_dir / f"train.{SRC}"), ("train.tgt", layout.spm_dir / f"train.{TGT}"),
+            ("valid.src", layout.spm_dir / f"valid.{SRC}"), ("valid.tgt", layout.spm_dir / f"valid.{TGT}"),
+            ("ids", layout.prepare_ids), ("tasks", layout.prepare_tasks))}
         for pair, s, t in all_tasks:
             name = f"{pair}:{s}-{t}"
-            raw_ids = read_lines(layout.download_ids(pair))
-            src = enc.encode(read_lines(layout.split_file(pair, "train", s)), f"encode {name} train")
-            tgt = enc.encode(read_lines(layout.split_file(pair, "train", t)), f"encode {name} train")
-            dropped = 0
-            for sid, a, b in zip(raw_ids, src, tgt, strict=True):
+            kept = dropped = 0
+            ids = _text_lines(layout.download_ids(pair))
+            pairs = zip(_text_lines(layout.split_file(pair, "train", s)),
+                        _text_lines(layout.split_file(pair, "train", t)), strict=True)
+            total = count_lines(layout.download_ids(pair))
+            for sid, (a, b) in zip(ids, enc.encode_pairs(pairs, total, f"encode {name}"), strict=True):
                 if len(a) + 1 > limit or len(b) > limit:
                     dropped += 1
                     continue
-                train_src.append(f"{tag(t)} " + " ".join(a))
-                train_tgt.append(" ".join(b))
-                ids.append(sid)
-                task_lines.append(f"{pair}\t{s}-{t}")
-            vsrc = enc.encode(read_lines(layout.split_file(pair, "valid", s)), f"encode {name} valid")
-            vtgt = enc.encode(read_lines(layout.split_file(pair, "valid", t)), f"encode {name} valid")
-            for a, b in zip(vsrc, vtgt, strict=True):
+                out["train.src"].write(f"{tag(t)} {' '.join(a)}\n")
+                out["train.tgt"].write(" ".join(b) + "\n")
+                out["ids"].write(sid + "\n")
+                out["tasks"].write(f"{pair}\t{s}-{t}\n")
+                kept += 1
+                n_target_tokens += len(b) + 1
+            valid = zip(_text_lines(layout.split_file(pair, "valid", s)),
+                        _text_lines(layout.split_file(pair, "valid", t)), strict=True)
+            for a, b in enc.encode_pairs(valid, 0, f"encode {name} valid"):
                 if len(a) + 1 <= limit and len(b) <= limit:
-                    valid_src.append(f"{tag(t)} " + " ".join(a))
-                    valid_tgt.append(" ".join(b))
-            stats["tasks"][name] = {"train": len(src) - dropped, "dropped_too_many_tokens": dropped}
-            log.info("prepare: %s: %d training pairs encoded (%d over %d pieces dropped)", name,
-                     len(src) - dropped, dropped, limit)
-    for split, a, b in (("train", train_src, train_tgt), ("valid", valid_src, valid_tgt)):
-        write_lines(layout.spm_dir / f"{split}.{SRC}", a)
-        write_lines(layout.spm_dir / f"{split}.{TGT}", b)
-    write_lines(layout.prepare_ids, ids)
-    write_lines(layout.prepare_tasks, task_lines)
-    stats["train_pairs"] = len(ids)
-    stats["train_target_tokens"] = sum(len(x.split()) + 1 for x in train_tgt)
+                    out["valid.src"].write(f"{tag(t)} {' '.join(a)}\n")
+                    out["valid.tgt"].write(" ".join(b) + "\n")
+            n_train += kept
+            stats["tasks"][name] = {"train": kept, "dropped_too_many_tokens": dropped}
+            log.info("prepare: %s: %d training pairs encoded (%d over %d pieces dropped)", name, kept, dropped, limit)
+    stats["train_pairs"] = n_train
+    stats["train_target_tokens"] = n_target_tokens
 
     tmp_bin = temp_path(layout.data_bin)
     for d in (tmp_bin, layout.data_bin):
