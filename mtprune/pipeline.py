@@ -119,16 +119,22 @@ def save_resolved_config(cfg: Config, layout: RunLayout) -> None:
     atomic_write_text(layout.resolved_config, dump_yaml(cfg))
 
 
-def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = False,
-              **options: Any) -> Manifest:
-    """Run one stage unless it is fresh. Raises UsageError when an upstream stage is not fresh."""
-    mod = stage_module(stage)
+def require_fresh_upstream(stage: str, cfg: Config, layout: RunLayout) -> Freshness:
+    """Raise UsageError naming the first upstream stage of ``stage`` that is not fresh."""
     fresh = Freshness(cfg, layout)
-    for up in mod.UPSTREAM:
+    for up in stage_module(stage).UPSTREAM:
         st = fresh(up)
         if not st.fresh:
             raise UsageError(f"{stage}: upstream stage '{up}' is {st.status} ({st.reason}); "
                              f"run `mtprune {up}` first")
+    return fresh
+
+
+def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = False,
+              **options: Any) -> Manifest:
+    """Run one stage unless it is fresh. Raises UsageError when an upstream stage is not fresh."""
+    mod = stage_module(stage)
+    fresh = require_fresh_upstream(stage, cfg, layout)
     state = fresh(stage)
     if state.fresh and not overwrite:
         log.info("%s: fresh (%s), nothing to do; --overwrite redoes it", stage, state.reason)
@@ -200,10 +206,7 @@ def run_unit(stage: str, cfg: Config, layout: RunLayout, name: str) -> dict[str,
     mod = stage_module(stage)
     if not hasattr(mod, "units"):
         raise UsageError(f"{stage}: has no units; run it without --unit")
-    fresh = Freshness(cfg, layout)
-    for up in mod.UPSTREAM:
-        if not fresh(up).fresh:
-            raise UsageError(f"{stage}: upstream stage '{up}' is {fresh(up).status}; run `mtprune {up}` first")
+    require_fresh_upstream(stage, cfg, layout)
     use_cuda = cuda_available()
     units = {u.folder.name: u for u in mod.units(cfg, layout, use_cuda)}
     if name not in units:

@@ -238,13 +238,10 @@ def shard_indices(n: int, i: int, count: int) -> np.ndarray:
 def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     """Score slice I of N into 04_score/shards/ (no manifest: `mtprune score` merges the shards)."""
     from ..fairseq_backend import load_train_pairs
-    from ..pipeline import Freshness
+    from ..pipeline import require_fresh_upstream
 
     i, count = parse_shard(shard)
-    fresh = Freshness(cfg, layout)
-    for up in UPSTREAM:
-        if not fresh(up).fresh:
-            raise UsageError(f"score: upstream stage '{up}' is {fresh(up).status}; run `mtprune {up}` first")
+    require_fresh_upstream("score", cfg, layout)
     n = len(load_train_pairs(layout.data_bin)[1])
     indices = shard_indices(n, i, count)
     res = score_indices(cfg, layout, indices, f"score shard {i}/{count}")
