@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,84 @@ from .errors import ConfigError
 OPUS_PAIRS = ("de-en", "en-es", "en-fr", "en-it")
 _STRATEGY = re.compile(r"^(random|[A-Za-z0-9_]+-(high|low))$")
 
+# Settings that change how fast work runs, never what it produces: no stage or work unit is stale
+# because one of them changed (a GPU user would lose hours to a batch-size tweak). Dotted keys; a key
+# ending in ".*" covers a whole section.
+SPEED_ONLY = (
+    "run_dir",
+    "prepare.workers",
+    "proxy.parallel",
+    "score.device",
+    "score.batch_tokens",
+    "score.chunk_tokens",
+    "train.parallel",
+    "evaluate.max_tokens",
+    "launch.*",
+)
+
+
+def is_speed_only(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in SPEED_ONLY)
+
+
+# ---- recording which settings a stage reads -----------------------------------------------------
+# A stage's freshness is judged on exactly the settings it read while it ran (minus SPEED_ONLY), so a
+# stage that reads another stage's key (prepare reads download.direction) is stale when that key
+# changes, without anyone keeping a list. Every thread of the process records into the same set:
+# work units run on a thread pool.
+
+_reads: set[str] | None = None
+_reads_lock = threading.Lock()
+
+
+@contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Collect the dotted keys of every setting read from any config object inside the block."""
+    global _reads
+    with _reads_lock:
+        if _reads is not None:
+            raise RuntimeError("recording_reads() does not nest")
+        _reads = set()
+    try:
+        yield _reads
+    finally:
+        with _reads_lock:
+            _reads = None
+
+
+class _Recorded:
+    """Base of every config section: leaf reads are recorded while ``recording_reads`` is active."""
+
+    _path = ""  # dotted path of this section inside Config, set by Config.__post_init__
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        reads = _reads
+        if reads is not None and not name.startswith("_") and name in type(self).__dataclass_fields__:
+            if not isinstance(value, _Recorded):
+                path = object.__getattribute__(self, "_path")
+                reads.add(f"{path}.{name}" if path else name)
+        return value
+
+
+def _set_paths(section: Any, path: str) -> None:
+    object.__setattr__(section, "_path", path)
+    for f in dataclasses.fields(section):
+        child = object.__getattribute__(section, f.name)
+        if isinstance(child, _Recorded):
+            _set_paths(child, f"{path}.{f.name}" if path else f.name)
+
+
+def lookup(cfg: Any, key: str) -> Any:
+    """The plain value of a dotted key (``download.direction``) without recording the read."""
+    node = cfg
+    for part in key.split("."):
+        node = object.__getattribute__(node, part)
+    return to_plain(node)
+
 
 @dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(_Recorded):
     source: str = "hub"  # hub | local:DIR | synthetic
     pairs: tuple[str, ...] = OPUS_PAIRS
     direction: str = "en-xx"  # en-xx | xx-en | both
@@ -64,7 +142,7 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(_Recorded):
     vocab_size: int = 8000
     spm_sample: int = 300_000  # sentences sampled from all pairs and both sides to train SentencePiece
     character_coverage: float = 1.0
@@ -90,7 +168,7 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Recorded):
     """Architecture shared by proxy and final models."""
 
     arch: str = "transformer"
@@ -135,7 +213,7 @@ def _schedule_problems(section: str, s: Any) -> list[str]:
 
 
 @dataclass(frozen=True)
-class ProxyConfig:
+class ProxyConfig(_Recorded):
     seeds: tuple[int, ...] = (1, 2, 3)
     checkpoints: tuple[int, ...] = (200, 400)  # update counts whose checkpoints are kept and scored
     lr: float = 0.002
@@ -167,7 +245,7 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(_Recorded):
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
     batch_tokens: int = 6000  # source+target tokens per forward batch
@@ -190,7 +268,7 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(_Recorded):
     sparsities: tuple[float, ...] = (0.1, 0.3, 0.5)
     strategies: tuple[str, ...] = ("el2n-high", "random")
     scope: str = "global"  # global | per-pair
@@ -218,7 +296,7 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Recorded):
     max_update: int = 1500
     lr: float = 0.002
     warmup_updates: int = 200
@@ -249,7 +327,7 @@ class TestSet:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Recorded):
     beam: int = 4
     lenpen: float = 1.0
     max_tokens: int = 6000
@@ -275,7 +353,7 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(_Recorded):
     noise_ids: str | None = None  # file of sentence ids labelled as bad, one per line
     n_examples: int = 10
 
@@ -284,7 +362,7 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
-class SlurmConfig:
+class SlurmConfig(_Recorded):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -307,7 +385,7 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
-class LaunchConfig:
+class LaunchConfig(_Recorded):
     # local: in this process; slurm: job arrays through submitit; submitit-local: the same jobs as
     # subprocesses of this machine (submitit's local executor), stage after stage
     launcher: str = "local"
@@ -324,7 +402,7 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Recorded):
     run_dir: str = "runs/default"
     download: DownloadConfig = field(default_factory=DownloadConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -336,6 +414,9 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        _set_paths(self, "")
 
     def problems(self) -> list[str]:
         out: list[str] = []
