@@ -101,6 +101,38 @@ def lookup(cfg: Any, key: str) -> Any:
     return to_plain(node)
 
 
+# Corruptions that download.noise can inject into a real corpus (labels go to 01_download/noise.ids)
+NOISE_KINDS = (
+    "misaligned",              # target of another, random pair
+    "misaligned_same_length",  # target of another pair of about the same length (length filters miss it)
+    "untranslated",            # target = source (a copy)
+    "wrong_language",          # target in a third language
+    "truncated",               # target cut short
+    "repeated",                # a stretch of the target repeated, as in looping MT output
+    "swapped",                 # source and target sides exchanged
+)
+
+
+@dataclass(frozen=True)
+class NoiseConfig(_Recorded):
+    rate: float = 0.0  # fraction of training pairs corrupted after cleaning; 0: none
+    kinds: tuple[str, ...] = NOISE_KINDS  # drawn uniformly for each corrupted pair
+    seed: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 <= self.rate < 1 or math.isnan(self.rate):
+            out.append(f"download.noise.rate: {self.rate} is outside [0, 1)")
+        if not self.kinds:
+            out.append("download.noise.kinds: needs at least one kind")
+        for k in self.kinds:
+            if k not in NOISE_KINDS:
+                out.append(f"download.noise.kinds: unknown kind {k!r} (known: {', '.join(NOISE_KINDS)})")
+        if len(set(self.kinds)) != len(self.kinds):
+            out.append("download.noise.kinds: duplicate kinds")
+        return out
+
+
 @dataclass(frozen=True)
 class DownloadConfig(_Recorded):
     source: str = "hub"  # hub | local:DIR | synthetic
@@ -114,9 +146,10 @@ class DownloadConfig(_Recorded):
     seed: int = 1
     synthetic_train_per_pair: int = 3000
     synthetic_noise: float = 0.1
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
     def problems(self) -> list[str]:
-        out = []
+        out = self.noise.problems()
         if not (self.source in ("hub", "synthetic") or (self.source.startswith("local:") and len(self.source) > 6)):
             out.append(f"download.source: must be hub, synthetic or local:DIR, got {self.source!r}")
         if not self.pairs:
