@@ -5,11 +5,14 @@ Heavy libraries (torch, fairseq, datasets) are imported inside the stages, so ``
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -60,9 +63,12 @@ def guarded(label: str, fn: Callable[[], Any], verbose: int = 0) -> Any:
     except PermissionError as e:
         _fail(label, UsageError(f"permission denied: {e.filename or e}"))
     except OSError as e:
-        if e.errno == 28:  # ENOSPC
+        if e.errno == errno.ENOSPC:
             _fail(label, MtpruneError(f"no space left on device writing {e.filename or ''}"))
-        raise
+        if verbose:
+            traceback.print_exc()
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(label, MtpruneError(f"{e.strerror or type(e).__name__}{where}"))
     except Exception as e:  # a bug or an unforeseen failure: one line, traceback with -v
         if verbose:
             traceback.print_exc()
@@ -71,7 +77,22 @@ def guarded(label: str, fn: Callable[[], Any], verbose: int = 0) -> Any:
         sys.exit(1)
 
 
-def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def check_run_dir(root: Path) -> None:
+    """Create the run directory, or say in one line why it cannot be (a file in the way, no permission)."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"run directory {root}: {probe} is a file, not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"run directory {root} cannot be created ({e.strerror}: {e.filename})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UsageError(f"run directory {root} is not writable (Permission denied: {root})")
+
+
+def config_options(f: Callable[..., Any], writes: bool = True) -> Callable[..., Any]:
     @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
                   help="YAML config file (see configs/). Without it, built-in defaults.")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -86,7 +107,10 @@ def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
         _setup_logging(verbose, quiet)
         label = f.__name__.rstrip("_")
         cfg = guarded(label, lambda: load_config(config_path, overrides, run_dir))
-        return f(cfg=cfg, layout=RunLayout(cfg.run_dir), verbose=verbose, **kw)
+        layout = RunLayout(cfg.run_dir)
+        if writes and not kw.get("dry_run"):
+            guarded(label, lambda: check_run_dir(layout.root))
+        return f(cfg=cfg, layout=layout, verbose=verbose, **kw)
 
     return wrapper
 
@@ -220,7 +244,7 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
 
 @main.command()
 @click.option("--verify", is_flag=True, help="Rehash every recorded artifact (slower) to catch changed files.")
-@config_options
+@functools.partial(config_options, writes=False)
 def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
     """Show each stage as fresh, stale (and why), incomplete or missing."""
     from .pipeline import Freshness

@@ -1,8 +1,10 @@
 """Manifests: how each stage's artifacts were made, and whether they are still fresh.
 
-A stage is fresh when its manifest exists, its recorded config equals the current one, every
-upstream stage is fresh and its recorded output digest equals what this stage consumed, and its
-own outputs are still on disk with their recorded sizes (``verify`` rehashes them too).
+A stage is fresh when its manifest exists, every setting it read while it ran still has the
+recorded value, every upstream stage is fresh and its recorded output digest equals what this
+stage consumed, and its own outputs still have their recorded sha256. Like git and DVC, the hash is
+cached under the file's size and mtime: a file whose size changed is changed, a file whose mtime
+changed is rehashed, and ``verify`` rehashes every file.
 """
 
 from __future__ import annotations
@@ -101,11 +103,21 @@ def describe_outputs(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]
             files.append(p)
     out: dict[str, dict[str, Any]] = {}
     for f in files:
-        entry: dict[str, Any] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+        st = f.stat()
+        entry: dict[str, Any] = {"sha256": file_sha256(f), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
         if f.suffix in (".ids", ".tasks", ".tsv", ".hyp") or f.parent.name in ("spm",) or _is_text_split(f):
             entry["lines"] = count_lines(f)
         out[str(f.relative_to(root))] = entry
     return out
+
+
+def stat_key(path: Path) -> str:
+    """``size:mtime_ns`` of a file (``missing`` if absent): a cheap key for "has this input changed"."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _is_text_split(f: Path) -> bool:
@@ -126,14 +138,32 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest | None:
+        """The manifest at ``path``; None when it is absent, unreadable or not a whole manifest."""
         try:
-            return cls(json.loads(path.read_text(encoding="utf-8")))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        if not _well_formed(data):
+            return None
+        return cls(data)
 
 
-def build_manifest(stage: str, config: dict[str, Any], inputs: dict[str, str], stage_dir: Path,
-                   outputs: list[Path], stats: dict[str, Any], started: float) -> Manifest:
+def _well_formed(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    if not isinstance(data.get("outputs_digest"), str) or not isinstance(data.get("inputs"), dict):
+        return False
+    outputs = data.get("outputs")
+    if not isinstance(outputs, dict):
+        return False
+    return all(isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+               for e in outputs.values())
+
+
+def build_manifest(stage: str, config: dict[str, Any], params: dict[str, Any], inputs: dict[str, str | None],
+                   stage_dir: Path, outputs: list[Path], stats: dict[str, Any], started: float) -> Manifest:
+    """``config``: the stage's own sections, for people; ``params``: every setting it read (dotted
+    key -> value, speed-only settings left out), which is what freshness compares."""
     described = describe_outputs(stage_dir, outputs)
     return Manifest({
         "stage": stage,
@@ -141,6 +171,7 @@ def build_manifest(stage: str, config: dict[str, Any], inputs: dict[str, str], s
         "versions": _versions(),
         "config": config,
         "config_hash": json_hash(config),
+        "params": params,
         "inputs": inputs,
         "outputs": described,
         "outputs_digest": json_hash({k: v["sha256"] for k, v in described.items()}),
@@ -173,14 +204,23 @@ def _versions() -> dict[str, str]:
 
 
 def check_outputs(stage_dir: Path, manifest: Manifest, rehash: bool = False) -> list[str]:
-    """Problems with a stage's recorded outputs: missing, resized, or (with rehash) changed."""
+    """Problems with a stage's recorded outputs: missing, resized, or changed content.
+
+    A file with its recorded size and mtime is taken as unchanged (the sha256 cache key, as in
+    git); one whose mtime moved is rehashed; ``rehash`` rehashes every file.
+    """
     problems = []
     for rel, entry in manifest.data.get("outputs", {}).items():
         p = stage_dir / rel
+        try:
+            st = p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            problems.append(f"{rel} is missing")
+            continue
         if not p.is_file():
             problems.append(f"{rel} is missing")
-        elif p.stat().st_size != entry["bytes"]:
-            problems.append(f"{rel} changed size ({p.stat().st_size} bytes, recorded {entry['bytes']})")
-        elif rehash and file_sha256(p) != entry["sha256"]:
+        elif st.st_size != entry["bytes"]:
+            problems.append(f"{rel} changed size ({st.st_size} bytes, recorded {entry['bytes']})")
+        elif (rehash or st.st_mtime_ns != entry.get("mtime_ns")) and file_sha256(p) != entry["sha256"]:
             problems.append(f"{rel} changed since it was written")
     return problems

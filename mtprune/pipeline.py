@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .config import Config, dump_yaml
+from .config import Config, dump_yaml, is_speed_only, lookup, recording_reads
 from .errors import UsageError
 from .faults import crash_point
 from .layout import STAGES, RunLayout
@@ -52,13 +52,42 @@ def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(f"mtprune.stages.{stage}")
 
 
+def _drop_speed_only(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if is_speed_only(key):
+            continue
+        out[k] = _drop_speed_only(v, key + ".") if isinstance(v, dict) else v
+    return out
+
+
 def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
+    """The stage's own config sections (less speed-only settings) and its external input files."""
     mod = stage_module(stage)
-    section = cfg.section(*mod.SECTIONS)
+    section = _drop_speed_only(cfg.section(*mod.SECTIONS))
     extra = getattr(mod, "external_inputs", None)
     if extra is not None:
         section["external"] = extra(cfg)
     return section
+
+
+def result_config(cfg: Config) -> dict[str, Any]:
+    """Every setting that can change a result (the whole config less speed-only settings)."""
+    return _drop_speed_only(cfg.to_dict())
+
+
+def params_of(cfg: Config, keys: set[str] | list[str]) -> dict[str, Any]:
+    """Current values of dotted keys, speed-only ones left out; a key the config no longer has maps to a marker."""
+    out = {}
+    for k in sorted(keys):
+        if is_speed_only(k):
+            continue
+        try:
+            out[k] = lookup(cfg, k)
+        except AttributeError:
+            out[k] = "<not in this config>"
+    return out
 
 
 def upstream_digests(stage: str, layout: RunLayout) -> dict[str, str | None]:
@@ -83,14 +112,17 @@ class Freshness:
 
     def _compute(self, stage: str) -> StageState:
         layout = self.layout
-        m = Manifest.read(layout.manifest(stage))
+        path = layout.manifest(stage)
+        m = Manifest.read(path)
         if m is None:
+            if path.exists():
+                return StageState(stage, "stale", f"{path.name} is damaged or not a manifest; rerun to redo the stage")
             if layout.in_progress(stage).exists():
                 return StageState(stage, "incomplete", "started but not finished; rerun to resume")
             return StageState(stage, "missing", "not run yet")
-        if m.data.get("config_hash") != json_hash(stage_config(self.cfg, stage)):
-            changed = _changed_keys(m.data.get("config", {}), stage_config(self.cfg, stage))
-            return StageState(stage, "stale", f"config changed: {', '.join(changed) or 'see manifest'}", m)
+        changed = config_changes(self.cfg, stage, m)
+        if changed:
+            return StageState(stage, "stale", f"config changed: {', '.join(changed)}", m)
         for up, digest in upstream_digests(stage, layout).items():
             up_state = self(up)
             if not up_state.fresh:
@@ -103,15 +135,23 @@ class Freshness:
         return StageState(stage, "fresh", f"finished {m.data.get('finished', '?')}", m)
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys.extend(_changed_keys(a, b, f"{prefix}{k}."))
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
+def config_changes(cfg: Config, stage: str, m: Manifest) -> list[str]:
+    """Settings the stage read last time whose values differ now, and changed external inputs.
+
+    Freshness rests on what the stage actually read while it ran (recorded in the manifest as
+    ``params``), so a key of another section that a stage reads makes it stale too.
+    """
+    recorded = m.data.get("params", {})
+    now = params_of(cfg, list(recorded))
+    changed = [k for k in recorded if now.get(k, recorded[k]) != recorded[k]]
+    mod = stage_module(stage)
+    extra = getattr(mod, "external_inputs", None)
+    if extra is not None:
+        old_ext = m.data.get("config", {}).get("external", {})
+        new_ext = extra(cfg)
+        changed += [f"{f} (input file)" for f in sorted(set(old_ext) | set(new_ext))
+                    if old_ext.get(f) != new_ext.get(f)]
+    return changed
 
 
 def save_resolved_config(cfg: Config, layout: RunLayout) -> None:
@@ -132,10 +172,26 @@ def require_fresh_upstream(stage: str, cfg: Config, layout: RunLayout) -> Freshn
 
 def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = False,
               **options: Any) -> Manifest:
-    """Run one stage unless it is fresh. Raises UsageError when an upstream stage is not fresh."""
+    """Run one stage unless it is fresh. Raises UsageError when an upstream stage is not fresh.
+
+    Nothing is touched before every check has passed (upstream, ``preflight``). A stage that is
+    redone from scratch moves its last good folder aside to ``<dir>.previous``, which is put back if
+    the run fails and kept if it is killed, until a later run succeeds or restores it.
+    """
     mod = stage_module(stage)
-    fresh = require_fresh_upstream(stage, cfg, layout)
-    state = fresh(stage)
+    require_fresh_upstream(stage, cfg, layout)
+    preflight = getattr(mod, "preflight", None)
+    if preflight is not None:
+        preflight(cfg, layout)
+    sd = layout.stage_dir(stage)
+    previous = sd.with_name(sd.name + ".previous")
+    if previous.exists() and Manifest.read(layout.manifest(stage)) is None:
+        # a run killed after moving the last good artifacts aside: put them back, then decide afresh
+        log.info("%s: restoring the last finished artifacts from %s", stage, previous)
+        shutil.rmtree(sd, ignore_errors=True)
+        os.replace(previous, sd)
+    shutil.rmtree(previous, ignore_errors=True)
+    state = Freshness(cfg, layout)(stage)
     if state.fresh and not overwrite:
         log.info("%s: fresh (%s), nothing to do; --overwrite redoes it", stage, state.reason)
         assert state.manifest is not None
@@ -143,11 +199,8 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
 
     section = stage_config(cfg, stage)
     inputs = upstream_digests(stage, layout)
-    key = {"config_hash": json_hash(section), "inputs": inputs}
-    sd = layout.stage_dir(stage)
+    key = {"config_hash": json_hash(result_config(cfg)), "inputs": inputs}
     keeps_units = getattr(mod, "KEEPS_UNITS", False)
-    previous = sd.with_name(sd.name + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)  # left by a run that was killed: that run is redone now
     old_manifest = layout.manifest(stage).read_bytes() if layout.manifest(stage).exists() else None
     if overwrite or (not keeps_units and (state.status == "stale" or _in_progress_key(layout, stage) != key)):
         if sd.exists():
@@ -157,14 +210,15 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
     sd.mkdir(parents=True, exist_ok=True)
     layout.manifest(stage).unlink(missing_ok=True)
     atomic_write_text(layout.in_progress(stage), json.dumps(key))
-    save_resolved_config(cfg, layout)
 
     started = time.time()
     log.info("%s: running (%s)", stage, state.reason)
     try:
         crash_point(f"{stage}:start")
-        result: StageResult = mod.run(cfg, layout, overwrite=overwrite, **options)
-        manifest = build_manifest(stage, section, inputs, sd, result.outputs, result.stats, started)
+        with recording_reads() as reads:
+            result: StageResult = mod.run(cfg, layout, overwrite=overwrite, **options)
+        manifest = build_manifest(stage, section, params_of(cfg, reads), inputs, sd, result.outputs,
+                                  result.stats, started)
         crash_point(f"{stage}:before-manifest")
     except BaseException:
         if previous.exists():  # put the last good artifacts back as they were
@@ -177,6 +231,8 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
     write_manifest(layout.manifest(stage), manifest)
     layout.in_progress(stage).unlink(missing_ok=True)
     shutil.rmtree(previous, ignore_errors=True)
+    # written only now: the resolved config names what the finished artifacts came from
+    save_resolved_config(cfg, layout)
     log.info("%s: done in %.1fs", stage, time.time() - started)
     return manifest
 
@@ -207,6 +263,9 @@ def run_unit(stage: str, cfg: Config, layout: RunLayout, name: str) -> dict[str,
     if not hasattr(mod, "units"):
         raise UsageError(f"{stage}: has no units; run it without --unit")
     require_fresh_upstream(stage, cfg, layout)
+    preflight = getattr(mod, "preflight", None)
+    if preflight is not None:
+        preflight(cfg, layout)
     use_cuda = cuda_available()
     units = {u.folder.name: u for u in mod.units(cfg, layout, use_cuda)}
     if name not in units:

@@ -41,18 +41,32 @@ def test_changed_output_makes_the_stage_stale_and_overwrite_redoes_it(tmp_path: 
     assert code == 0 and "--overwrite" in out
 
 
-def test_status_verify_catches_same_size_edits(tmp_path: Path) -> None:
+def test_same_size_edits_are_caught_by_status_and_verify(tmp_path: Path) -> None:
     run = tmp_path / "r"
     assert _download(run, "-q")[0] == 0
     f = run / "01_download" / "de-en" / "train.de"
+    before = f.stat()
     data = bytearray(f.read_bytes())
     data[0] = ord("X") if data[0] != ord("X") else ord("Y")
     f.write_bytes(bytes(data))
     sets = ["--set", "download.source=synthetic", "--set", "download.synthetic_train_per_pair=50", "--run-dir", str(run)]
+    code, out = cli("status", *sets)  # the mtime moved: the file is rehashed
+    assert "download  stale" in out and "de-en/train.de changed since it was written" in out
+    # an edit that also puts the old mtime back is only found by rehashing everything
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
     code, out = cli("status", *sets)
     assert "download  fresh" in out
     code, out = cli("status", "--verify", *sets)
     assert code == 1 and "de-en/train.de changed since it was written" in out
+
+
+def test_a_touched_but_unchanged_output_stays_fresh(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert _download(run, "-q")[0] == 0
+    os.utime(run / "01_download" / "de-en" / "train.de")
+    code, out = cli("status", "--set", "download.source=synthetic", "--set", "download.synthetic_train_per_pair=50",
+                    "--run-dir", str(run))
+    assert "download  fresh" in out
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None:

@@ -1,0 +1,126 @@
+"""Freshness rests on the settings each stage read: other sections' keys count, speed-only ones never do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, cli
+
+SYN = ["--set", "download.source=synthetic", "--set", "download.synthetic_train_per_pair=50",
+       "--set", "prepare.vocab_size=120", "--set", "prepare.spm_sample=500"]
+
+
+def _states(out: str) -> dict[str, str]:
+    states = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[0] in ("download", "prepare", "proxy", "score", "prune", "train",
+                                            "evaluate", "report"):
+            states[parts[0]] = parts[1] + (" " + parts[2] if len(parts) > 2 else "")
+    return states
+
+
+@pytest.mark.slow
+def test_a_setting_of_another_section_that_a_stage_reads_makes_it_stale(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    for stage in ("download", "prepare"):
+        code, out = cli(stage, *SYN, "--run-dir", str(run), "-q")
+        assert code == 0, out
+    params = json.loads((run / "02_prepare" / "manifest.json").read_text())["params"]
+    assert params["download.direction"] == "en-xx"  # recorded because prepare read it
+    code, out = cli("status", *SYN, "--set", "download.direction=xx-en", "--run-dir", str(run))
+    states = _states(out)
+    assert states["prepare"].startswith("stale config changed: download.direction"), out
+    code, out = cli("prepare", *SYN, "--set", "download.direction=xx-en", "--run-dir", str(run))
+    assert code == 0 and "clearing" in out, out
+    code, out = cli("status", *SYN, "--set", "download.direction=xx-en", "--run-dir", str(run))
+    assert _states(out)["prepare"].startswith("fresh"), out
+
+
+@pytest.mark.slow
+def test_speed_only_settings_never_make_finished_stages_stale(tiny_copy: Path) -> None:
+    base = ["-c", str(TINY), "--run-dir", str(tiny_copy)]
+    speed = ["--set", "score.batch_tokens=777", "--set", "score.chunk_tokens=7", "--set", "score.device=cpu",
+             "--set", "proxy.parallel=1", "--set", "train.parallel=1", "--set", "prepare.workers=1",
+             "--set", "evaluate.max_tokens=999", "--set", "launch.score_shards=3"]
+    code, out = cli("status", *base, *speed)
+    states = _states(out)
+    for stage in ("download", "prepare", "proxy", "score"):
+        assert states[stage].startswith("fresh"), out
+    code, out = cli("score", *base, *speed)
+    assert code == 0 and "nothing to do" in out, out
+    # a setting that changes results still does
+    code, out = cli("status", *base, "--set", "proxy.lr=0.003")
+    states = _states(out)
+    assert states["proxy"].startswith("stale config changed: proxy.lr"), out
+    assert states["score"].startswith("stale"), out
+
+
+def test_a_damaged_manifest_is_stale_not_a_crash(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert cli("download", *SYN, "--run-dir", str(run), "-q")[0] == 0
+    for damage in ("{}", "[1, 2]", '{"outputs": {"a": 1}, "inputs": {}, "outputs_digest": "x"}', "not json"):
+        (run / "01_download" / "manifest.json").write_text(damage)
+        code, out = cli("status", *SYN, "--run-dir", str(run))
+        assert code == 0 and "Traceback" not in out, out
+        assert _states(out)["download"].startswith("stale manifest.json is damaged"), out
+    code, out = cli("download", *SYN, "--run-dir", str(run))
+    assert code == 0, out
+    code, out = cli("status", *SYN, "--run-dir", str(run))
+    assert _states(out)["download"].startswith("fresh"), out
+
+
+def _download_subprocess(run: Path, *sets: str, crash: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if crash:
+        env["MTPRUNE_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, "-m", "mtprune", "download", *SYN, *sets, "--run-dir", str(run), "-q"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_a_run_killed_after_a_config_change_keeps_the_last_finished_artifacts(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert _download_subprocess(run).returncode == 0
+    good = (run / "01_download" / "de-en" / "train.de").read_text()
+    p = _download_subprocess(run, "--set", "download.seed=7", crash="download:start")
+    assert p.returncode == -9
+    assert (run / "01_download.previous" / "de-en" / "train.de").read_text() == good
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["download"]["seed"] == 1
+    # going back to the old settings finds the finished artifacts again, without redoing them
+    code, out = cli("download", *SYN, "--run-dir", str(run))
+    assert code == 0 and "restoring" in out and "nothing to do" in out, out
+    assert (run / "01_download" / "de-en" / "train.de").read_text() == good
+    assert not (run / "01_download.previous").exists()
+    # and the new settings still run to the end
+    code, out = cli("download", *SYN, "--set", "download.seed=7", "--run-dir", str(run))
+    assert code == 0, out
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["download"]["seed"] == 7
+
+
+def test_a_failed_run_leaves_the_resolved_config_of_the_finished_artifacts(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    assert cli("download", *SYN, "--run-dir", str(run), "-q")[0] == 0
+    code, out = cli("download", *SYN, "--set", f"download.source=local:{tmp_path / 'nowhere'}", "--run-dir", str(run))
+    assert code == 2, out
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["download"]["source"] == "synthetic"
+    assert (run / "01_download" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["file", "unwritable"])
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path: Path, where: str) -> None:
+    if where == "file":
+        (tmp_path / "f").write_text("x")
+        run = tmp_path / "f" / "run"
+        want = "is a file, not a directory"
+    else:
+        run = Path("/proc/mtprune-no-such/run")
+        want = "cannot be created"
+    code, out = cli("download", *SYN, "--run-dir", str(run))
+    assert code == 2 and want in out and "Traceback" not in out, out
