@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from .. import noise as noise_mod
+from ..config import OPUS_PAIRS, Config
 from ..errors import InputError
 from ..faults import crash_point
 from ..layout import RunLayout
@@ -17,6 +18,7 @@ from ..manifest import write_lines
 from ..pipeline import StageResult
 from ..sources import langs, read_hub, read_local
 from ..synthetic import make_pair
+from .prepare import read_lines
 
 SECTIONS = ("download",)
 UPSTREAM: tuple[str, ...] = ()
@@ -31,7 +33,7 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
         return {}
     root = Path(src[6:])
     out = {}
-    for pair in cfg.download.pairs:
+    for pair in cfg.download.pairs + tuple(_outside_donors(cfg)):
         d = root / pair
         if d.is_dir():
             for f in sorted(d.iterdir()):
@@ -82,11 +84,75 @@ def _subsample(rows: list, limit: int | None, seed: str) -> list:
 
 
 
+def _wants_wrong_language(cfg: Config) -> bool:
+    n = cfg.download.noise
+    return n.rate > 0 and "wrong_language" in n.kinds
+
+
+def _outside_donors(cfg: Config) -> list[str]:
+    """With one pair and `wrong_language` noise: the other pairs of the source that give a third language."""
+    d = cfg.download
+    if len(d.pairs) != 1 or not _wants_wrong_language(cfg):
+        return []
+    if d.source == "synthetic":
+        return [p for p in OPUS_PAIRS if p != d.pairs[0]]
+    if d.source.startswith("local:"):
+        return noise_mod.local_donor_pairs(Path(d.source[6:]).expanduser(), d.pairs[0])
+    return []
+
+
+def _outside_pools(cfg: Config) -> list[list[str]]:
+    """Third-language sentences for a single-pair download, from the source's other pairs (raw train split)."""
+    d = cfg.download
+    donors = _outside_donors(cfg)
+    if not donors:
+        raise noise_mod.no_donor_error(d.pairs[0], d.source)
+    pools = []
+    for donor in donors:
+        side = noise_mod.third_language_index(donor) - 1
+        reader, _ = _split_reader(cfg, donor)
+        log.info("download: third-language sentences for wrong_language noise from %s", donor)
+        pools.append(noise_mod.reservoir((r[side] for r in reader("train")), f"{d.noise.seed}-{donor}-pool"))
+    return pools
+
+
+def _add_noise(cfg: Config, layout: RunLayout, pools: dict[str, list[str]], outside: list[list[str]],
+               labelled: dict[str, dict[int, str]]) -> dict[str, dict[str, int]]:
+    """Corrupt the written train split of each pair in place; adds the new labels to ``labelled``."""
+    d, nz = cfg.download, cfg.download.noise
+    counts: dict[str, dict[str, int]] = {}
+    for pair in d.pairs:
+        l1, l2 = langs(pair)
+        ids = read_lines(layout.download_ids(pair))
+        rows = [(int(sid.rsplit("/", 1)[1]), a, b) for sid, a, b in
+                zip(ids, read_lines(layout.split_file(pair, "train", l1)),
+                    read_lines(layout.split_file(pair, "train", l2)), strict=True)]
+        donors = [pool for p, pool in pools.items() if p != pair] + outside
+        rows, labels = noise_mod.inject(rows, rate=nz.rate, kinds=nz.kinds, seed=f"{nz.seed}-{pair}-noise",
+                                        tgt=noise_mod.target_index(pair, d.direction), pools=donors,
+                                        exclude=labelled[pair])
+        for side, lang in ((1, l1), (2, l2)):
+            write_lines(layout.split_file(pair, "train", lang), (r[side] for r in rows))
+        labelled[pair].update(labels)
+        counts[pair] = {k: sum(v == k for v in labels.values()) for k in nz.kinds}
+        wanted = round(nz.rate * len(rows))
+        if len(labels) < wanted:
+            log.warning("download: %s: only %d of %d pairs could be corrupted with kinds %s",
+                        pair, len(labels), wanted, ", ".join(nz.kinds))
+        log.info("download: %s: noise injected into %d of %d training pairs (%s)", pair, len(labels), len(rows),
+                 ", ".join(f"{k} {n}" for k, n in counts[pair].items()))
+    return counts
+
+
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     d = cfg.download
     stats: dict[str, Any] = {"source": d.source, "pairs": {}}
     outputs: list[Path] = []
-    noise_lines: list[str] = []
+    add_noise = d.noise.rate > 0
+    # wrong_language needs a third language: the download's other pairs, or the source's (checked first)
+    outside = _outside_pools(cfg) if _wants_wrong_language(cfg) and len(d.pairs) == 1 else []
+    pools: dict[str, list[str]] = {}
+    labelled: dict[str, dict[int, str]] = {}
     for pair in d.pairs:
         l1, l2 = langs(pair)
         reader, noise = _split_reader(cfg, pair)
@@ -119,14 +185,22 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         write_lines(layout.download_ids(pair), (f"{pair}/{n}" for n, _, _ in train))
         outputs.append(layout.download_ids(pair))
         written = {n for n, _, _ in train}
-        noise_lines += [f"{pair}/{n}\t{kind}" for n, kind in sorted(noise.items()) if n in written]
+        labelled[pair] = {n: kind for n, kind in noise.items() if n in written}
+        if _wants_wrong_language(cfg) and len(d.pairs) > 1:
+            side = noise_mod.third_language_index(pair)
+            pools[pair] = noise_mod.pool_of([r[side] for r in train], f"{d.noise.seed}-{pair}-pool")
         stats["pairs"][pair] = per_split
         crash_point(f"download:after:{pair}")
         log.info("download: %s: train %d (read %d, empty %d, too long %d, in test %d), valid %d, test %d",
                  pair, len(train), train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
                  train_counts["in_test_set"], len(valid), len(test))
-    if d.source == "synthetic":
-        write_lines(layout.noise_ids, noise_lines)
+    if add_noise:
+        per_pair = _add_noise(cfg, layout, pools, outside, labelled)
+        stats["noise"] = {"rate": d.noise.rate, "seed": d.noise.seed, "pairs": per_pair,
+                          "kinds": {k: sum(c[k] for c in per_pair.values()) for k in d.noise.kinds}}
+    if d.source == "synthetic" or add_noise:
+        write_lines(layout.noise_ids, (f"{pair}/{n}\t{kind}" for pair in d.pairs
+                                       for n, kind in sorted(labelled[pair].items())))
         outputs.append(layout.noise_ids)
-        stats["noise_pairs"] = len(noise_lines)
+        stats["noise_pairs"] = sum(len(v) for v in labelled.values())
     return StageResult(outputs, stats)
