@@ -167,7 +167,9 @@ def test_corrupt_checkpoint(tiny_copy: Path) -> None:
     L = RunLayout(tiny_copy)
     before = L.scores.read_bytes()
     ck = L.proxy_checkpoint(1, 20)
-    ck.write_bytes(b"\0" * ck.stat().st_size)  # same size: only a rehash or a load can tell
+    st = ck.stat()
+    ck.write_bytes(b"\0" * st.st_size)
+    os.utime(ck, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only a rehash or a load can tell
     code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--overwrite")
     assert code == 2, out
     assert len(error_lines(out)) == 1 and "checkpoint_u20.pt: corrupt or unreadable checkpoint" in out
