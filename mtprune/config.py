@@ -1,28 +1,43 @@
 """Typed, frozen configuration: YAML file + dotted ``--set key=value`` overrides.
 
-Every problem (unknown key, wrong type, value out of range) is collected and reported at once,
-each with its dotted key, so a user fixes a config in one pass.
+The sections are pydantic v2 models: strict types (no ``"5"`` for an integer, no ``true`` for a
+number), unknown keys forbidden, frozen. pydantic checks every field even when others fail, so every
+problem -- unknown key, wrong type, value out of range, a bad entry deep in a list -- is collected and
+reported at once, each with its dotted key (``evaluate.extra_test_sets[0].src``) in mtprune's own
+wording, so a user fixes a config in one pass.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 import threading
-import types
-import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
 OPUS_PAIRS = ("de-en", "en-es", "en-fr", "en-it")
+_LANGS = tuple(sorted({lang for p in OPUS_PAIRS for lang in p.split("-")}))
 _STRATEGY = re.compile(r"^(random|[A-Za-z0-9_]+-(high|low))$")
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
@@ -70,35 +85,133 @@ def recording_reads() -> Iterator[set[str]]:
             _reads = None
 
 
-class _Recorded:
-    """Base of every config section: leaf reads are recorded while ``recording_reads`` is active."""
+# ---- value checks: each names what is wrong; the dotted key comes from where pydantic found it ----
 
-    _path = ""  # dotted path of this section inside Config, set by Config.__post_init__
+def _fail(problems: list[str]) -> NoReturn:
+    raise PydanticCustomError("mtprune", "invalid value", {"problems": problems})
+
+
+def _check(problems_of: Callable[[Any], str | list[str] | None]) -> AfterValidator:
+    """A pydantic after-validator from a function that returns the value's problems (none: valid)."""
+
+    def validate(value: Any) -> Any:
+        found = problems_of(value)
+        if found:
+            _fail([found] if isinstance(found, str) else found)
+        return value
+
+    return AfterValidator(validate)
+
+
+def _at_least(lo: float, or_null: bool = False) -> AfterValidator:
+    tail = " or null" if or_null else ""
+    return _check(lambda v: None if v is None or v >= lo else f"must be >= {lo}{tail}, got {v}")
+
+
+def _above(lo: float) -> AfterValidator:
+    return _check(lambda v: None if v > lo else f"must be > {lo}, got {v}")
+
+
+def _fraction() -> AfterValidator:
+    return _check(lambda v: None if 0 <= v < 1 else f"{v} is outside [0, 1)")  # NaN fails too
+
+
+def _one_of(*choices: str) -> AfterValidator:
+    words = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+    return _check(lambda v: None if v in choices else f"must be {words}, got {v!r}")
+
+
+def _entries(noun: str, plural: str = "", known: Callable[[Any], bool] | None = None,
+             hint: str = "") -> AfterValidator:
+    """A list that needs at least one entry, no duplicates and (with ``known``) only known entries."""
+
+    def problems(v: tuple[Any, ...]) -> list[str]:
+        out = [] if v else [f"needs at least one {noun}"]
+        if known is not None:
+            out += [f"unknown {noun} {x!r} ({hint})" for x in v if not known(x)]
+        if len(set(v)) != len(v):
+            out.append(f"duplicate {plural or noun + 's'}")
+        return out
+
+    return _check(problems)
+
+
+Int = StrictInt
+Float = StrictFloat  # an integer is accepted and becomes a float
+Str = StrictStr
+Bool = StrictBool
+Fraction = Annotated[Float, _fraction()]
+Positive = Annotated[Int, _at_least(1)]
+Precision = Annotated[Str, _one_of("fp32", "fp16", "bf16")]
+Parallel = Annotated[Int, _at_least(0)]
+Lr = Annotated[Float, _above(0)]
+BatchTokens = Annotated[Int, _at_least(16)]
+LabelSmoothing = Annotated[Float, _check(lambda v: None if 0 <= v < 1 else f"must be in [0, 1), got {v}")]
+
+
+class _Recorded(BaseModel):
+    """Base of every config section: frozen, strict, no unknown keys; leaf reads are recorded while
+    ``recording_reads`` is active."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    _path: str = PrivateAttr(default="")  # dotted path of this section inside Config, set by Config
 
     def __getattribute__(self, name: str) -> Any:
         value = object.__getattribute__(self, name)
         reads = _reads
-        if reads is not None and not name.startswith("_") and name in type(self).__dataclass_fields__:
-            if not isinstance(value, _Recorded):
-                path = object.__getattribute__(self, "_path")
-                reads.add(f"{path}.{name}" if path else name)
+        if (reads is not None and not name.startswith("_") and name in type(self).__pydantic_fields__
+                and not isinstance(value, _Recorded)):
+            path = object.__getattribute__(self, "__pydantic_private__")["_path"]
+            reads.add(f"{path}.{name}" if path else name)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_means_defaults(cls, data: Any) -> Any:
+        return {} if data is None else data  # `prune:` with nothing under it in YAML
 
-def _set_paths(section: Any, path: str) -> None:
-    object.__setattr__(section, "_path", path)
-    for f in dataclasses.fields(section):
-        child = object.__getattribute__(section, f.name)
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some settings changed, checked like a loaded config (ConfigError if invalid)."""
+        data = {n: object.__getattribute__(self, n) for n in type(self).__pydantic_fields__}
+        data.update(changes)
+        try:
+            new = type(self).model_validate(data)
+        except ValidationError as e:
+            path = object.__getattribute__(self, "__pydantic_private__")["_path"]
+            raise ConfigError(_messages(e, type(self), path)) from None
+        _set_paths(new, object.__getattribute__(self, "__pydantic_private__")["_path"])
+        return new
+
+
+def _set_paths(section: _Recorded, path: str) -> None:
+    object.__getattribute__(section, "__pydantic_private__")["_path"] = path
+    for name in type(section).__pydantic_fields__:
+        child = object.__getattribute__(section, name)
         if isinstance(child, _Recorded):
-            _set_paths(child, f"{path}.{f.name}" if path else f.name)
+            _set_paths(child, f"{path}.{name}" if path else name)
 
 
 def lookup(cfg: Any, key: str) -> Any:
     """The plain value of a dotted key (``download.direction``) without recording the read."""
     node = cfg
     for part in key.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).__pydantic_fields__:
+            raise AttributeError(f"no setting {key!r}")
         node = object.__getattribute__(node, part)
-    return to_plain(node)
+    return _plain(node, object.__getattribute__)
+
+
+def to_plain(obj: Any) -> Any:
+    """Config sections and tuples to plain dicts and lists (YAML/JSON friendly); records the reads."""
+    return _plain(obj, getattr)
+
+
+def _plain(obj: Any, get: Callable[[Any, str], Any]) -> Any:
+    if isinstance(obj, BaseModel):
+        return {n: _plain(get(obj, n), get) for n in type(obj).__pydantic_fields__}
+    if isinstance(obj, tuple | list):
+        return [_plain(x, get) for x in obj]
+    return obj
 
 
 # Corruptions that download.noise can inject into a real corpus (labels go to 01_download/noise.ids)
@@ -113,351 +226,210 @@ NOISE_KINDS = (
 )
 
 
-@dataclass(frozen=True)
 class NoiseConfig(_Recorded):
-    rate: float = 0.0  # fraction of training pairs corrupted after cleaning; 0: none
-    kinds: tuple[str, ...] = NOISE_KINDS  # drawn uniformly for each corrupted pair
-    seed: int = 1
-
-    def problems(self) -> list[str]:
-        out = []
-        if not 0 <= self.rate < 1 or math.isnan(self.rate):
-            out.append(f"download.noise.rate: {self.rate} is outside [0, 1)")
-        if not self.kinds:
-            out.append("download.noise.kinds: needs at least one kind")
-        for k in self.kinds:
-            if k not in NOISE_KINDS:
-                out.append(f"download.noise.kinds: unknown kind {k!r} (known: {', '.join(NOISE_KINDS)})")
-        if len(set(self.kinds)) != len(self.kinds):
-            out.append("download.noise.kinds: duplicate kinds")
-        return out
+    rate: Fraction = 0.0  # fraction of training pairs corrupted after cleaning; 0: none
+    # drawn uniformly for each corrupted pair
+    kinds: Annotated[tuple[Str, ...], _entries("kind", known=NOISE_KINDS.__contains__,
+                                               hint="known: " + ", ".join(NOISE_KINDS))] = NOISE_KINDS
+    seed: Int = 1
 
 
-@dataclass(frozen=True)
+def _source_problem(v: str) -> str | None:
+    if v in ("hub", "synthetic") or (v.startswith("local:") and len(v) > 6):
+        return None
+    return f"must be hub, synthetic or local:DIR, got {v!r}"
+
+
 class DownloadConfig(_Recorded):
-    source: str = "hub"  # hub | local:DIR | synthetic
-    pairs: tuple[str, ...] = OPUS_PAIRS
-    direction: str = "en-xx"  # en-xx | xx-en | both
-    max_train_per_pair: int | None = None
-    max_valid_per_pair: int | None = 500
-    max_test_per_pair: int | None = None
-    max_words: int = 128  # whitespace tokens per side; longer pairs are dropped
-    max_chars: int = 1000
-    seed: int = 1
-    synthetic_train_per_pair: int = 3000
-    synthetic_noise: float = 0.1
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-
-    def problems(self) -> list[str]:
-        out = self.noise.problems()
-        if not (self.source in ("hub", "synthetic") or (self.source.startswith("local:") and len(self.source) > 6)):
-            out.append(f"download.source: must be hub, synthetic or local:DIR, got {self.source!r}")
-        if not self.pairs:
-            out.append("download.pairs: needs at least one pair")
-        for p in self.pairs:
-            if p not in OPUS_PAIRS:
-                out.append(f"download.pairs: unknown pair {p!r} (known: {', '.join(OPUS_PAIRS)})")
-        if len(set(self.pairs)) != len(self.pairs):
-            out.append("download.pairs: duplicate pairs")
-        if self.direction not in ("en-xx", "xx-en", "both"):
-            out.append(f"download.direction: must be en-xx, xx-en or both, got {self.direction!r}")
-        for k in ("max_train_per_pair", "max_valid_per_pair", "max_test_per_pair"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                out.append(f"download.{k}: must be >= 1 or null, got {v}")
-        if self.max_words < 1 or self.max_chars < 1:
-            out.append("download.max_words/max_chars: must be >= 1")
-        if self.synthetic_train_per_pair < 10:
-            out.append("download.synthetic_train_per_pair: must be >= 10")
-        if not 0 <= self.synthetic_noise < 1:
-            out.append(f"download.synthetic_noise: must be in [0, 1), got {self.synthetic_noise}")
-        return out
+    source: Annotated[Str, _check(_source_problem)] = "hub"  # hub | local:DIR | synthetic
+    pairs: Annotated[tuple[Str, ...], _entries("pair", known=OPUS_PAIRS.__contains__,
+                                               hint="known: " + ", ".join(OPUS_PAIRS))] = OPUS_PAIRS
+    direction: Annotated[Str, _one_of("en-xx", "xx-en", "both")] = "en-xx"
+    max_train_per_pair: Annotated[Int | None, _at_least(1, or_null=True)] = None
+    max_valid_per_pair: Annotated[Int | None, _at_least(1, or_null=True)] = 500
+    max_test_per_pair: Annotated[Int | None, _at_least(1, or_null=True)] = None
+    max_words: Positive = 128  # whitespace tokens per side; longer pairs are dropped
+    max_chars: Positive = 1000
+    seed: Int = 1
+    synthetic_train_per_pair: Annotated[Int, _at_least(10)] = 3000
+    synthetic_noise: Fraction = 0.1
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
 
-@dataclass(frozen=True)
 class PrepareConfig(_Recorded):
-    vocab_size: int = 8000
-    spm_sample: int = 300_000  # sentences sampled from all pairs and both sides to train SentencePiece
-    character_coverage: float = 1.0
-    model_type: str = "unigram"
-    max_tokens: int = 256  # pairs longer than this in SentencePiece pieces (either side) are dropped
-    workers: int = 0  # 0: all cores
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.vocab_size < 50:
-            out.append(f"prepare.vocab_size: must be >= 50, got {self.vocab_size}")
-        if self.spm_sample < 100:
-            out.append("prepare.spm_sample: must be >= 100")
-        if not 0.9 <= self.character_coverage <= 1.0:
-            out.append("prepare.character_coverage: must be in [0.9, 1]")
-        if self.model_type not in ("unigram", "bpe"):
-            out.append(f"prepare.model_type: must be unigram or bpe, got {self.model_type!r}")
-        if self.max_tokens < 4:
-            out.append("prepare.max_tokens: must be >= 4")
-        if self.workers < 0:
-            out.append("prepare.workers: must be >= 0")
-        return out
+    vocab_size: Annotated[Int, _at_least(50)] = 8000
+    # sentences sampled from all pairs and both sides to train SentencePiece
+    spm_sample: Annotated[Int, _at_least(100)] = 300_000
+    character_coverage: Annotated[Float, _check(lambda v: None if 0.9 <= v <= 1 else
+                                                f"must be in [0.9, 1], got {v}")] = 1.0
+    model_type: Annotated[Str, _one_of("unigram", "bpe")] = "unigram"
+    # pairs longer than this in SentencePiece pieces (either side) are dropped
+    max_tokens: Annotated[Int, _at_least(4)] = 256
+    workers: Parallel = 0  # 0: all cores
 
 
-@dataclass(frozen=True)
 class ModelConfig(_Recorded):
     """Architecture shared by proxy and final models."""
 
-    arch: str = "transformer"
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    embed_dim: int = 64
-    ffn_dim: int = 256
-    attention_heads: int = 4
-    dropout: float = 0.1
-    share_all_embeddings: bool = True
-    extra_args: tuple[str, ...] = ()  # passed to fairseq-train verbatim
+    arch: Str = "transformer"
+    encoder_layers: Positive = 2
+    decoder_layers: Positive = 2
+    embed_dim: Positive = 64
+    ffn_dim: Positive = 256
+    attention_heads: Positive = Field(4, validate_default=True)  # checked against embed_dim
+    dropout: LabelSmoothing = 0.1
+    share_all_embeddings: Bool = True
+    extra_args: tuple[Str, ...] = ()  # passed to fairseq-train verbatim
 
-    def problems(self) -> list[str]:
-        out = []
-        for k in ("encoder_layers", "decoder_layers", "embed_dim", "ffn_dim", "attention_heads"):
-            if getattr(self, k) < 1:
-                out.append(f"model.{k}: must be >= 1")
-        if self.attention_heads >= 1 and self.embed_dim % self.attention_heads:
-            out.append("model.embed_dim: must be divisible by model.attention_heads")
-        if not 0 <= self.dropout < 1:
-            out.append("model.dropout: must be in [0, 1)")
-        return out
+    @field_validator("attention_heads")
+    @classmethod
+    def _heads_divide_embed_dim(cls, v: int, info: ValidationInfo) -> int:
+        dim = info.data.get("embed_dim")  # absent when embed_dim itself is invalid
+        if dim is not None and dim % v:
+            _fail([f"{v} does not divide model.embed_dim ({dim})"])
+        return v
 
 
-def _schedule_problems(section: str, s: Any) -> list[str]:
-    out = []
-    if s.lr <= 0:
-        out.append(f"{section}.lr: must be > 0")
-    if s.warmup_updates < 0:
-        out.append(f"{section}.warmup_updates: must be >= 0")
-    if s.max_tokens < 16:
-        out.append(f"{section}.max_tokens: must be >= 16")
-    if s.update_freq < 1:
-        out.append(f"{section}.update_freq: must be >= 1")
-    if not 0 <= s.label_smoothing < 1:
-        out.append(f"{section}.label_smoothing: must be in [0, 1)")
-    if s.precision not in ("fp32", "fp16", "bf16"):
-        out.append(f"{section}.precision: must be fp32, fp16 or bf16, got {s.precision!r}")
-    if s.parallel < 0:
-        out.append(f"{section}.parallel: must be >= 0")
+def _checkpoint_problems(v: tuple[int, ...]) -> list[str]:
+    out = [] if v else ["needs at least one update count"]
+    if any(c < 1 for c in v):
+        out.append("update counts must be >= 1")
+    if len(set(v)) != len(v):
+        out.append("duplicate update counts")
     return out
 
 
-@dataclass(frozen=True)
 class ProxyConfig(_Recorded):
-    seeds: tuple[int, ...] = (1, 2, 3)
-    checkpoints: tuple[int, ...] = (200, 400)  # update counts whose checkpoints are kept and scored
-    lr: float = 0.002
-    warmup_updates: int = 80
-    max_tokens: int = 2048
-    update_freq: int = 1
-    label_smoothing: float = 0.1
-    precision: str = "fp32"
-    parallel: int = 0  # proxy runs at once on this machine; 0: one per 2 cores (at least 1)
+    seeds: Annotated[tuple[Int, ...], _entries("seed")] = (1, 2, 3)
+    # update counts whose checkpoints are kept and scored
+    checkpoints: Annotated[tuple[Int, ...], _check(_checkpoint_problems)] = (200, 400)
+    lr: Lr = 0.002
+    warmup_updates: Parallel = Field(80, validate_default=True)  # checked against checkpoints
+    max_tokens: BatchTokens = 2048
+    update_freq: Positive = 1
+    label_smoothing: LabelSmoothing = 0.1
+    precision: Precision = "fp32"
+    parallel: Parallel = 0  # proxy runs at once on this machine; 0: one per 2 cores (at least 1)
 
-    def problems(self) -> list[str]:
-        out = _schedule_problems("proxy", self)
-        if not self.seeds:
-            out.append("proxy.seeds: needs at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            out.append("proxy.seeds: duplicate seeds")
-        if not self.checkpoints:
-            out.append("proxy.checkpoints: needs at least one update count")
-        if any(c < 1 for c in self.checkpoints):
-            out.append("proxy.checkpoints: update counts must be >= 1")
-        if len(set(self.checkpoints)) != len(self.checkpoints):
-            out.append("proxy.checkpoints: duplicate update counts")
-        if self.checkpoints and self.warmup_updates >= min(self.checkpoints):
-            out.append(
-                f"proxy.warmup_updates: {self.warmup_updates} is not before the first kept checkpoint "
-                f"({min(self.checkpoints)}); scores taken inside warm-up barely beat sentence length"
-            )
-        return out
+    @field_validator("warmup_updates")
+    @classmethod
+    def _warmup_ends_before_first_checkpoint(cls, v: int, info: ValidationInfo) -> int:
+        kept = info.data.get("checkpoints")  # absent when checkpoints itself is invalid
+        if kept and v >= min(kept):
+            _fail([f"{v} is not before the first kept checkpoint ({min(kept)}); "
+                   "scores taken inside warm-up barely beat sentence length"])
+        return v
 
 
-@dataclass(frozen=True)
 class ScoreConfig(_Recorded):
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
-    batch_tokens: int = 6000  # source+target tokens per forward batch
+    device: Annotated[Str, _one_of("auto", "cpu", "cuda")] = "auto"
+    # auto (bf16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
+    precision: Annotated[Str, _one_of("auto", "fp32", "fp16", "bf16")] = "auto"
+    batch_tokens: BatchTokens = 6000  # source+target tokens per forward batch
     # target tokens whose vocabulary-wide softmax is held at once: small enough to stay in CPU cache
     # (measured with scripts/bench_score.py: 128 beats 1024 by ~1.7x on CPU); raise it on GPUs
-    chunk_tokens: int = 128
-    dump_tokens: bool = False
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.device not in ("auto", "cpu", "cuda"):
-            out.append(f"score.device: must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            out.append(f"score.precision: must be auto, fp32, fp16 or bf16, got {self.precision!r}")
-        if self.batch_tokens < 16:
-            out.append("score.batch_tokens: must be >= 16")
-        if self.chunk_tokens < 1:
-            out.append("score.chunk_tokens: must be >= 1")
-        return out
+    chunk_tokens: Positive = 128
+    dump_tokens: Bool = False
 
 
-@dataclass(frozen=True)
+def _sparsity_problems(v: tuple[float, ...]) -> list[str]:
+    out = [] if v else ["needs at least one sparsity"]
+    out += [f"{s} is outside [0, 1)" for s in v if not 0 <= s < 1]  # NaN is outside too
+    if len(set(v)) != len(v):
+        out.append("duplicate sparsities")
+    return out
+
+
 class PruneConfig(_Recorded):
-    sparsities: tuple[float, ...] = (0.1, 0.3, 0.5)
-    strategies: tuple[str, ...] = ("el2n-high", "random")
-    scope: str = "global"  # global | per-pair
-    seed: int = 1
-
-    def problems(self) -> list[str]:
-        out = []
-        if not self.sparsities:
-            out.append("prune.sparsities: needs at least one sparsity")
-        for s in self.sparsities:
-            if not (0 <= s < 1) or math.isnan(s):
-                out.append(f"prune.sparsities: {s} is outside [0, 1)")
-        if len(set(self.sparsities)) != len(self.sparsities):
-            out.append("prune.sparsities: duplicate sparsities")
-        if not self.strategies:
-            out.append("prune.strategies: needs at least one strategy")
-        for s in self.strategies:
-            if not _STRATEGY.match(s) or s == "full":
-                out.append(f"prune.strategies: unknown strategy {s!r} (random or <score>-high / <score>-low)")
-        if len(set(self.strategies)) != len(self.strategies):
-            out.append("prune.strategies: duplicate strategies")
-        if self.scope not in ("global", "per-pair"):
-            out.append(f"prune.scope: must be global or per-pair, got {self.scope!r}")
-        return out
+    sparsities: Annotated[tuple[Float, ...], _check(_sparsity_problems)] = (0.1, 0.3, 0.5)
+    strategies: Annotated[tuple[Str, ...], _entries(
+        "strategy", "strategies", known=lambda s: bool(_STRATEGY.match(s)) and s != "full",
+        hint="random or <score>-high / <score>-low")] = ("el2n-high", "random")
+    scope: Annotated[Str, _one_of("global", "per-pair")] = "global"
+    seed: Int = 1
 
 
-@dataclass(frozen=True)
 class TrainConfig(_Recorded):
-    max_update: int = 1500
-    lr: float = 0.002
-    warmup_updates: int = 200
-    max_tokens: int = 2048
-    update_freq: int = 1
-    label_smoothing: float = 0.1
-    precision: str = "fp32"
-    seed: int = 1
-    include_full: bool = True  # also train on the unpruned corpus (strategy "full")
-    parallel: int = 0
-
-    def problems(self) -> list[str]:
-        out = _schedule_problems("train", self)
-        if self.max_update < 1:
-            out.append("train.max_update: must be >= 1")
-        return out
+    max_update: Positive = 1500
+    lr: Lr = 0.002
+    warmup_updates: Parallel = 200
+    max_tokens: BatchTokens = 2048
+    update_freq: Positive = 1
+    label_smoothing: LabelSmoothing = 0.1
+    precision: Precision = "fp32"
+    seed: Int = 1
+    include_full: Bool = True  # also train on the unpruned corpus (strategy "full")
+    parallel: Parallel = 0
 
 
-@dataclass(frozen=True)
-class TestSet:
+Lang = Annotated[Str, _check(lambda v: None if v in _LANGS else
+                             f"unknown language {v!r} (known: {', '.join(_LANGS)})")]
+
+
+class TestSet(BaseModel):
     """An extra test set from plain text files, e.g. FLORES devtest (one sentence per line)."""
 
-    name: str
-    src_lang: str
-    tgt_lang: str
-    src: str
-    ref: str
+    __test__ = False  # not a pytest test class
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Str
+    src_lang: Lang
+    tgt_lang: Lang
+    src: Str
+    ref: Str
 
 
-@dataclass(frozen=True)
 class EvaluateConfig(_Recorded):
-    beam: int = 4
-    lenpen: float = 1.0
-    max_tokens: int = 6000
-    checkpoint: str = "best"  # best | last
+    beam: Positive = 4
+    lenpen: Float = 1.0
+    max_tokens: BatchTokens = 6000
+    checkpoint: Annotated[Str, _one_of("best", "last")] = "best"
     extra_test_sets: tuple[TestSet, ...] = ()
 
-    def problems(self) -> list[str]:
-        out = []
-        if self.beam < 1:
-            out.append("evaluate.beam: must be >= 1")
-        if self.max_tokens < 16:
-            out.append("evaluate.max_tokens: must be >= 16")
-        if self.checkpoint not in ("best", "last"):
-            out.append(f"evaluate.checkpoint: must be best or last, got {self.checkpoint!r}")
-        langs = {lang for p in OPUS_PAIRS for lang in p.split("-")}
-        for i, t in enumerate(self.extra_test_sets):
-            if t is None:
-                continue
-            for k in ("src_lang", "tgt_lang"):
-                if getattr(t, k) not in langs:
-                    out.append(f"evaluate.extra_test_sets[{i}].{k}: unknown language {getattr(t, k)!r}")
-        return out
 
-
-@dataclass(frozen=True)
 class ReportConfig(_Recorded):
-    noise_ids: str | None = None  # file of sentence ids labelled as bad, one per line
-    n_examples: int = 10
-
-    def problems(self) -> list[str]:
-        return [] if self.n_examples >= 0 else ["report.n_examples: must be >= 0"]
+    noise_ids: Str | None = None  # file of sentence ids labelled as bad, one per line
+    n_examples: Parallel = 10
 
 
-@dataclass(frozen=True)
 class SlurmConfig(_Recorded):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus_per_node: int = 1  # for the GPU stages (proxy, score, train, evaluate); the others get none
-    cpus_per_task: int = 8
-    mem_gb: int = 64
-    time_min: int = 720
-    array_parallelism: int = 8  # array tasks running at once
-    extra: tuple[str, ...] = ()  # more sbatch options as "key=value", e.g. "constraint=a100"
-
-    def problems(self) -> list[str]:
-        out = []
-        for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
-            if getattr(self, k) < (0 if k == "gpus_per_node" else 1):
-                out.append(f"launch.slurm.{k}: must be >= {0 if k == 'gpus_per_node' else 1}")
-        for e in self.extra:
-            if "=" not in e:
-                out.append(f"launch.slurm.extra: {e!r} is not key=value")
-        return out
+    partition: Str | None = None
+    account: Str | None = None
+    qos: Str | None = None
+    # for the GPU stages (proxy, score, train, evaluate); the others get none
+    gpus_per_node: Parallel = 1
+    cpus_per_task: Positive = 8
+    mem_gb: Positive = 64
+    time_min: Positive = 720
+    array_parallelism: Positive = 8  # array tasks running at once
+    # more sbatch options as "key=value", e.g. "constraint=a100"
+    extra: tuple[Annotated[Str, _check(lambda e: None if "=" in e else f"{e!r} is not key=value")], ...] = ()
 
 
-@dataclass(frozen=True)
 class LaunchConfig(_Recorded):
     # local: in this process; slurm: job arrays through submitit; submitit-local: the same jobs as
     # subprocesses of this machine (submitit's local executor), stage after stage
-    launcher: str = "local"
-    score_shards: int = 0  # 0: one shard per array task that runs at once (slurm.array_parallelism)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-
-    def problems(self) -> list[str]:
-        out = self.slurm.problems()
-        if self.launcher not in ("local", "slurm", "submitit-local"):
-            out.append(f"launch.launcher: must be local, slurm or submitit-local, got {self.launcher!r}")
-        if self.score_shards < 0:
-            out.append("launch.score_shards: must be >= 0")
-        return out
+    launcher: Annotated[Str, _one_of("local", "slurm", "submitit-local")] = "local"
+    # 0: one shard per array task that runs at once (slurm.array_parallelism)
+    score_shards: Parallel = 0
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
-@dataclass(frozen=True)
 class Config(_Recorded):
-    run_dir: str = "runs/default"
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    run_dir: Str = "runs/default"
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context: Any, /) -> None:
         _set_paths(self, "")
-
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if hasattr(v, "problems"):
-                out.extend(v.problems())
-        return out
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
@@ -466,78 +438,58 @@ class Config(_Recorded):
         return {n: to_plain(getattr(self, n)) for n in names}
 
 
-def to_plain(obj: Any) -> Any:
-    """Dataclasses and tuples to plain dicts and lists (YAML/JSON friendly)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [to_plain(x) for x in obj]
-    return obj
+# ---- pydantic's errors in mtprune's words ------------------------------------------------------
+
+_EXPECTED = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+    "string_type": "a string", "tuple_type": "a list", "list_type": "a list",
+    "model_type": "a mapping", "model_attributes_type": "a mapping", "dict_type": "a mapping",
+}
 
 
-# ---- building a Config from plain data, collecting every problem -------------------------------
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key, problems)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            problems.append(f"{key}: expected a list, got {value!r}")
-            return ()
-        return tuple(_coerce(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, problems)
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp}")  # a bug in this module, not user input
+def _key(prefix: str, loc: tuple[Any, ...]) -> str:
+    key = prefix
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "config"
 
 
-def _build(cls: Any, data: Any, prefix: str, problems: list[str]) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            key = f"{prefix}.{k}" if prefix else str(k)
-            problems.append(f"{key}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            key = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, problems)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # missing required fields of nested entries such as TestSet
-        problems.append(f"{prefix}: {e}")
-        return None
+def _section_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model class found at ``loc`` (list positions skipped) below ``root``."""
+    cls = root
+    for part in loc:
+        if isinstance(part, str):
+            cls = _model_in(cls.__pydantic_fields__[part].annotation)
+    return cls
+
+
+def _model_in(tp: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in getattr(tp, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _messages(err: ValidationError, root: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for e in err.errors(include_url=False):
+        key = _key(prefix, e["loc"])
+        kind = e["type"]
+        if kind == "mtprune":
+            out += [f"{key}: {p}" for p in e["ctx"]["problems"]]
+        elif kind == "extra_forbidden":
+            known = sorted(_section_at(root, e["loc"][:-1]).__pydantic_fields__)
+            out.append(f"{key}: unknown key (known: {', '.join(known)})")
+        elif kind in _EXPECTED:
+            out.append(f"{key}: expected {_EXPECTED[kind]}, got {e['input']!r}")
+        elif kind == "missing":
+            out.append(f"{key}: missing (required)")
+        else:
+            out.append(f"{key}: {e['msg']}")
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -587,13 +539,10 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         node[keys[-1]] = value
     if run_dir is not None:
         data["run_dir"] = run_dir
-    problems: list[str] = []
-    cfg = _build(Config, data, "", problems)
-    if not problems:
-        problems = cfg.problems()
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_messages(e, Config), source) from None
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -36,26 +36,124 @@ def test_set_values_are_read_as_yaml() -> None:
     assert cfg.score.dump_tokens is True
 
 
+def problems(path: Path | None = None, overrides: list[str] | None = None) -> set[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides or [])
+    return set(e.value.problems)
+
+
+PRUNE_KEYS = "known: scope, seed, sparsities, strategies"
+
+
 def test_every_problem_is_listed_with_its_dotted_key(tmp_path: Path) -> None:
     f = tmp_path / "bad.yaml"
-    f.write_text("download:\n  pairz: [de-en]\nproxy:\n  seeds: one\nprune:\n  sparsities: [0.2, 1.5]\n")
+    f.write_text("download:\n  pairz: [de-en]\nproxy:\n  seeds: one\nprune:\n  sparsities: [0.2, 1.5]\n"
+                 "train:\n  max_update: -5\n")
     with pytest.raises(ConfigError) as e:
         load_config(f)
-    msg = str(e.value)
-    assert "download.pairz: unknown key" in msg
-    assert "proxy.seeds: expected a list" in msg
-    assert str(f) in msg
+    assert set(e.value.problems) == {
+        "download.pairz: unknown key (known: direction, max_chars, max_test_per_pair, max_train_per_pair, "
+        "max_valid_per_pair, max_words, noise, pairs, seed, source, synthetic_noise, synthetic_train_per_pair)",
+        "proxy.seeds: expected a list, got 'one'",
+        "prune.sparsities: 1.5 is outside [0, 1)",
+        "train.max_update: must be >= 1, got -5",
+    }
+    assert str(e.value).startswith(f"{f}: ")
+
+
+def test_range_problems_are_reported_beside_an_unknown_key_of_the_same_section() -> None:
+    # an unknown key used to hide every range problem of the config
+    assert problems(None, ["prune.sparsity=0.2", "prune.sparsities=[1.5]", "train.max_update=-5",
+                           "proxy.checkpoints=[50]", "proxy.warmup=1"]) == {
+        f"prune.sparsity: unknown key ({PRUNE_KEYS})",
+        "prune.sparsities: 1.5 is outside [0, 1)",
+        "train.max_update: must be >= 1, got -5",
+        "proxy.warmup_updates: 80 is not before the first kept checkpoint (50); "
+        "scores taken inside warm-up barely beat sentence length",
+        "proxy.warmup: unknown key (known: checkpoints, label_smoothing, lr, max_tokens, parallel, precision, "
+        "seeds, update_freq, warmup_updates)",
+    }
 
 
 def test_range_problems_are_all_reported() -> None:
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["prune.sparsities=[0.2,0.2,1.0]", "prune.strategies=[el2n-sideways]",
-                           "download.pairs=[xx-en]"])
-    msg = str(e.value)
-    assert "1.0 is outside [0, 1)" in msg
-    assert "duplicate sparsities" in msg
-    assert "unknown strategy 'el2n-sideways'" in msg
-    assert "unknown pair 'xx-en'" in msg
+    assert problems(None, ["prune.sparsities=[0.2,0.2,1.0]", "prune.strategies=[el2n-sideways]",
+                           "download.pairs=[xx-en]"]) == {
+        "prune.sparsities: 1.0 is outside [0, 1)",
+        "prune.sparsities: duplicate sparsities",
+        "prune.strategies: unknown strategy 'el2n-sideways' (random or <score>-high / <score>-low)",
+        "download.pairs: unknown pair 'xx-en' (known: de-en, en-es, en-fr, en-it)",
+    }
+
+
+def test_types_are_strict_and_every_wrong_type_is_named() -> None:
+    assert problems(None, ["train.max_update=many", "train.seed=1.0", "train.lr=true", "proxy.max_tokens='2048'",
+                           "score.dump_tokens=1", "download.pairs=de-en", "report=[1]", "run_dir=[a]"]) == {
+        "train.max_update: expected an integer, got 'many'",
+        "train.seed: expected an integer, got 1.0",
+        "train.lr: expected a number, got True",
+        "proxy.max_tokens: expected an integer, got '2048'",
+        "score.dump_tokens: expected true or false, got 1",
+        "download.pairs: expected a list, got 'de-en'",
+        "report: expected a mapping, got [1]",
+        "run_dir: expected a string, got ['a']",
+    }
+    cfg = load_config(None, ["train.lr=1", "prune.sparsities=[0, 0.5]"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # an integer is a number
+    assert cfg.prune.sparsities == (0.0, 0.5) and all(isinstance(s, float) for s in cfg.prune.sparsities)
+
+
+def test_bad_entries_of_a_list_are_named_by_position() -> None:
+    assert problems(None, ["evaluate.extra_test_sets=[5, {name: f, src_lang: de, foo: 1}, "
+                           "{name: g, src_lang: xx, tgt_lang: en, src: a, ref: b}]",
+                           "prune.sparsities=[0.1, x]", "launch.slurm.extra=[constraint=a100, oops]"]) == {
+        "evaluate.extra_test_sets[0]: expected a mapping, got 5",
+        "evaluate.extra_test_sets[1].tgt_lang: missing (required)",
+        "evaluate.extra_test_sets[1].src: missing (required)",
+        "evaluate.extra_test_sets[1].ref: missing (required)",
+        "evaluate.extra_test_sets[1].foo: unknown key (known: name, ref, src, src_lang, tgt_lang)",
+        "evaluate.extra_test_sets[2].src_lang: unknown language 'xx' (known: de, en, es, fr, it)",
+        "prune.sparsities[1]: expected a number, got 'x'",
+        "launch.slurm.extra[1]: 'oops' is not key=value",
+    }
+
+
+def test_cli_bad_test_set_is_one_config_line_and_exit_2(tmp_path: Path) -> None:
+    # was `TypeError: TestSet.__init__()` and exit 1
+    code, out = cli("status", "--set", "evaluate.extra_test_sets=[5]", "--run-dir", str(tmp_path / "r"))
+    assert code == 2, out
+    assert error_lines(out) == [out.strip()]
+    assert "evaluate.extra_test_sets[0]: expected a mapping, got 5" in out
+    assert "Traceback" not in out and "TypeError" not in out
+
+
+def test_relations_between_settings_are_checked_against_defaults_too() -> None:
+    assert problems(None, ["model.embed_dim=66", "proxy.checkpoints=[50]"]) == {
+        "model.attention_heads: 4 does not divide model.embed_dim (66)",
+        "proxy.warmup_updates: 80 is not before the first kept checkpoint (50); "
+        "scores taken inside warm-up barely beat sentence length",
+    }
+    # a relation is not judged against a value that is itself wrong
+    assert problems(None, ["model.embed_dim=many"]) == {"model.embed_dim: expected an integer, got 'many'"}
+
+
+def test_empty_section_means_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("prune:\ntrain: {}\n")
+    cfg = load_config(f)
+    assert cfg.prune.sparsities == (0.1, 0.3, 0.5) and cfg.train.max_update == 1500
+
+
+def test_sections_are_frozen_and_replace_checks_like_load() -> None:
+    cfg = load_config(None)
+    with pytest.raises(ValueError):
+        cfg.train.max_update = 3  # type: ignore[misc]
+    new = cfg.replace(launch=cfg.launch.replace(launcher="slurm"))
+    assert new.launch.launcher == "slurm" and cfg.launch.launcher == "local"
+    assert new.prune is cfg.prune
+    with pytest.raises(ConfigError, match=r"train\.max_update: must be >= 1, got 0"):
+        cfg.train.replace(max_update=0)
+    with pytest.raises(ConfigError, match=r"launch\.launcher: must be local, slurm or submitit-local"):
+        cfg.launch.replace(launcher="pbs")
 
 
 def test_warmup_must_end_before_first_kept_checkpoint() -> None:

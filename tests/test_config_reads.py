@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 from mtprune.config import is_speed_only, load_config, lookup, recording_reads
@@ -27,7 +26,8 @@ def test_section_dumps_record_every_key_they_touch() -> None:
 
 def test_reads_from_other_threads_and_replaced_configs_are_recorded() -> None:
     cfg = load_config(None)
-    cfg2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_update=7))
+    cfg2 = cfg.replace(train=cfg.train.replace(max_update=7))
+    assert cfg2.train.max_update == 7 and cfg.train.max_update == 1500
     with recording_reads() as reads:
         t = threading.Thread(target=lambda: cfg2.train.max_update)
         t.start()
