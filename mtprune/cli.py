@@ -135,11 +135,9 @@ LAUNCHER_OPTION = click.option(
 
 
 def _with_launcher(cfg: Config, launcher: str | None) -> Config:
-    import dataclasses
-
     if launcher is None:
         return cfg
-    return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, launcher=launcher))
+    return cfg.replace(launch=cfg.launch.replace(launcher=launcher))
 
 
 def _submit_and_report(cfg: Config, layout: RunLayout, stages: tuple[str, ...]) -> None:
