@@ -81,8 +81,9 @@ def timed(fn, reps: int = 3) -> float:
 def speed(args) -> dict[str, float]:
     import torch
 
+    from mtprune.batching import length_batches
     from mtprune.el2n import reference_el2n_nll
-    from mtprune.stages.score import collate, length_batches, score_batch
+    from mtprune.stages.score import collate, score_batch
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, d = build(args.vocab, args.dim, args.layers)
@@ -90,7 +91,7 @@ def speed(args) -> dict[str, float]:
         src, tgt = make_corpus(Path(tmp), d, args.sentences)
         idx = np.arange(len(tgt))
         batches = [collate(src, tgt, b, d.pad(), d.eos())
-                   for b in length_batches(np.asarray(src.sizes), np.asarray(tgt.sizes), idx, args.batch_tokens)]
+                   for b in length_batches(idx, [np.asarray(tgt.sizes), np.asarray(src.sizes)], args.batch_tokens)]
         n_tok = int(np.asarray(tgt.sizes).sum())
 
         def bare() -> None:

@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..batching import length_batches
 from ..config import Config
 from ..errors import InputError
 from ..layout import RunLayout
@@ -61,16 +64,13 @@ def translate(model: Any, task: Any, sp: Any, sources: list[str], tgt_lang: str,
     tokens = [d.encode_line(line, add_if_not_exist=False, append_eos=True).long() for line in encoded]
     gen = SequenceGenerator([model], task.target_dictionary, beam_size=cfg.evaluate.beam,
                             len_penalty=cfg.evaluate.lenpen, max_len_a=1.5, max_len_b=10)
-    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    sizes = np.array([len(t) for t in tokens], dtype=np.int64)
+    batches = length_batches(np.arange(len(tokens)), [sizes], cfg.evaluate.max_tokens)
     out: list[str] = [""] * len(tokens)
     pad = d.pad()
     with torch.inference_mode(), tqdm(total=len(tokens), desc=desc, unit="sent", leave=False, disable=None) as bar:
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(tokens[order[end]]) * (end - start + 1) <= cfg.evaluate.max_tokens:
-                end += 1
-            ids = order[start:end]
+        for batch in batches:
+            ids = batch.tolist()
             longest = max(len(tokens[i]) for i in ids)
             src = torch.full((len(ids), longest), pad, dtype=torch.long)
             for k, i in enumerate(ids):
@@ -82,7 +82,6 @@ def translate(model: Any, task: Any, sp: Any, sources: list[str], tgt_lang: str,
                 pieces = task.target_dictionary.string(hypos[k][0]["tokens"].int().cpu())
                 out[i] = sp.decode(pieces.split())
             bar.update(len(ids))
-            start = end
     return out
 
 
