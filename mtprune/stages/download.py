@@ -110,9 +110,10 @@ def _outside_pools(cfg: Config) -> list[list[str]]:
     pools = []
     for donor in donors:
         side = noise_mod.third_language_index(donor) - 1
-        reader, _ = _split_reader(cfg, donor)
+        reader, noisy = _split_reader(cfg, donor)  # the synthetic corpus's own noise is no third language
         log.info("download: third-language sentences for wrong_language noise from %s", donor)
-        pools.append(noise_mod.reservoir((r[side] for r in reader("train")), f"{d.noise.seed}-{donor}-pool"))
+        texts = (r[side] for n, r in enumerate(reader("train")) if n not in noisy)
+        pools.append(noise_mod.reservoir(texts, f"{d.noise.seed}-{donor}-pool"))
     return pools
 
 
@@ -188,7 +189,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         labelled[pair] = {n: kind for n, kind in noise.items() if n in written}
         if _wants_wrong_language(cfg) and len(d.pairs) > 1:
             side = noise_mod.third_language_index(pair)
-            pools[pair] = noise_mod.pool_of([r[side] for r in train], f"{d.noise.seed}-{pair}-pool")
+            pools[pair] = noise_mod.pool_of([r[side] for r in train if r[0] not in labelled[pair]],
+                                            f"{d.noise.seed}-{pair}-pool")
         stats["pairs"][pair] = per_split
         crash_point(f"download:after:{pair}")
         log.info("download: %s: train %d (read %d, empty %d, too long %d, in test %d), valid %d, test %d",

@@ -54,13 +54,12 @@ def results_rows(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Probability that a random noisy pair scores higher than a random clean one (ties count half)."""
-    import pandas as pd
+    from sklearn.metrics import roc_auc_score
 
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if pos == 0 or neg == 0:
+    labels = np.asarray(labels, dtype=bool)
+    if labels.all() or not labels.any():
         return float("nan")
-    ranks = pd.Series(scores).rank().to_numpy()
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(roc_auc_score(labels, scores))
 
 
 def precision_at(scores: np.ndarray, labels: np.ndarray, fraction: float) -> float:
@@ -71,15 +70,98 @@ def precision_at(scores: np.ndarray, labels: np.ndarray, fraction: float) -> flo
     return float(labels[top].mean())
 
 
-def noise_labels(cfg: Config, layout: RunLayout) -> tuple[set[str], str] | None:
+UNKNOWN_KIND = "noise"  # the kind of a label given without one (a one-column report.noise_ids file)
+
+
+def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] | None:
+    """Sentence id -> kind of noise, and where the labels came from; None when none are known."""
     if cfg.report.noise_ids is not None:
         path = Path(cfg.report.noise_ids)
         if not path.is_file():
             raise InputError(f"report.noise_ids: {path}: file not found")
-        return {ln.split("\t")[0].strip() for ln in read_lines(path) if ln.strip()}, str(path)
-    if layout.noise_ids.is_file():
-        return {ln.split("\t")[0] for ln in read_lines(layout.noise_ids) if ln}, "synthetic corpus labels"
-    return None
+        source = str(path)
+    elif layout.noise_ids.is_file():
+        path, source = layout.noise_ids, "01_download/noise.ids"
+    else:
+        return None
+    labels = {}
+    for ln in read_lines(path):
+        if ln.strip():
+            sid, _, kind = ln.partition("\t")
+            labels[sid.strip()] = kind.strip() or UNKNOWN_KIND
+    return labels, source
+
+
+def score_columns(df: Any) -> list[str]:
+    """Every per-pair score of scores.parquet: numeric, not an id or count, not a per-checkpoint column."""
+    import pandas as pd
+
+    return [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+            and "@" not in c and c != "index" and not c.startswith("n_")]
+
+
+def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float]) -> Any:
+    """One row per (score, kind): how well each score finds the labelled pairs.
+
+    Higher score = more suspicious; ``-length`` (shorter target first) is the baseline. Kind ``all``
+    takes every labelled pair; a kind's AUROC sets its pairs against all clean pairs. ``precision@s``
+    is the share of the top-s fraction of all pairs (what pruning at sparsity s drops) that is of that
+    kind (the kinds' precisions add up to ``all``'s), ``recall@s`` the share of the kind's pairs in it.
+    """
+    import pandas as pd
+
+    kind = df["sentence_id"].map(labels).fillna("").to_numpy()
+    clean = kind == ""
+    kinds = ["all"] + sorted(set(kind[~clean]) - {UNKNOWN_KIND})
+    cands = {c: df[c].to_numpy(dtype=float) for c in score_columns(df)}
+    cands["-length"] = -df["n_tokens"].to_numpy(dtype=float)
+    rows = []
+    for name, v in cands.items():
+        if np.isnan(v).any():  # a pair without a score is the least suspicious
+            v = np.where(np.isnan(v), np.nanmin(v) - 1 if (~np.isnan(v)).any() else 0.0, v)
+        order = np.argsort(-v, kind="stable")
+        for k in kinds:
+            pos = ~clean if k == "all" else kind == k
+            keep = pos | clean
+            row: dict[str, Any] = {"score": name, "kind": k, "n_noisy": int(pos.sum()), "n_clean": int(clean.sum()),
+                                   "auroc": auroc(v[keep], pos[keep])}
+            for s in sparsities:
+                top = order[: int(round(s * len(v)))]
+                row[f"precision@{s:g}"] = float(pos[top].mean()) if len(top) else float("nan")
+                row[f"recall@{s:g}"] = float(pos[top].sum() / pos.sum()) if pos.any() else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _noise_stats(table: Any, sparsities: list[float]) -> dict[str, Any]:
+    def num(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    out: dict[str, Any] = {}
+    for r in table.to_dict("records"):
+        entry = out.setdefault(r["score"], {"auroc_by_kind": {}})
+        if r["kind"] == "all":
+            entry["auroc"] = num(r["auroc"])
+            entry["precision"] = {f"{s:g}": num(r[f"precision@{s:g}"]) for s in sparsities}
+        else:
+            entry["auroc_by_kind"][r["kind"]] = num(r["auroc"])
+    return out
+
+
+def _noise_section(table: Any, sparsities: list[float], n_noisy: int, n_all: int, source: str) -> str:
+    kinds = list(dict.fromkeys(table["kind"]))
+    scores = list(dict.fromkeys(table["score"]))
+    at = table.set_index(["score", "kind"])
+    md = [f"\n## Finding known noise ({n_noisy} of {n_all} pairs labelled, from {source})\n\n"
+          "AUROC of each score column (higher score = more likely noise; `-length`: shorter target first; "
+          "0.5 is chance), for all labelled pairs and for each kind of noise against the clean pairs:\n\n"]
+    md.append(_md_table(["score"] + kinds, [[c] + [at.loc[(c, k), "auroc"] for k in kinds] for c in scores]))
+    md.append("\nPrecision among the highest-scoring pairs at each pruned fraction (per kind, with recall, "
+              "in `noise.csv`):\n\n")
+    rows = [[c] + [at.loc[(c, "all"), f"precision@{s:g}"] for s in sparsities] for c in scores]
+    rows.append(["random (expected)"] + [n_noisy / n_all if n_all else float("nan")] * len(sparsities))
+    md.append(_md_table(["score"] + [f"precision@{s:g}" for s in sparsities], rows))
+    return "".join(md)
 
 
 def _fmt(x: Any) -> str:
@@ -201,30 +283,21 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                           *[float(np.percentile(df[c], q)) for q in (5, 50, 95)]] for c in score_cols]))
     stats: dict[str, Any] = {"rows": len(rows)}
 
+    names = ["results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md"]
     labels = noise_labels(cfg, layout)
     if labels is not None:
-        bad, source = labels
-        y = df["sentence_id"].isin(bad).to_numpy()
-        stats["noise_pairs"] = int(y.sum())
+        known, source = labels
         fractions = [s for s in cfg.prune.sparsities if s > 0]
-        md.append(f"\n## Finding known noise ({int(y.sum())} of {len(y)} pairs labelled, from {source})\n\n"
-                  "AUROC of each score (higher score = more likely noise; 0.5 is chance) and precision "
-                  "among the highest-scoring pairs at each pruned fraction:\n\n")
-        cands = {c: df[c].to_numpy() for c in score_cols}
-        cands["target length (baseline)"] = length.astype(float)
-        table, noise_stats = [], {}
-        for c, v in cands.items():
-            a = auroc(v, y)
-            precs = [precision_at(v, y, f) for f in fractions]
-            table.append([c, a, *precs])
-            noise_stats[c] = {"auroc": a, "precision": dict(zip(map(str, fractions), precs, strict=True))}
-        table.append(["random (expected)", 0.5, *[float(y.mean())] * len(fractions)])
-        md.append(_md_table(["score", "AUROC"] + [f"precision@{f:g}" for f in fractions], table))
-        stats["noise"] = noise_stats
+        table = noise_finding(df, known, fractions)
+        n_noisy = int(df["sentence_id"].isin(known.keys()).sum())
+        stats["noise_pairs"] = n_noisy
+        md.append(_noise_section(table, fractions, n_noisy, len(df), source))
+        atomic_write_text(layout.report_file("noise.csv"), table.to_csv(index=False, lineterminator="\n"))
+        names.append("noise.csv")
+        stats["noise"] = _noise_stats(table, fractions)
     atomic_write_text(layout.report_file("results.md"), "".join(md))
     _plot_bleu(rows, layout.report_file("bleu_vs_sparsity.png"))
     _plot_hist(df, layout.report_file("el2n_hist.png"))
     atomic_write_text(layout.report_file("examples.md"), _examples(cfg, layout, df))
-    names = ("results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md")
     log.info("report: wrote %s", ", ".join(str(out / n) for n in names))
     return StageResult([layout.report_file(n) for n in names], stats)

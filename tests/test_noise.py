@@ -1,0 +1,346 @@
+"""download.noise: injected noise joins back to the corrupted lines; the report scores each kind."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SHARED_DATA, cli, error_lines, write_release
+from mtprune.config import NOISE_KINDS, OPUS_PAIRS
+from mtprune.layout import RunLayout
+from mtprune.stages.report import noise_finding, noise_labels
+from mtprune.synthetic import make_pair
+
+TATOEBA = SHARED_DATA / "tatoeba-opus100-layout"
+
+
+def download(run: Path, *sets: str) -> tuple[int, str]:
+    args = ["download", "--run-dir", str(run), "-q"]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args)
+
+
+def read(p: Path) -> list[str]:
+    return p.read_text(encoding="utf-8").splitlines()
+
+
+def fold(s: str) -> str:
+    return " ".join(s.split())
+
+
+def raw_release(root: Path, pair: str, split: str = "train") -> list[tuple[str, str]]:
+    a, b = pair.split("-")
+    name = {"train": "train", "valid": "dev", "test": "test"}[split]
+    return list(zip(map(fold, read(root / pair / f"opus.{pair}-{name}.{a}")),
+                    map(fold, read(root / pair / f"opus.{pair}-{name}.{b}")), strict=True))
+
+
+def xx(pair: str, row: tuple[str, str]) -> str:
+    """The non-English text of a row."""
+    return row[1] if pair.startswith("en-") else row[0]
+
+
+def is_repetition(new: list[str], old: list[str]) -> bool:
+    """new = old[:start] + old[start:start+k] * r for some stretch of old repeated r >= 3 times."""
+    for start in range(len(old)):
+        for k in range(1, len(old) - start + 1):
+            stretch = old[start:start + k]
+            r, rest = divmod(len(new) - start, k)
+            if r >= 3 and not rest and new == old[:start] + stretch * r:
+                return True
+    return False
+
+
+def check_corruption(kind: str, clean: tuple[str, str], got: tuple[str, str], t: int,
+                     targets: set[str], third: set[str]) -> None:
+    """Does ``got`` show the corruption ``kind`` of ``clean``? ``t``: index of the target side."""
+    s = 1 - t
+    if kind == "swapped":
+        assert got == (clean[1], clean[0]) and clean[0] != clean[1]
+        return
+    assert got[s] == clean[s], (kind, clean, got)  # the source side is untouched
+    new, old = got[t], clean[t]
+    assert new != old, (kind, clean, got)
+    if kind == "untranslated":
+        assert new == clean[s]
+    elif kind in ("misaligned", "misaligned_same_length"):
+        assert new in targets
+        if kind == "misaligned_same_length":
+            assert abs(len(new) - len(old)) <= max(1, round(0.1 * len(old))), (old, new)
+    elif kind == "wrong_language":
+        assert new in third and new not in targets, new
+    elif kind == "truncated":
+        nw, ow = new.split(), old.split()
+        assert 1 <= len(nw) < len(ow) and nw == ow[:len(nw)]
+        assert len(nw) <= max(1, math.ceil(0.5 * len(ow))), (old, new)
+    elif kind == "repeated":
+        assert is_repetition(new.split(), old.split()), (old, new)
+    else:
+        raise AssertionError(f"unexpected kind {kind}")
+
+
+def check_run(run: Path, raw: dict[str, list[tuple[str, str]]], third: dict[str, set[str]],
+              direction: str = "en-xx", preexisting: dict[str, str] | None = None) -> dict[str, str]:
+    """Every labelled pair shows its corruption, every other pair is its clean source line."""
+    L = RunLayout(run)
+    lines = read(L.noise_ids)
+    assert all(len(ln.split("\t")) == 2 for ln in lines)
+    labels = dict(ln.split("\t") for ln in lines)
+    assert len(labels) == len(lines)
+    preexisting = preexisting or {}
+    for pair, rows in raw.items():
+        a, b = pair.split("-")
+        t = 0 if (direction == "xx-en") == (a == "en") else 1
+        targets = {r[t] for r in rows}
+        ids = read(L.download_ids(pair))
+        got_rows = list(zip(read(L.split_file(pair, "train", a)), read(L.split_file(pair, "train", b)), strict=True))
+        assert len(got_rows) == len(ids)
+        for sid, got in zip(ids, got_rows, strict=True):
+            clean = rows[int(sid.split("/")[1])]
+            kind = labels.get(sid)
+            if kind is None or sid in preexisting:
+                assert got == clean, (sid, got, clean)
+            else:
+                check_corruption(kind, clean, got, t, targets, third[pair])
+    return labels
+
+
+def third_languages(raw: dict[str, list[tuple[str, str]]]) -> dict[str, set[str]]:
+    return {p: {xx(q, r) for q, rows in raw.items() if q != p for r in rows} for p in raw}
+
+
+def test_every_label_joins_back_to_its_corrupted_line(tmp_path: Path) -> None:
+    root = tmp_path / "opus"
+    for pair in ("de-en", "en-fr"):
+        write_release(root, pair, n_train=280)
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", "download.pairs=[de-en,en-fr]",
+                         "download.noise.rate=0.25")
+    assert code == 0, out
+    raw = {p: raw_release(root, p) for p in ("de-en", "en-fr")}
+    labels = check_run(run, raw, third_languages(raw))
+    per_pair = Counter(sid.split("/")[0] for sid in labels)
+    assert per_pair == {"de-en": 70, "en-fr": 70}  # round(0.25 * 280) each
+    for pair in ("de-en", "en-fr"):
+        kinds = Counter(k for sid, k in labels.items() if sid.startswith(pair))
+        assert set(kinds) == set(NOISE_KINDS)
+        assert max(kinds.values()) - min(kinds.values()) <= 1  # 70 = 7 x 10
+    stats = json.loads(RunLayout(run).manifest("download").read_text())["stats"]
+    assert stats["noise_pairs"] == 140
+    assert stats["noise"]["kinds"] == dict(Counter(labels.values()))
+    assert stats["noise"]["pairs"]["de-en"]["truncated"] == 10
+    # valid and test are the clean source lines
+    L = RunLayout(run)
+    for pair in ("de-en", "en-fr"):
+        a, b = pair.split("-")
+        for split in ("valid", "test"):
+            got = list(zip(read(L.split_file(pair, split, a)), read(L.split_file(pair, split, b)), strict=True))
+            assert got == raw_release(root, pair, split)
+
+
+def test_same_seed_same_files_other_seed_other_noise(tmp_path: Path, local_corpus: Path) -> None:
+    sets = [f"download.source=local:{local_corpus}", "download.pairs=[de-en,en-fr]", "download.noise.rate=0.3",
+            "download.max_train_per_pair=50"]
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        code, out = download(tmp_path / name, *sets, f"download.noise.seed={seed}")
+        assert code == 0, out
+        d = RunLayout(tmp_path / name).stage_dir("download")
+        runs[name] = {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+                      if p.is_file() and p.name != "manifest.json"}
+    assert runs["a"] == runs["b"]
+    assert "noise.ids" in runs["a"] and "de-en/train.de" in runs["a"]
+    assert runs["a"]["noise.ids"] != runs["c"]["noise.ids"]
+    assert runs["a"]["de-en/train.de"] != runs["c"]["de-en/train.de"]
+    for f in ("de-en/train.ids", "de-en/valid.de", "de-en/test.en", "en-fr/valid.fr"):
+        assert runs["a"][f] == runs["c"][f]  # the noise seed moves only the noise
+
+
+def test_kinds_rate_and_target_side_follow_the_config(tmp_path: Path) -> None:
+    root = write_release(tmp_path / "opus", "de-en", n_train=200)
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", "download.pairs=[de-en]",
+                         "download.noise.rate=0.15", "download.noise.kinds=[truncated,untranslated,repeated]",
+                         "download.direction=xx-en")
+    assert code == 0, out
+    raw = {"de-en": raw_release(root, "de-en")}
+    labels = check_run(run, raw, {"de-en": set()}, direction="xx-en")  # target = the English side
+    assert sorted(Counter(labels.values()).values()) == [10, 10, 10]
+    L = RunLayout(run)
+    en = dict(zip(read(L.download_ids("de-en")), read(L.split_file("de-en", "train", "en")), strict=True))
+    truncated = [sid for sid, k in labels.items() if k == "truncated"]
+    assert all(len(en[sid].split()) < len(raw["de-en"][int(sid.split("/")[1])][1].split()) for sid in truncated)
+
+
+def test_rate_zero_writes_no_labels_for_a_real_source(tmp_path: Path, local_corpus: Path) -> None:
+    code, out = download(tmp_path / "r", f"download.source=local:{local_corpus}", "download.pairs=[de-en]")
+    assert code == 0, out
+    assert not RunLayout(tmp_path / "r").noise_ids.exists()
+
+
+def test_single_pair_takes_the_third_language_from_the_local_copys_other_pairs(tmp_path: Path) -> None:
+    root = tmp_path / "opus"
+    write_release(root, "de-en", n_train=100)
+    write_release(root, "en-it", n_train=100)
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", "download.pairs=[de-en]",
+                         "download.noise.rate=0.2", "download.noise.kinds=[wrong_language]")
+    assert code == 0, out
+    it_lines = {fold(s) for s in read(root / "en-it" / "opus.en-it-train.it")}
+    labels = check_run(run, {"de-en": raw_release(root, "de-en")}, {"de-en": it_lines})
+    assert Counter(labels.values()) == {"wrong_language": 20}
+    # the donor files are inputs of the stage: editing them makes download stale
+    p = root / "en-it" / "opus.en-it-train.it"
+    p.write_text(p.read_text() + "", encoding="utf-8")
+    from mtprune.config import load_config
+    from mtprune.stages.download import external_inputs
+
+    cfg = load_config(None, [f"download.source=local:{root}", "download.pairs=[de-en]", "download.noise.rate=0.2",
+                             "download.noise.kinds=[wrong_language]"])
+    assert str(p) in external_inputs(cfg)
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_single_pair_without_a_third_language_is_one_line(tmp_path: Path, source: str) -> None:
+    root = write_release(tmp_path / "opus", "de-en", n_train=50)
+    run = tmp_path / "run"
+    src = f"local:{root}" if source == "local" else "hub"
+    code, out = download(run, f"download.source={src}", "download.pairs=[de-en]", "download.noise.rate=0.1")
+    assert code == 2, out
+    assert len(error_lines(out)) == 1, out
+    assert "download.noise.kinds" in out and "wrong_language" in out
+    assert not RunLayout(run).manifest("download").exists()
+
+
+def test_synthetic_corpus_keeps_its_own_labels_and_takes_injected_noise(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, out = download(run, "download.source=synthetic", "download.pairs=[en-fr]",
+                         "download.synthetic_train_per_pair=210", "download.max_valid_per_pair=20",
+                         "download.max_test_per_pair=20", "download.noise.rate=0.2")
+    assert code == 0, out
+    data = make_pair("en-fr", 210, 500, 500, 0.1, 1)
+    own = {f"en-fr/{n}": k for n, k in data.noise.items()}
+    assert len(own) == 21
+    # third language: the other synthetic pairs' non-English side, without their own noisy lines
+    third = set()
+    for q in OPUS_PAIRS:
+        if q != "en-fr":
+            other = make_pair(q, 210, 500, 500, 0.1, 1)
+            third |= {xx(q, r) for n, r in enumerate(other.train) if n not in other.noise}
+    labels = check_run(run, {"en-fr": data.train}, {"en-fr": third}, preexisting=own)
+    assert {sid: labels[sid] for sid in own} == own  # the corpus's own labels, with their kinds
+    injected = Counter(k for sid, k in labels.items() if sid not in own)
+    assert sum(injected.values()) == 42 and set(injected) == set(NOISE_KINDS)
+
+
+def test_noise_settings_make_download_stale(tmp_path: Path, local_corpus: Path) -> None:
+    run = tmp_path / "run"
+    sets = [f"download.source=local:{local_corpus}", "download.pairs=[de-en]"]
+
+    def download_status(*more: str) -> str:
+        args = ["status", "--run-dir", str(run)]
+        for s in sets + list(more):
+            args += ["--set", s]
+        _, out = cli(*args)
+        return next(ln for ln in out.splitlines() if ln.split()[:1] == ["download"])
+
+    assert download(run, *sets)[0] == 0
+    assert download_status().split()[1] == "fresh"
+    assert download_status("download.noise.kinds=[truncated]").split()[1] == "fresh"  # rate 0: nothing injected
+    line = download_status("download.noise.rate=0.1")
+    assert "stale" in line and "download.noise.rate" in line, line
+    sets += ["download.noise.rate=0.1", "download.noise.kinds=[truncated]"]
+    assert download(run, *sets)[0] == 0
+    assert download_status().split()[1] == "fresh"
+    for key, value in (("kinds", "[truncated,swapped]"), ("seed", "7")):
+        line = download_status(f"download.noise.{key}={value}")
+        assert "stale" in line and f"download.noise.{key}" in line, line
+
+
+@pytest.mark.skipif(not TATOEBA.is_dir(), reason="shared Tatoeba data not present")
+def test_real_tatoeba_corpus(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{TATOEBA}", "download.max_train_per_pair=350",
+                         "download.max_valid_per_pair=20", "download.noise.rate=0.2")
+    assert code == 0, out
+    raw = {p: raw_release(TATOEBA, p) for p in OPUS_PAIRS}
+    labels = check_run(run, raw, third_languages(raw))
+    assert Counter(sid.split("/")[0] for sid in labels) == {p: 70 for p in OPUS_PAIRS}
+    assert Counter(labels.values()) == {k: 40 for k in NOISE_KINDS}
+
+
+# ---- the report: how well each score finds each kind -----------------------------------------------
+
+def hand_made_scores() -> tuple[pd.DataFrame, dict[str, str]]:
+    ids = [f"de-en/{i}" for i in range(10)]
+    labels = {"de-en/6": "truncated", "de-en/7": "truncated", "de-en/8": "misaligned", "de-en/9": "misaligned"}
+    df = pd.DataFrame({
+        "index": range(10), "sentence_id": ids, "pair": "de-en", "direction": "en-de",
+        "n_tokens": [10, 10, 10, 10, 10, 10, 2, 3, 10, 10],
+        "el2n": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9, 0.8, 0.35, 0.05],
+        "nll": [1.0] * 10,
+        "el2n@s1u10": np.linspace(0, 1, 10),
+        "dual_xent": [0.0, 0, 0, 0, 0, 0, 1, 1, 1, 1],
+    })
+    return df, labels
+
+
+def test_report_auroc_per_kind_on_a_hand_made_table() -> None:
+    df, labels = hand_made_scores()
+    t = noise_finding(df, labels, [0.2, 0.5]).set_index(["score", "kind"])
+    assert list(dict.fromkeys(t.index.get_level_values(0))) == ["el2n", "nll", "dual_xent", "-length"]
+    # el2n: both truncated above every clean pair; misaligned 0.35 beats 3 of 6 clean, 0.05 none
+    assert t.loc[("el2n", "truncated"), "auroc"] == 1.0
+    assert t.loc[("el2n", "misaligned"), "auroc"] == pytest.approx(3 / 12)
+    assert t.loc[("el2n", "all"), "auroc"] == pytest.approx(15 / 24)
+    assert t.loc[("nll", "all"), "auroc"] == 0.5 and t.loc[("dual_xent", "misaligned"), "auroc"] == 1.0
+    # -length: short targets first; misaligned targets tie with clean ones
+    assert t.loc[("-length", "truncated"), "auroc"] == 1.0
+    assert t.loc[("-length", "misaligned"), "auroc"] == 0.5
+    assert t.loc[("-length", "all"), "auroc"] == pytest.approx(18 / 24)
+    # the top 20 % by el2n are the two truncated pairs; the top 50 % hold 2 labelled of 5
+    assert t.loc[("el2n", "all"), "precision@0.2"] == 1.0
+    assert t.loc[("el2n", "truncated"), "precision@0.2"] == 1.0 and t.loc[("el2n", "truncated"), "recall@0.2"] == 1.0
+    assert t.loc[("el2n", "misaligned"), "recall@0.5"] == 0.0
+    assert t.loc[("el2n", "all"), "precision@0.5"] == pytest.approx(0.4)
+    assert t.loc[("el2n", "all"), "n_noisy"] == 4 and t.loc[("el2n", "misaligned"), "n_clean"] == 6
+
+
+def test_report_reads_two_and_one_column_labels(tmp_path: Path) -> None:
+    from mtprune.config import load_config
+
+    L = RunLayout(tmp_path / "run")
+    L.stage_dir("download").mkdir(parents=True)
+    L.noise_ids.write_text("de-en/6\ttruncated\nde-en/8\tmisaligned\n")
+    labels, source = noise_labels(load_config(None, []), L)
+    assert labels == {"de-en/6": "truncated", "de-en/8": "misaligned"} and source == "01_download/noise.ids"
+    ids = tmp_path / "bad.ids"
+    ids.write_text("de-en/6\nde-en/9\n")
+    labels, _ = noise_labels(load_config(None, [f"report.noise_ids={ids}"]), L)
+    df, _ = hand_made_scores()
+    t = noise_finding(df, labels, [0.2])
+    assert set(t["kind"]) == {"all"}  # no kinds known: overall only
+    assert t.set_index("score").loc["el2n", "auroc"] == pytest.approx((8 + 0) / 16)
+
+
+@pytest.mark.slow
+def test_report_writes_the_per_kind_table(tiny_swept: tuple[Path, str]) -> None:
+    run, _ = tiny_swept
+    L = RunLayout(run)
+    md = L.report_file("results.md").read_text()
+    assert "| score | all | misaligned | truncated | untranslated |" in md
+    assert "| -length |" in md and "| el2n |" in md
+    table = pd.read_csv(L.report_file("noise.csv"))
+    assert {"score", "kind", "auroc", "precision@0.2", "recall@0.2"} <= set(table.columns)
+    assert set(table["kind"]) == {"all", "misaligned", "truncated", "untranslated"}
+    assert {"el2n", "nll", "el2n_std", "-length"} <= set(table["score"])
+    assert not any("@" in s for s in table["score"])
+    outputs = json.loads(L.manifest("report").read_text())["outputs"]
+    assert any(Path(k).name == "noise.csv" for k in outputs), outputs
