@@ -163,3 +163,18 @@ def test_checkpoint_list_naming_an_unsaved_update_count(tiny_copy: Path) -> None
     code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "proxy.checkpoints=[10,30]")
     assert code == 2
     assert "upstream stage 'proxy' is stale" in out and "proxy.checkpoints" in out
+
+
+def test_a_failed_parquet_write_leaves_no_temp_file(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from mtprune.stages.score import _write_parquet
+
+    target = tmp_path / "scores.parquet"
+    target.mkdir()  # the temp file is written in full, then renaming it over a directory fails
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError):
+        _write_parquet(pa.table({"el2n": [0.5, 0.7]}), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
+    _write_parquet(pa.table({"el2n": [0.5, 0.7]}), tmp_path / "ok.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.parquet", "scores.parquet"]

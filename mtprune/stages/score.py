@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import length_batches
 from ..config import Config
 from ..errors import UsageError
 from ..faults import crash_point
@@ -61,22 +62,6 @@ def pick_device(cfg: Config) -> tuple[str, Any]:
         raise UsageError(f"score.precision: {prec} needs a GPU; use fp32 (or auto) on CPU")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
     return device, dtype
-
-
-def length_batches(src_sizes: np.ndarray, tgt_sizes: np.ndarray, indices: np.ndarray,
-                   batch_tokens: int) -> list[np.ndarray]:
-    """Batches of example indices sorted by length, each within ``batch_tokens`` padded tokens."""
-    order = indices[np.lexsort((src_sizes[indices], tgt_sizes[indices]))]
-    batches, start, longest = [], 0, 0
-    for i, idx in enumerate(order):
-        longest_new = max(longest, int(src_sizes[idx]) + int(tgt_sizes[idx]))
-        if i > start and longest_new * (i - start + 1) > batch_tokens:
-            batches.append(order[start:i])
-            start, longest_new = i, int(src_sizes[idx]) + int(tgt_sizes[idx])
-        longest = longest_new
-    if len(order) > start:
-        batches.append(order[start:])
-    return batches
 
 
 def collate(src_ds: Any, tgt_ds: Any, batch: np.ndarray, pad: int, eos: int) -> dict[str, Any]:
@@ -133,7 +118,7 @@ def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, 
     el2n = np.zeros((len(indices), len(models)), dtype=np.float64)
     nll = np.zeros_like(el2n)
     tokens: list[dict[str, Any]] = []
-    batches = length_batches(np.asarray(src_ds.sizes), np.asarray(tgt_ds.sizes), indices, batch_tokens)
+    batches = length_batches(indices, [np.asarray(tgt_ds.sizes), np.asarray(src_ds.sizes)], batch_tokens)
     t0 = time.time()
     with torch.inference_mode(), tqdm(total=len(indices), desc=desc, unit="sent", disable=None) as bar:
         for b in batches:
@@ -215,9 +200,13 @@ def _write_parquet(table: Any, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    pq.write_table(table, tmp, row_group_size=100_000)
-    crash_point(f"write:{path.name}")
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, row_group_size=100_000)
+        crash_point(f"write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _shard_key(cfg: Config, layout: RunLayout) -> str:
