@@ -35,6 +35,29 @@ def _id_order_key(sentence_ids: list[str], directions: list[str]) -> tuple[np.nd
     return pairs, nums, np.array(directions)
 
 
+def n_dropped(sparsity: float, n: int) -> int:
+    """How many of a group of ``n`` pairs a sparsity drops (whatever the strategy)."""
+    return int(round(sparsity * n))
+
+
+def check_something_left(cfg: Config, pairs: Any) -> None:
+    """Refuse a sparsity that would leave a pruned corpus, or one pair of it under per-pair scope,
+    empty: fairseq-train would only fail later on the empty data-bin."""
+    counts = Counter(pairs.tolist()) if cfg.prune.scope == "per-pair" else {"": len(pairs)}
+    for _, strategy, sparsity in runs(cfg):  # every strategy drops as many; the first one is named
+        for pair, n in sorted(counts.items()):
+            if n_dropped(sparsity, n) >= n:
+                of = f" of {pair} (prune.scope: per-pair)" if pair else ""
+                raise UsageError(f"prune.sparsities: {sparsity} with strategy {strategy} would leave 0 of the "
+                                 f"{n} training pairs{of}; use a smaller sparsity")
+
+
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    import pandas as pd
+
+    check_something_left(cfg, pd.read_parquet(layout.scores, columns=["pair"])["pair"])
+
+
 def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int) -> np.ndarray:
     """Boolean mask over the rows of a score table: True where the pair is dropped."""
     n = len(df)
@@ -54,7 +77,7 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int) ->
     mask = np.zeros(n, dtype=bool)
     rng = np.random.default_rng(seed)
     for g in groups:
-        k = int(round(sparsity * len(g)))
+        k = n_dropped(sparsity, len(g))
         if k == 0:
             continue
         if strategy == "random":
@@ -103,6 +126,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     quiet_fairseq()
     df = pd.read_parquet(layout.scores)
     df = df.sort_values("index").reset_index(drop=True)
+    check_something_left(cfg, df["pair"])  # before anything is written (also run as preflight)
     both = cfg.download.direction == "both" or df["direction"].nunique() > df["pair"].nunique()
     outputs: list[Path] = []
     stats: dict[str, Any] = {"total": len(df), "runs": {}}
