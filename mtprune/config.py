@@ -153,7 +153,7 @@ class _Recorded(BaseModel):
     """Base of every config section: frozen, strict, no unknown keys; leaf reads are recorded while
     ``recording_reads`` is active."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), defer_build=True)
     _path: str = PrivateAttr(default="")  # dotted path of this section inside Config, set by Config
 
     def __getattribute__(self, name: str) -> Any:
@@ -370,7 +370,7 @@ class TestSet(BaseModel):
     """An extra test set from plain text files, e.g. FLORES devtest (one sentence per line)."""
 
     __test__ = False  # not a pytest test class
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     name: Str
     src_lang: Lang
