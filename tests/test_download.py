@@ -214,3 +214,20 @@ def test_prepare_before_download(tmp_path: Path) -> None:
     assert code == 2
     assert "run `mtprune download` first" in out
     assert len(error_lines(out)) == 1
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_wrong_language_noise_without_a_third_language(tmp_path: Path, source: str) -> None:
+    """One pair, and the source has no other pair to take a third language from (the hub is never read)."""
+    root = write_release(tmp_path / "opus", "de-en", n_train=20)
+    run = tmp_path / "run"
+    src = f"local:{root}" if source == "local" else "hub"
+    code, out = download(run, f"download.source={src}", "download.pairs=[de-en]", "download.noise.rate=0.1")
+    assert code == 2, out
+    assert len(error_lines(out)) == 1, out
+    assert "download.noise.kinds: wrong_language needs sentences in a third language" in out
+    assert not RunLayout(run).manifest("download").exists()
+    if source == "local":  # without wrong_language the same download is fine
+        code, out = download(run, f"download.source={src}", "download.pairs=[de-en]", "download.noise.rate=0.1",
+                             "download.noise.kinds=[truncated]")
+        assert code == 0, out

@@ -100,13 +100,23 @@ def score_columns(df: Any) -> list[str]:
             and "@" not in c and c != "index" and not c.startswith("n_")]
 
 
+def _expected_hits(v: np.ndarray, pos: np.ndarray, ranked: np.ndarray, n_top: int) -> float:
+    """Labelled pairs among the ``n_top`` highest scores, pairs tied at the cut taken at random (expected)."""
+    if n_top == 0:
+        return 0.0
+    cut = ranked[n_top - 1]
+    above, tied = v > cut, v == cut
+    return float(pos[above].sum() + (n_top - above.sum()) * pos[tied].mean())
+
+
 def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float]) -> Any:
     """One row per (score, kind): how well each score finds the labelled pairs.
 
     Higher score = more suspicious; ``-length`` (shorter target first) is the baseline. Kind ``all``
     takes every labelled pair; a kind's AUROC sets its pairs against all clean pairs. ``precision@s``
     is the share of the top-s fraction of all pairs (what pruning at sparsity s drops) that is of that
-    kind (the kinds' precisions add up to ``all``'s), ``recall@s`` the share of the kind's pairs in it.
+    kind (the kinds' precisions add up to ``all``'s), ``recall@s`` the share of the kind's pairs in it;
+    pairs tied at the cut count by their expected share, so a constant score gets the base rate.
     """
     import pandas as pd
 
@@ -119,16 +129,17 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float]) -> A
     for name, v in cands.items():
         if np.isnan(v).any():  # a pair without a score is the least suspicious
             v = np.where(np.isnan(v), np.nanmin(v) - 1 if (~np.isnan(v)).any() else 0.0, v)
-        order = np.argsort(-v, kind="stable")
+        ranked = np.sort(v)[::-1]
         for k in kinds:
             pos = ~clean if k == "all" else kind == k
             keep = pos | clean
             row: dict[str, Any] = {"score": name, "kind": k, "n_noisy": int(pos.sum()), "n_clean": int(clean.sum()),
                                    "auroc": auroc(v[keep], pos[keep])}
             for s in sparsities:
-                top = order[: int(round(s * len(v)))]
-                row[f"precision@{s:g}"] = float(pos[top].mean()) if len(top) else float("nan")
-                row[f"recall@{s:g}"] = float(pos[top].sum() / pos.sum()) if pos.any() else float("nan")
+                n_top = int(round(s * len(v)))
+                hits = _expected_hits(v, pos, ranked, n_top)
+                row[f"precision@{s:g}"] = hits / n_top if n_top else float("nan")
+                row[f"recall@{s:g}"] = hits / pos.sum() if pos.any() else float("nan")
             rows.append(row)
     return pd.DataFrame(rows)
 
