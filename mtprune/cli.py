@@ -60,6 +60,9 @@ def guarded(label: str, fn: Callable[[], Any], verbose: int = 0) -> Any:
     except KeyboardInterrupt:
         click.echo(f"mtprune {label}: interrupted; rerun the same command to continue", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # `mtprune status | head`: the reader has what it wanted
+        sys.stderr.close()
+        os._exit(0)
     except PermissionError as e:
         _fail(label, UsageError(f"permission denied: {e.filename or e}"))
     except OSError as e:
@@ -141,17 +144,17 @@ def _with_launcher(cfg: Config, launcher: str | None) -> Config:
 
 
 def _submit_and_report(cfg: Config, layout: RunLayout, stages: tuple[str, ...]) -> None:
-    from .slurm import submit
+    from .slurm import short_command, submit
 
     jobs = submit(cfg, layout, cfg.launch.launcher, stages)
     if not jobs:
         click.echo("nothing to submit: every stage is fresh")
     for j in jobs:
-        click.echo(f"{j.job_id}\t{j.stage}\t{' '.join(j.argv[:1] + j.argv[5:])}")
+        click.echo(f"{j.job_id}\t{j.stage}\t{short_command(j.argv)}")
 
 
 def _stage_command(stage: str) -> None:
-    from .lock import RunLock
+    from .lock import RunLock, check_free, check_no_units_running, unit_lock_path
     from .pipeline import run_stage
 
     extra: list[Callable[..., Any]] = [LAUNCHER_OPTION]
@@ -172,18 +175,23 @@ def _stage_command(stage: str) -> None:
             if cfg.launch.launcher != "local":
                 _submit_and_report(cfg, layout, (stage,))
                 return
-            unit = opts.get("shard") or opts.get("unit")
-            lock = layout.stage_dir(stage) / f".lock-{unit.replace('/', '-of-')}" if unit else layout.lock
-            with RunLock(lock, f"{stage} {unit}" if unit else stage):
-                if opts.get("shard"):
-                    from .stages.score import run_shard
+            if opts.get("unit"):
+                from .pipeline import run_unit
 
-                    run_shard(cfg, layout, opts["shard"])
-                elif opts.get("unit"):
-                    from .pipeline import run_unit
+                # a job-array task runs beside the others: it holds its unit's lock, not the run lock,
+                # and refuses to start while a plain stage command or sweep holds that (launch.run_units)
+                run_unit(stage, cfg, layout, opts["unit"])
+            elif opts.get("shard"):
+                from .stages.score import run_shard
 
-                    run_unit(stage, cfg, layout, opts["unit"])
-                else:
+                shard = opts["shard"]
+                lock = unit_lock_path(layout.stage_dir(stage) / shard.replace("/", "-of-"))
+                with RunLock(lock, f"score --shard {shard}", subject=f"score shard {shard}"):
+                    check_free(layout.lock)
+                    run_shard(cfg, layout, shard)
+            else:
+                with RunLock(layout.lock, stage):
+                    check_no_units_running(layout.stage_dir(stage))
                     run_stage(stage, cfg, layout, overwrite=overwrite)
 
         guarded(stage, go, verbose)
@@ -214,7 +222,7 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
     With --launcher slurm every stage that is not fresh is submitted at once, each depending on
     the one before (independent units as job arrays), and the job ids are printed.
     """
-    from .lock import RunLock
+    from .lock import RunLock, check_no_units_running
     from .pipeline import plan, run_stage
 
     cfg = _with_launcher(cfg, launcher)
@@ -231,6 +239,8 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
             return
         else:
             with RunLock(layout.lock, "sweep"):
+                for stage in STAGES:
+                    check_no_units_running(layout.stage_dir(stage))
                 for stage in STAGES:
                     run_stage(stage, cfg, layout, overwrite=overwrite)
         table = layout.report_file("results.md")
@@ -270,18 +280,23 @@ def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
 
 @main.command(name="slurm-script")
 @click.argument("stage", type=click.Choice(list(STAGES)))
+@click.option("--finish", is_flag=True,
+              help="For proxy, score and train: the job to run after the array, which merges the units "
+                   "and writes the stage's manifest (no GPUs).")
 @config_options
-def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str) -> None:
+def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str, finish: bool) -> None:
     """Print a plain sbatch script for one stage (a job array where the stage has units).
 
-    For users who submit by hand: `mtprune slurm-script proxy -c cfg.yaml > proxy.sbatch`.
-    The script runs `mtprune STAGE` on the run's resolved config, which this command saves.
+    For users who submit by hand: `mtprune slurm-script proxy -c cfg.yaml > proxy.sbatch`, then
+    `mtprune slurm-script proxy --finish ...` for the job that depends on the array. The script runs
+    the same command line, with the same sbatch options, as `--launcher slurm` would submit, on a
+    snapshot of the config saved under <run>/slurm/ (named by its hash, never rewritten).
     """
-    from .pipeline import save_resolved_config
-    from .slurm import sbatch_script
+    from .slurm import config_snapshot, job_folder, sbatch_script
 
     def go() -> None:
-        save_resolved_config(cfg, layout)
-        click.echo(sbatch_script(cfg, layout, stage, str(layout.resolved_config.resolve())), nl=False)
+        text = sbatch_script(cfg, layout, stage, config_snapshot(cfg, layout), finish=finish)
+        job_folder(layout, stage).mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the job starts
+        click.echo(text, nl=False)
 
     guarded("slurm-script", go, verbose)

@@ -51,7 +51,7 @@ class RunLayout:
 
     @property
     def noise_ids(self) -> Path:
-        """Sentence ids known to be noise (written for the synthetic corpus)."""
+        """Labelled corrupted pairs, one `<sentence id> TAB <kind>` line each (synthetic corpus or download.noise)."""
         return self.stage_dir("download") / "noise.ids"
 
     # 02_prepare
