@@ -112,12 +112,12 @@ def describe_outputs(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]
 
 
 def stat_key(path: Path) -> str:
-    """``size:mtime_ns`` of a file (``missing`` if absent): a cheap key for "has this input changed"."""
+    """``size:mtime`` of an input file (``missing`` if absent): a cheap key for "has this input changed"."""
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{int(st.st_mtime)}"
 
 
 def _is_text_split(f: Path) -> bool:

@@ -141,7 +141,10 @@ def config_changes(cfg: Config, stage: str, m: Manifest) -> list[str]:
     Freshness rests on what the stage actually read while it ran (recorded in the manifest as
     ``params``), so a key of another section that a stage reads makes it stale too.
     """
-    recorded = m.data.get("params", {})
+    if "params" not in m.data:  # written before settings were recorded: compare the stage's own sections
+        old = _drop_speed_only(m.data.get("config", {}))
+        return [] if old == stage_config(cfg, stage) else ["see manifest (written by an older mtprune)"]
+    recorded = m.data["params"]
     now = params_of(cfg, list(recorded))
     changed = [k for k in recorded if now.get(k, recorded[k]) != recorded[k]]
     mod = stage_module(stage)

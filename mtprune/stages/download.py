@@ -14,7 +14,7 @@ from ..config import OPUS_PAIRS, Config
 from ..errors import InputError
 from ..faults import crash_point
 from ..layout import RunLayout
-from ..manifest import write_lines
+from ..manifest import stat_key, write_lines
 from ..pipeline import StageResult
 from ..sources import langs, read_hub, read_local
 from ..synthetic import make_pair
@@ -37,8 +37,7 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
         d = root / pair
         if d.is_dir():
             for f in sorted(d.iterdir()):
-                st = f.stat()
-                out[str(f)] = f"{st.st_size}:{int(st.st_mtime)}"
+                out[str(f)] = stat_key(f)
     return out
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import Config
 from ..errors import InputError
 from ..layout import RunLayout
-from ..manifest import atomic_write_bytes, atomic_write_text
+from ..manifest import atomic_write_bytes, atomic_write_text, stat_key
 from ..pipeline import StageResult
 from .prepare import read_lines
 from .score import checkpoints, spearman
@@ -32,7 +32,7 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
     if f is None:
         return {}
     p = Path(f)
-    return {f: f"{p.stat().st_size}:{int(p.stat().st_mtime)}" if p.is_file() else "missing"}
+    return {f: stat_key(p)}
 
 
 def results_rows(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
