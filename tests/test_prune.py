@@ -45,15 +45,48 @@ def test_ties_are_broken_by_sentence_id() -> None:
     assert got == ["de-en/0", "de-en/1", "en-fr/0", "en-fr/2", "en-fr/4"]
 
 
-def test_exactly_round_sparsity_times_n() -> None:
-    for s in (0.0, 0.1, 0.25, 0.33, 0.5, 0.75, 0.99):
-        assert len(dropped("el2n-high", s)) == round(s * 10)
-        assert len(dropped("random", s)) == round(s * 10)
+def kept(strategy: str, sparsity: float, scope: str = "global", seed: int = 1) -> list[str]:
+    df = table()
+    return sorted(df["sentence_id"][~drop_mask(df, strategy, sparsity, scope, seed)])
+
+
+# sparsity -> pairs dropped out of the 10, worked out by hand (nearest whole pair)
+COUNTS = {0.0: 0, 0.04: 0, 0.06: 1, 0.1: 1, 0.2: 2, 0.33: 3, 0.36: 4, 0.49: 5, 0.5: 5, 0.64: 6, 0.66: 7, 0.9: 9}
+
+
+def test_dropped_counts_worked_out_by_hand() -> None:
+    for s, n in COUNTS.items():
+        assert len(dropped("el2n-high", s)) == n, s
+        assert len(dropped("el2n-low", s)) == n, s
+        assert len(dropped("random", s)) == n, s
+
+
+def test_kept_ids_worked_out_by_hand() -> None:
+    # high, by score: en-fr/2 .95, de-en/0 .9, en-fr/0 .8, en-fr/4 .6, de-en/1 .5, de-en/3 .5, en-fr/3 .4, ...
+    assert kept("el2n-high", 0.4) == ["de-en/1", "de-en/2", "de-en/3", "de-en/4", "en-fr/1", "en-fr/3"]
+    # the tie at .5 is split: de-en/1 goes before de-en/3, on either side
+    assert kept("el2n-high", 0.5) == ["de-en/2", "de-en/3", "de-en/4", "en-fr/1", "en-fr/3"]
+    assert kept("el2n-low", 0.5) == ["de-en/0", "de-en/3", "en-fr/0", "en-fr/2", "en-fr/4"]
+    assert kept("el2n-low", 0.3) == ["de-en/0", "de-en/1", "de-en/3", "en-fr/0", "en-fr/2", "en-fr/3", "en-fr/4"]
+    assert kept("nll-high", 0.2) == ["de-en/0", "de-en/2", "de-en/3", "de-en/4", "en-fr/0", "en-fr/1",
+                                     "en-fr/2", "en-fr/4"]  # drops 9.0 de-en/1 and 8.0 en-fr/3
+    assert kept("el2n-high", 0.0) == sorted(table()["sentence_id"])
 
 
 def test_per_pair_scope_drops_the_same_fraction_from_each_pair() -> None:
-    got = dropped("el2n-high", 0.4, scope="per-pair")
-    assert got == ["de-en/0", "de-en/1", "en-fr/0", "en-fr/2"]
+    # two of each pair's five: de-en .9 and (tie .5) de-en/1; en-fr .95 and .8
+    assert dropped("el2n-high", 0.4, scope="per-pair") == ["de-en/0", "de-en/1", "en-fr/0", "en-fr/2"]
+    # three of five: de-en takes its whole tie at .5
+    assert dropped("el2n-high", 0.6, scope="per-pair") == ["de-en/0", "de-en/1", "de-en/3",
+                                                           "en-fr/0", "en-fr/2", "en-fr/4"]
+    assert dropped("el2n-low", 0.2, scope="per-pair") == ["de-en/2", "en-fr/1"]
+    assert kept("el2n-low", 0.4, scope="per-pair") == ["de-en/0", "de-en/1", "de-en/3", "en-fr/0", "en-fr/2",
+                                                       "en-fr/4"]
+    # the same sparsity globally takes three of en-fr's five and one of de-en's
+    assert dropped("el2n-high", 0.4) == ["de-en/0", "en-fr/0", "en-fr/2", "en-fr/4"]
+    for s, n in ((0.2, 1), (0.4, 2), (0.6, 3), (0.8, 4)):
+        got = dropped("random", s, scope="per-pair", seed=7)
+        assert [g.split("/")[0] for g in got] == ["de-en"] * n + ["en-fr"] * n
 
 
 def test_random_is_seeded_and_nested() -> None:
