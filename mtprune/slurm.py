@@ -1,20 +1,28 @@
 """Running stages as cluster jobs through submitit: job arrays for independent units, dependencies
 between stages, and plain sbatch scripts for users who submit by hand.
 
-Every job only calls the ``mtprune`` command line on the run's resolved config, so a job does
-exactly what the same command typed in a shell would do, and a rerun skips what is finished:
-``mtprune proxy --unit seed2`` trains one proxy seed, ``mtprune score --shard 3/8`` scores one
-slice, and the plain ``mtprune proxy`` / ``mtprune score`` that follows writes the stage's manifest.
+Every job runs the ``mtprune`` command line in a process of its own, exactly as a user would type
+it, so a job does what the same command typed in a shell would do, and a rerun skips what is
+finished: ``mtprune proxy --unit seed2`` trains one proxy seed, ``mtprune score --shard 3/8`` scores
+one slice, and the plain ``mtprune proxy`` / ``mtprune score`` that follows writes the stage's manifest.
+
+Jobs read a config snapshot that belongs to the submission (``<run>/slurm/config-<sha>.yaml``,
+named by its content and never rewritten), not ``<run>/config.resolved.yaml``: that one names what
+the finished artifacts came from and changes whenever a local run finishes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shlex
 import shutil
-import time
-from dataclasses import dataclass
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +32,43 @@ from .layout import STAGES, RunLayout
 from .manifest import atomic_write_text
 
 log = logging.getLogger("mtprune")
-GPU_STAGES = ("proxy", "score", "train", "evaluate")
+UNIT_STAGES = ("proxy", "score", "train")  # stages whose units run as a job array
 
 
-def run_cli(argv: list[str]) -> str:
-    """The function every job runs: the mtprune command line, in the job's own process."""
-    from .cli import main
+# ---- paths of the launch records (all under <run>/slurm/) ----------------------------------------
 
-    try:
-        main.main(argv, prog_name="mtprune", standalone_mode=False)
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise RuntimeError(f"mtprune {' '.join(argv)} exited with {e.code}") from None
-    return "ok"
+def slurm_dir(layout: RunLayout) -> Path:
+    return layout.root / "slurm"
 
+
+def job_folder(layout: RunLayout, stage: str) -> Path:
+    """submitit's folder for one stage's jobs (scripts, pickles, logs)."""
+    return slurm_dir(layout) / stage
+
+
+def jobs_record(layout: RunLayout) -> Path:
+    return slurm_dir(layout) / "jobs.json"
+
+
+def config_snapshot(cfg: Config, layout: RunLayout) -> Path:
+    """Write the config a submission's jobs read, named by the hash of its content.
+
+    A snapshot is never rewritten (the same config maps to the same file), so neither a later
+    submission with other settings nor a local run that fails can change what queued jobs read.
+    """
+    import yaml
+
+    tree = cfg.to_dict()
+    # a job runs its stage itself: the same settings give the same snapshot, submitted or scripted
+    tree["launch"]["launcher"] = "local"
+    text = yaml.safe_dump(tree, sort_keys=False)
+    path = slurm_dir(layout) / f"config-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return path.resolve()
+
+
+# ---- what a job runs ---------------------------------------------------------------------------
 
 def unit_names(cfg: Config, stage: str) -> list[str]:
     """Array tasks of a stage, from the config alone (upstream outputs may not exist yet)."""
@@ -61,36 +92,117 @@ def unit_argv(stage: str, unit: str) -> list[str]:
     return ["--shard", unit] if stage == "score" else ["--unit", unit]
 
 
-def _executor(cfg: Config, layout: RunLayout, stage: str, kind: str) -> tuple[Any, dict[str, str]]:
-    """(submitit executor, the sbatch options a dependency is added to)."""
+def job_argv(stage: str, config_file: Path, layout: RunLayout, unit: str | None = None) -> list[str]:
+    """The mtprune arguments of one job. ``--launcher local``: the job does the work itself
+    instead of submitting more jobs."""
+    argv = [stage, "-c", str(config_file), "--run-dir", str(layout.root.resolve()), "--launcher", "local"]
+    return argv + (unit_argv(stage, unit) if unit is not None else [])
+
+
+def job_command(argv: list[str]) -> list[str]:
+    """The command line a job runs: this Python's ``mtprune``, as typed in a shell."""
+    return [sys.executable, "-m", "mtprune", *argv]
+
+
+def short_command(argv: list[str]) -> str:
+    """``proxy --unit seed2`` for a job's argv: without the config, run directory and launcher."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("-c", "--config", "--run-dir", "--launcher"):
+            skip = True
+        else:
+            out.append(a)
+    return " ".join(out)
+
+
+@dataclass(frozen=True)
+class MtpruneJob:
+    """The callable every submitit job runs: ``python -m mtprune <argv>`` in a process of its own.
+
+    Like submitit's ``CommandFunction``, but streaming the command's output to the job's log as
+    it comes (a training run writes for hours; CommandFunction holds all of it in memory and
+    decodes it in 64 KiB pieces, which fails on a UTF-8 character cut in two) and keeping only the
+    last lines for the error of a failed job.
+    """
+
+    argv: tuple[str, ...]
+    cwd: str = field(default_factory=os.getcwd)
+
+    @property
+    def command(self) -> list[str]:
+        return job_command(list(self.argv))
+
+    def __call__(self) -> str:
+        print(f"running: {shlex.join(self.command)}", flush=True)
+        tail: deque[str] = deque(maxlen=20)
+        with subprocess.Popen(self.command, cwd=self.cwd, stderr=subprocess.PIPE) as proc:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", errors="replace")
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                if line.strip():
+                    tail.append(line.strip())
+        if proc.returncode:
+            last = tail[-1] if tail else "no error output"
+            raise RuntimeError(f"`mtprune {short_command(list(self.argv))}` exited with {proc.returncode}: {last}")
+        return "ok"
+
+
+# ---- resources: the one source for submitit jobs and sbatch scripts ----------------------------
+
+def wants_gpus(stage: str, unit: bool) -> bool:
+    """Unit jobs (a proxy seed, a score shard, a retraining run) and evaluate use GPUs; the CPU
+    stages and the jobs that only finish a stage (merge shards, write the manifest) get none."""
+    return unit or stage == "evaluate"
+
+
+def sbatch_options(cfg: Config, stage: str, *, gpus: bool) -> dict[str, str]:
+    """sbatch long options (without ``--``) of one stage's jobs, from ``launch.slurm``.
+
+    Both the submitit jobs and ``slurm-script`` take their resources from here, so they cannot
+    drift apart; ``launch.slurm.extra`` comes last and wins.
+    """
+    s = cfg.launch.slurm
+    opts = {"job-name": f"mtprune-{stage}", "nodes": "1", "ntasks-per-node": "1",
+            "cpus-per-task": str(s.cpus_per_task), "mem": f"{s.mem_gb}G", "time": str(s.time_min)}
+    if gpus and s.gpus_per_node:
+        opts["gpus-per-node"] = str(s.gpus_per_node)
+    for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
+        if value:
+            opts[key] = value
+    opts["kill-on-invalid-dep"] = "yes"  # a failed upstream job cancels its dependants
+    for e in s.extra:
+        key, value = e.split("=", 1)
+        opts[key.strip().lstrip("-").replace("_", "-")] = value.strip()
+    return opts
+
+
+def array_option(n_tasks: int, parallelism: int) -> str:
+    """``--array`` as submitit writes it for ``map_array``."""
+    return f"0-{n_tasks - 1}%{min(n_tasks, parallelism)}"
+
+
+def sbatch_line(key: str, value: str) -> str:
+    return f"#SBATCH --{key}={shlex.quote(value)}"  # quoted as submitit quotes it
+
+
+# ---- submitting --------------------------------------------------------------------------------
+
+def _executor(cfg: Config, layout: RunLayout, stage: str, kind: str) -> Any:
     import submitit
 
-    folder = layout.root / "slurm" / stage
+    folder = job_folder(layout, stage)
     s = cfg.launch.slurm
     if kind == "submitit-local":
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=s.time_min)
-        return ex, {}
-    if shutil.which("sbatch") is None:
-        raise UsageError("--launcher slurm needs Slurm's sbatch on PATH; on a machine without Slurm use "
-                         "--launcher local, or `mtprune slurm-script STAGE` to write scripts to submit elsewhere")
+        return ex
     ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    params: dict[str, Any] = {
-        "name": f"mtprune-{stage}", "timeout_min": s.time_min, "nodes": 1, "tasks_per_node": 1,
-        "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb, "slurm_array_parallelism": s.array_parallelism}
-    if stage in GPU_STAGES and s.gpus_per_node:
-        params["gpus_per_node"] = s.gpus_per_node
-    if s.partition:
-        params["slurm_partition"] = s.partition
-    extra = dict(e.split("=", 1) for e in s.extra)
-    if s.account:
-        extra["account"] = s.account
-    if s.qos:
-        extra["qos"] = s.qos
-    extra["kill-on-invalid-dep"] = "yes"  # a failed upstream job cancels its dependants
-    params["slurm_additional_parameters"] = extra
-    ex.update_parameters(**params)
-    return ex, extra
+    ex.update_parameters(timeout_min=s.time_min, slurm_array_parallelism=s.array_parallelism)
+    return ex
 
 
 @dataclass
@@ -99,16 +211,20 @@ class Submitted:
     argv: list[str]
     job_id: str
     folder: str
+    launcher: str = "slurm"
 
 
-def _submit(executor: tuple[Any, dict[str, str]], argvs: list[list[str]], after: list[str], kind: str,
-            stage: str) -> tuple[list[Submitted], list[Any]]:
-    ex, extra = executor
+def _submit(cfg: Config, ex: Any, kind: str, stage: str, argvs: list[list[str]], after: list[str],
+            gpus: bool) -> tuple[list[Submitted], list[Any]]:
     if kind == "slurm":
-        deps = {"dependency": "afterok:" + ":".join(after)} if after else {}
-        ex.update_parameters(slurm_additional_parameters={**extra, **deps})
-    jobs = ex.map_array(run_cli, argvs) if len(argvs) > 1 else [ex.submit(run_cli, argvs[0])]
-    return [Submitted(stage, a, str(j.job_id), str(ex.folder)) for a, j in zip(argvs, jobs, strict=True)], jobs
+        # every sbatch option comes from sbatch_options (submitit's own names are the same with '_')
+        opts = sbatch_options(cfg, stage, gpus=gpus)
+        if after:
+            opts["dependency"] = "afterok:" + ":".join(after)
+        ex.update_parameters(slurm_additional_parameters={k.replace("-", "_"): v for k, v in opts.items()})
+    with ex.batch():  # several jobs: one job array
+        jobs = [ex.submit(MtpruneJob(tuple(a))) for a in argvs]
+    return [Submitted(stage, a, str(j.job_id), str(ex.folder), kind) for a, j in zip(argvs, jobs, strict=True)], jobs
 
 
 def submit(cfg: Config, layout: RunLayout, kind: str, stages: tuple[str, ...] = STAGES) -> list[Submitted]:
@@ -117,108 +233,120 @@ def submit(cfg: Config, layout: RunLayout, kind: str, stages: tuple[str, ...] = 
     On Slurm the whole chain is queued at once and this returns; with submitit's local executor
     (no dependencies there) each stage's jobs are awaited before the next stage is submitted.
     """
-    from .pipeline import Freshness, save_resolved_config
+    from .pipeline import Freshness
 
-    save_resolved_config(cfg, layout)
-    config_file = str(layout.resolved_config.resolve())
+    if kind == "slurm" and shutil.which("sbatch") is None:
+        raise UsageError("--launcher slurm needs Slurm's sbatch on PATH; on a machine without Slurm use "
+                         "--launcher local, or `mtprune slurm-script STAGE` to write scripts to submit elsewhere")
     fresh = Freshness(cfg, layout)
+    todo = list(stages)
+    while todo and fresh(todo[0]).fresh:
+        todo.pop(0)
+    if not todo:
+        return []
+    # everything downstream of a stage that runs is resubmitted (its job skips it if it is fresh then)
+    config_file = config_snapshot(cfg, layout)
+    log.info("jobs read the config snapshot %s", config_file)
     submitted: list[Submitted] = []
     after: list[str] = []
-    started = False
-    for stage in stages:
-        if not started and fresh(stage).fresh:
-            continue
-        started = True  # everything downstream of a stage that runs is resubmitted (it may be skipped)
-        # --launcher local: the job does the work itself instead of submitting more jobs
-        base = [stage, "-c", config_file, "--launcher", "local"]
+    for stage in todo:
         ex = _executor(cfg, layout, stage, kind)
         units = unit_names(cfg, stage)
-        if units:
-            recs, jobs = _submit(ex, [base + unit_argv(stage, u) for u in units], after, kind, stage)
+        groups = [([job_argv(stage, config_file, layout, u) for u in units], True)] if units else []
+        groups.append(([job_argv(stage, config_file, layout)], wants_gpus(stage, unit=False)))
+        for argvs, gpus in groups:
+            recs, jobs = _submit(cfg, ex, kind, stage, argvs, after, gpus)
             submitted += recs
+            _record(layout, recs)
             if kind == "submitit-local":
                 _wait(jobs, stage)
             after = [r.job_id for r in recs]
-        recs, jobs = _submit(ex, [base], after, kind, stage)
-        submitted += recs
-        if kind == "submitit-local":
-            _wait(jobs, stage)
-        after = [r.job_id for r in recs]
         log.info("%s: submitted job(s) %s", stage, ", ".join(r.job_id for r in submitted if r.stage == stage))
-    record = layout.root / "slurm" / "jobs.json"
-    old = json.loads(record.read_text()) if record.exists() else []
-    atomic_write_text(record, json.dumps(old + [r.__dict__ for r in submitted], indent=1))
     return submitted
+
+
+def _record(layout: RunLayout, recs: list[Submitted]) -> None:
+    record = jobs_record(layout)
+    old = json.loads(record.read_text()) if record.exists() else []
+    atomic_write_text(record, json.dumps(old + [r.__dict__ for r in recs], indent=1))
 
 
 def _wait(jobs: list[Any], stage: str) -> None:
     for j in jobs:
         try:
             j.result()
-        except Exception as e:  # submitit wraps the job's own error
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise StageError(f"{stage}: job {j.job_id} failed: {last[:300]} (logs: {j.paths.stderr})") from None
+        except Exception as e:  # submitit wraps the job's own error (MtpruneJob's) in its traceback
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            ours = [ln.removeprefix("RuntimeError: ") for ln in lines if ln.startswith("RuntimeError: `mtprune ")]
+            reason = ours[-1] if ours else lines[0]
+            raise StageError(f"{stage}: job {j.job_id} failed: {reason[:300]} (logs: {j.paths.stderr})") from None
+
+
+# ---- job states --------------------------------------------------------------------------------
+
+SLURM_STATES = {"PENDING": "queued", "REQUEUED": "queued", "CONFIGURING": "queued", "RESIZING": "queued",
+                "SUSPENDED": "queued", "RUNNING": "running", "COMPLETING": "running", "COMPLETED": "done",
+                "FAILED": "failed", "NODE_FAIL": "failed", "BOOT_FAIL": "failed", "OUT_OF_MEMORY": "oom",
+                "TIMEOUT": "timeout", "DEADLINE": "timeout", "PREEMPTED": "preempted", "CANCELLED": "cancelled"}
+
+
+def _state(job: Any, slurm_state: str | None) -> str:
+    if slurm_state and slurm_state.split()[0].upper() in SLURM_STATES:  # "CANCELLED by 1234"
+        return SLURM_STATES[slurm_state.split()[0].upper()]
+    # Slurm cannot tell (a local job, no sacct, a job gone from accounting): submitit's own outcome
+    if job.paths.result_pickle.exists():
+        return "done" if job.exception() is None else "failed"
+    return "started" if job.paths.stdout.exists() else "queued"
 
 
 def job_states(layout: RunLayout) -> list[tuple[str, str, str, str]]:
-    """(stage, job id, state, command) of every recorded job, read from submitit's job folders."""
-    import pickle
-
-    record = layout.root / "slurm" / "jobs.json"
+    """(stage, job id, state, command) of every recorded job, as Slurm (sacct) or submitit reports it."""
+    record = jobs_record(layout)
     if not record.exists():
         return []
+    import submitit
+
+    records = json.loads(record.read_text())
+    jobs = [(submitit.LocalJob if r.get("launcher") == "submitit-local" else submitit.SlurmJob)(
+        folder=r["folder"], job_id=r["job_id"]) for r in records]
+    slurm_jobs = [j for j in jobs if isinstance(j, submitit.SlurmJob)]
+    ask_slurm = bool(slurm_jobs) and shutil.which("sacct") is not None
+    if ask_slurm:
+        slurm_jobs[0].get_info(mode="force")  # one sacct call answers for every job registered above
     out = []
-    for r in json.loads(record.read_text()):
-        folder = Path(r["folder"])
-        jid = r["job_id"]
-        results = list(folder.glob(f"{jid}_*result.pkl")) + list(folder.glob(f"{jid}_result.pkl"))
-        if results:
-            try:
-                with open(results[0], "rb") as f:
-                    state = "done" if pickle.load(f)[0] == "success" else "failed"
-            except Exception:  # a half-written result file
-                state = "unknown"
-        elif list(folder.glob(f"{jid}_*log.out")) or list(folder.glob(f"{jid}_log.out")):
-            state = "running"
-        else:
-            state = "queued"
-        out.append((r["stage"], jid, state, " ".join(r["argv"][:1] + r["argv"][5:])))
+    for r, j in zip(records, jobs, strict=True):
+        asked = ask_slurm and isinstance(j, submitit.SlurmJob)
+        slurm_state = j.get_info(mode="cache").get("State") if asked else None
+        out.append((r["stage"], r["job_id"], _state(j, slurm_state), short_command(r["argv"])))
     return out
 
 
 # ---- plain sbatch scripts ----------------------------------------------------------------------
 
-def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: str) -> str:
-    """A self-contained sbatch script for one stage (a job array where the stage has units)."""
+def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path, *, finish: bool = False) -> str:
+    """A self-contained sbatch script for one stage: the same command line and sbatch options as
+    the job submitit would submit (a job array where the stage has units; ``finish``: the job
+    after the array, which merges the units and writes the manifest)."""
     if stage not in STAGES:
         raise UsageError(f"slurm-script: unknown stage {stage!r} (one of {', '.join(STAGES)})")
-    s = cfg.launch.slurm
-    units = unit_names(cfg, stage)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=mtprune-{stage}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
-             f"#SBATCH --cpus-per-task={s.cpus_per_task}", f"#SBATCH --mem={s.mem_gb}G",
-             f"#SBATCH --time={s.time_min}", f"#SBATCH --output={layout.root}/slurm/{stage}/%A_%a.out"]
-    if stage in GPU_STAGES and s.gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={s.gpus_per_node}")
-    for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
-        if value:
-            lines.append(f"#SBATCH --{key}={value}")
-    lines += [f"#SBATCH --{e.split('=', 1)[0]}={e.split('=', 1)[1]}" for e in s.extra]
+    units = [] if finish else unit_names(cfg, stage)
+    if finish and stage not in UNIT_STAGES:
+        raise UsageError(f"slurm-script {stage}: --finish is for the stages with a job array "
+                         f"({', '.join(UNIT_STAGES)}); `slurm-script {stage}` is the whole stage")
+    folder = job_folder(layout, stage).resolve()
+    opts = sbatch_options(cfg, stage, gpus=wants_gpus(stage, unit=bool(units)))
     if units:
-        lines.append(f"#SBATCH --array=0-{len(units) - 1}%{s.array_parallelism}")
-    lines += ["", "set -euo pipefail", f"mkdir -p {shlex.quote(str(layout.root / 'slurm' / stage))}",
-              f"CONFIG={shlex.quote(config_file)}"]
-    cmd = f"mtprune {stage} -c \"$CONFIG\" --launcher local"
+        opts["array"] = array_option(len(units), cfg.launch.slurm.array_parallelism)
+    opts["output"] = f"{folder}/%A_%a.out" if units else f"{folder}/%j.out"
+    lines = ["#!/bin/bash"] + [sbatch_line(k, v) for k, v in opts.items()]
+    lines += ["", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}  # relative paths in the config"]
     if units:
         quoted = " ".join(shlex.quote(u) for u in units)
         flag = "--shard" if stage == "score" else "--unit"
+        cmd = shlex.join(job_command(job_argv(stage, config_file, layout)))
         lines += [f"UNITS=({quoted})", f"srun {cmd} {flag} \"${{UNITS[$SLURM_ARRAY_TASK_ID]}}\"",
-                  f"# when every array task has finished, `{cmd}` (no {flag}) writes the stage's manifest"]
+                  f"# when every array task has finished, `mtprune slurm-script {stage} --finish` is the job "
+                  "that writes the stage's manifest"]
     else:
-        lines.append(f"srun {cmd}")
+        lines.append(f"srun {shlex.join(job_command(job_argv(stage, config_file, layout)))}")
     return "\n".join(lines) + "\n"
-
-
-def wait_note(submitted: list[Submitted]) -> str:
-    last = submitted[-1].job_id if submitted else "-"
-    return (f"submitted {len(submitted)} job(s); the sweep ends with job {last}. "
-            f"`mtprune status` shows where it stands ({time.strftime('%H:%M:%S')})")

@@ -13,7 +13,10 @@
 #          --set launch.slurm.gpus_per_node=8 --set launch.score_shards=8
 #      mtprune status -c configs/blog.yaml          # fresh / stale per stage, and every job's state
 #
-# 2. Submit by hand: write one plain sbatch script per stage and chain them with dependencies.
+# 2. Submit by hand: write one plain sbatch script per stage (plus, for the stages with a job array,
+#    the job that runs after the array) and chain them with dependencies. Each script runs the same
+#    command line, with the same sbatch options, as option 1 would submit, and reads a snapshot of the
+#    config under <run>/slurm/ that no later command rewrites.
 set -euo pipefail
 cfg=(-c configs/blog.yaml --set download.source=local:/data/opus-100
      --set launch.slurm.partition=gpu --set launch.slurm.gpus_per_node=8)
@@ -21,14 +24,13 @@ mkdir -p sbatch
 for stage in download prepare proxy score prune train evaluate report; do
   mtprune slurm-script "$stage" "${cfg[@]}" > "sbatch/$stage.sbatch"
 done
-# stages with an array (proxy, score, train) are followed by the plain command, which merges the
-# units and writes the stage's manifest; each job starts only when the previous one succeeded
-prev=$(sbatch --parsable sbatch/download.sbatch)
-prev=$(sbatch --parsable --dependency=afterok:"$prev" sbatch/prepare.sbatch)
-for stage in proxy score train; do
-  if [ "$stage" = train ]; then prev=$(sbatch --parsable --dependency=afterok:"$prev" sbatch/prune.sbatch); fi
-  arr=$(sbatch --parsable --dependency=afterok:"$prev" "sbatch/$stage.sbatch")
-  prev=$(sbatch --parsable --dependency=afterok:"$arr" --wrap "mtprune $stage ${cfg[*]} --launcher local")
+for stage in proxy score train; do  # merges the units and writes the stage's manifest; holds no GPUs
+  mtprune slurm-script "$stage" --finish "${cfg[@]}" > "sbatch/$stage-finish.sbatch"
 done
-prev=$(sbatch --parsable --dependency=afterok:"$prev" sbatch/evaluate.sbatch)
-sbatch --dependency=afterok:"$prev" sbatch/report.sbatch
+# each job starts only when the one before succeeded; a failed one cancels the rest (kill-on-invalid-dep)
+prev=""
+for script in download prepare proxy proxy-finish score score-finish prune train train-finish evaluate report; do
+  prev=$(sbatch --parsable ${prev:+--dependency=afterok:"$prev"} "sbatch/$script.sbatch")
+  prev=${prev%%;*}  # --parsable prints "id;cluster" on multi-cluster setups
+done
+echo "submitted; the sweep ends with job $prev (squeue -u \"\$USER\" shows the jobs, mtprune status the stages)"

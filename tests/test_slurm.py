@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import TINY, cli
+from conftest import TINY, cli, error_lines
 from mtprune.layout import STAGES, RunLayout
+
+FAKE_SACCT = """#!/bin/bash
+# stands in for Slurm's sacct: answers from a file of JobID|State|NodeList lines
+echo "JobID|State|NodeList"
+cat "$SACCT_STATES" 2>/dev/null || true
+"""
 
 FAKE_SBATCH = """#!/bin/bash
 # stands in for Slurm's sbatch: remembers the script, answers like sbatch does
@@ -30,12 +39,22 @@ def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     log.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH)
     (bin_dir / "srun").write_text("#!/bin/bash\nexit 0\n")  # submitit looks for it before submitting
-    for tool in ("sbatch", "srun"):
+    (bin_dir / "sacct").write_text(FAKE_SACCT)
+    for tool in ("sbatch", "srun", "sacct"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SBATCH_COUNTER", str(tmp_path / "counter"))
     monkeypatch.setenv("SBATCH_LOG", str(log))
+    monkeypatch.setenv("SACCT_STATES", str(tmp_path / "sacct-states"))
     return log
+
+
+def sbatch_options_of(script: str) -> dict[str, str]:
+    return dict(line[len("#SBATCH --"):].split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH --"))
+
+
+def submitted_scripts(log: Path) -> list[str]:
+    return [p.read_text() for p in sorted(log.glob("job*.sh"), key=lambda p: int(p.stem[3:]))]
 
 
 def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path, tmp_path: Path) -> None:
@@ -58,6 +77,11 @@ def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path
     assert f"#SBATCH --dependency=afterok:{proxy_array[0]}_0:{proxy_array[0]}_1" in proxy_final[1]
     assert "#SBATCH --array=0-2%3" in by_stage["score"][0][1]
     assert "#SBATCH --gpus-per-node=4" in proxy_array[1] and "gpus-per-node" not in by_stage["prune"][0][1]
+    # jobs that only finish a stage (manifest, merging shards) hold no GPUs; evaluate does
+    for stage in ("proxy", "score", "train"):
+        array, final = by_stage[stage]
+        assert "#SBATCH --gpus-per-node=4" in array[1] and "gpus-per-node" not in final[1], stage
+    assert "#SBATCH --gpus-per-node=4" in by_stage["evaluate"][0][1]
     assert "#SBATCH --partition=gpu" in by_stage["report"][0][1]
     assert "#SBATCH --constraint=a100" in by_stage["train"][0][1]
     assert "#SBATCH --kill-on-invalid-dep=yes" in by_stage["evaluate"][0][1]
@@ -65,6 +89,15 @@ def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path
     assert not RunLayout(run).stage_dir("download").exists()  # submitted, not run
     code, out = cli("status", "-c", str(TINY), "--run-dir", str(run))
     assert "queued" in out and "train --unit full" in out
+
+    # states as Slurm's accounting reports them
+    (tmp_path / "sacct-states").write_text(
+        "101|COMPLETED|n1\n102|FAILED|n1\n103_0|RUNNING|n2\n103_1|CANCELLED by 1000|\n104|PENDING|\n")
+    code, out = cli("status", "-c", str(TINY), "--run-dir", str(run))
+    states = {line.split()[0]: line.split()[1] for line in out.splitlines() if line[:3].strip().isdigit()}
+    assert states["101"] == "done" and states["102"] == "failed" and states["104"] == "queued"
+    assert states["103_0"] == "running" and states["103_1"] == "cancelled"
+    assert states["105_0"] == "queued"  # not in accounting (yet) and no log: submitit has no outcome either
 
 
 def test_slurm_without_sbatch_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,10 +117,103 @@ def test_sbatch_scripts_are_valid_bash_with_the_configured_resources(stage: str,
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for line in ("#SBATCH --partition=big", "#SBATCH --account=mt", "#SBATCH --mem=200G", "#SBATCH --time=90"):
         assert line in out
-    assert f"mtprune {stage} -c" in out and "--launcher local" in out
+    assert f"-m mtprune {stage} -c {tmp_path / 'run' / 'slurm' / 'config-'}" in out and "--launcher local" in out
+    assert "config.resolved.yaml" not in out
     assert ("#SBATCH --gpus-per-node=1" in out) == (stage in ("proxy", "score", "train", "evaluate"))
     if stage == "proxy":
-        assert "#SBATCH --array=0-1%8" in out and "UNITS=(seed1 seed2)" in out
+        assert "#SBATCH --array=0-1%2" in out and "UNITS=(seed1 seed2)" in out  # as submitit writes it
+
+
+def test_submitit_jobs_and_sbatch_scripts_ask_for_the_same_resources(fake_sbatch: Path, tmp_path: Path) -> None:
+    import submitit
+
+    run = tmp_path / "run"
+    sets = ["-c", str(TINY), "--run-dir", str(run), "--set", "launch.slurm.partition=gpu",
+            "--set", "launch.slurm.account=mt", "--set", "launch.slurm.qos=high",
+            "--set", "launch.slurm.gpus_per_node=4", "--set", "launch.slurm.cpus_per_task=3",
+            "--set", "launch.slurm.mem_gb=20", "--set", "launch.slurm.time_min=30",
+            "--set", "launch.slurm.array_parallelism=1", "--set", "launch.slurm.extra=[constraint=a100,mail-type=END]"]
+    only_submitit = {"error", "open-mode", "signal", "wckey", "output"}  # submitit's own plumbing
+    for stage, variants in (("proxy", [[], ["--finish"]]), ("evaluate", [[]]), ("prune", [[]])):
+        before = len(submitted_scripts(fake_sbatch))
+        code, out = cli(stage, *sets, "--launcher", "slurm")
+        assert code == 0, out
+        by_submitit = submitted_scripts(fake_sbatch)[before:]
+        assert len(by_submitit) == len(variants)
+        for submitted, variant in zip(by_submitit, variants, strict=True):
+            code, script = cli("slurm-script", stage, *variant, *sets)
+            assert code == 0, script
+            theirs = {k: v for k, v in sbatch_options_of(submitted).items() if k not in only_submitit}
+            ours = {k: v for k, v in sbatch_options_of(script).items() if k != "output"}
+            if variant:  # the finishing job waits for the array (a hand-written chain adds this to sbatch)
+                assert theirs.pop("dependency") == "afterok:101_0:101_1"
+            assert theirs == ours, (stage, variant)
+            assert ours["kill-on-invalid-dep"] == "yes" and ours["partition"] == "gpu" and ours["qos"] == "high"
+            assert ours["account"] == "mt" and ours["cpus-per-task"] == "3" and ours["mem"] == "20G"
+            assert ours["time"] == "30" and ours["constraint"] == "a100" and ours["mail-type"] == "END"
+            assert ("gpus-per-node" in ours) == (stage == "evaluate" or (stage == "proxy" and not variant))
+            if stage == "proxy" and not variant:
+                assert ours["array"] == "0-1%1"
+    # the submitted job runs exactly the command line of the script (the unit substituted)
+    jobs = json.loads((run / "slurm" / "jobs.json").read_text())
+    seed2 = next(j for j in jobs if j["argv"][-2:] == ["--unit", "seed2"])
+    fn = submitit.SlurmJob(seed2["folder"], seed2["job_id"]).submission().function
+    code, script = cli("slurm-script", "proxy", *sets)
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    expected = srun.replace('"${UNITS[$SLURM_ARRAY_TASK_ID]}"', "seed2")
+    assert "srun " + shlex.join(fn.command) == expected
+    assert fn.command[:4] == [sys.executable, "-m", "mtprune", "proxy"]
+
+
+def test_jobs_read_a_config_snapshot_of_their_submission(fake_sbatch: Path, tmp_path: Path) -> None:
+    import submitit
+
+    run = tmp_path / "run"
+    common = ["-c", str(TINY), "--run-dir", str(run)]
+    code, out = cli("sweep", *common, "--launcher", "slurm", "--set", "prune.sparsities=[0.2]")
+    assert code == 0, out
+    first = json.loads((run / "slurm" / "jobs.json").read_text())
+    configs = {j["argv"][j["argv"].index("-c") + 1] for j in first}
+    assert len(configs) == 1
+    snapshot = Path(configs.pop())
+    assert snapshot.parent == (run / "slurm").resolve()
+    assert yaml.safe_load(snapshot.read_text())["prune"]["sparsities"] == [0.2]
+    text = snapshot.read_text()
+    # the run's resolved config names what finished artifacts came from: submitting does not touch it
+    assert not RunLayout(run).resolved_config.exists()
+
+    # a later submission (or script) with other settings does not change what the queued jobs read
+    code, out = cli("sweep", *common, "--launcher", "slurm", "--set", "prune.sparsities=[0.4]")
+    assert code == 0, out
+    code, script = cli("slurm-script", "prune", *common, "--set", "prune.sparsities=[0.3]")
+    assert code == 0, script
+    assert snapshot.read_text() == text
+    assert len(list((run / "slurm").glob("config-*.yaml"))) == 3
+    job = submitit.SlurmJob(first[-1]["folder"], first[-1]["job_id"])
+    assert job.submission().function.argv[:3] == ("report", "-c", str(snapshot))
+
+
+def test_slurm_module_does_not_import_the_cli() -> None:
+    import ast
+
+    import mtprune.slurm
+
+    tree = ast.parse(Path(mtprune.slurm.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and (m == "cli" or m.endswith(".cli"))}, "import circle with mtprune.cli"
+
+
+def test_a_failed_submitit_local_job_is_one_line_and_shows_as_failed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["-c", str(TINY), "--run-dir", str(run)]
+    code, out = cli("prepare", *sets, "--launcher", "submitit-local")  # download has not run
+    assert code == 1, out
+    lines = error_lines(out)
+    assert len(lines) == 1 and "prepare: job" in lines[0], out
+    assert "`mtprune prepare` exited with 2" in lines[0] and "upstream stage 'download' is missing" in lines[0]
+    code, out = cli("status", *sets)
+    assert [line.split()[1] for line in out.splitlines() if "prepare" in line and "jobs" not in line][-1] == "failed"
 
 
 @pytest.mark.slow
