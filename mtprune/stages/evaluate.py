@@ -14,7 +14,7 @@ from ..batching import length_batches
 from ..config import Config
 from ..errors import InputError
 from ..layout import RunLayout
-from ..manifest import atomic_write_text
+from ..manifest import atomic_write_text, stat_key
 from ..pipeline import Manifest, StageResult
 from .prepare import read_lines, tag, tasks
 from .train import models
@@ -28,8 +28,7 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
     out = {}
     for t in cfg.evaluate.extra_test_sets:
         for f in (t.src, t.ref):
-            p = Path(f)
-            out[f] = f"{p.stat().st_size}:{int(p.stat().st_mtime)}" if p.is_file() else "missing"
+            out[f] = stat_key(Path(f))
     return out
 
 
