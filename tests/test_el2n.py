@@ -57,3 +57,35 @@ def test_segment_mean() -> None:
     v = torch.tensor([1.0, 3.0, 10.0, 2.0])
     seg = torch.tensor([0, 0, 2, 2])
     assert segment_mean(v, seg, 3).tolist() == [2.0, 0.0, 6.0]
+
+
+def test_bf16_autocast_on_a_real_checkpoint_stays_within_the_documented_tolerance(tiny_run) -> None:
+    """score.py on cuda: the model under bf16 autocast, the reduction in float32 (here CPU autocast)."""
+    import numpy as np
+
+    from mtprune.fairseq_backend import load_model, load_train_pairs
+    from mtprune.layout import RunLayout
+    from mtprune.stages.score import collate, score_batch
+
+    L = RunLayout(tiny_run)
+    ckpt = L.proxy_checkpoint(1, 20)
+    model = load_model(ckpt, L.data_bin, "cpu")[0]
+    model64 = load_model(ckpt, L.data_bin, "cpu")[0].double()
+    src, tgt, d = load_train_pairs(L.data_bin)
+    n = 60
+    batch = collate(src, tgt, np.arange(n), d.pad(), d.eos())
+    mask = batch["target"].ne(d.pad())
+    rows = mask.nonzero()[:, 0]
+    with torch.inference_mode():
+        pair_e, pair_n, tok_e, tok_n = score_batch(model, batch, d.pad(), 13, "cpu", torch.bfloat16)
+        fp32_e = score_batch(model, batch, d.pad(), 13, "cpu", None)[2]
+        logits, _ = model64(batch["src_tokens"], batch["src_lengths"], batch["prev"])
+    assert logits.dtype == torch.float64
+    ref_e, ref_n = reference_el2n_nll(logits[mask], batch["target"][mask])
+    assert (tok_e.double() - fp32_e.double()).abs().max() > 1e-6  # autocast did run the model in bf16
+    # the tolerances score.py documents (measured here: 2.6e-4, 2.7e-3, 3e-5, 5e-4)
+    assert (tok_e.double() - ref_e).abs().max() <= 1e-3
+    assert ((tok_n.double() - ref_n).abs() / ref_n).max() <= 1e-2
+    assert (pair_e - segment_mean(ref_e, rows, n)).abs().max() <= 2e-4
+    ref_pair_n = segment_mean(ref_n, rows, n)
+    assert ((pair_n - ref_pair_n).abs() / ref_pair_n).max() <= 2e-3

@@ -13,7 +13,7 @@ from mtprune.errors import UsageError
 from mtprune.fairseq_backend import load_model, load_train_pairs
 from mtprune.layout import RunLayout
 from mtprune.stages.prepare import read_lines
-from mtprune.stages.score import collate, score_batch
+from mtprune.stages.score import collate, score_batch, score_dataset
 
 
 def cfg_for(run: Path, *sets: str):
@@ -60,18 +60,41 @@ def _model_and_data(run: Path):
     return model, src, tgt, d
 
 
-def test_scores_equal_a_float64_onehot_reference_on_a_real_model(tiny_run: Path) -> None:
-    model, src, tgt, d = _model_and_data(tiny_run)
-    idx = np.arange(0, 40)
-    batch = collate(src, tgt, idx, d.pad(), d.eos())
+def _fairseq_batch(run: Path, idx: np.ndarray) -> tuple[object, dict]:
+    """The proxy model and the batch fairseq's own training builds: the task's dataset and its collater."""
+    L = RunLayout(run)
+    model, task = load_model(L.proxy_checkpoint(1, 20), L.data_bin, "cpu")
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    return model, ds.collater([ds[int(i)] for i in idx])
+
+
+def test_batches_are_laid_out_as_fairseqs_collater_lays_them_out(tiny_run: Path) -> None:
+    _, src, tgt, d = _model_and_data(tiny_run)
+    idx = np.arange(40)
+    _, sample = _fairseq_batch(tiny_run, idx)
+    ours = collate(src, tgt, idx, d.pad(), d.eos())
+    rows = sample["id"].numpy()  # fairseq reorders a batch by source length
+    assert torch.equal(ours["src_tokens"][rows], sample["net_input"]["src_tokens"])
+    assert torch.equal(ours["src_lengths"][rows], sample["net_input"]["src_lengths"])
+    assert torch.equal(ours["prev"][rows], sample["net_input"]["prev_output_tokens"])
+    assert torch.equal(ours["target"][rows], sample["target"])
+
+
+def test_scores_equal_a_float64_reference_on_fairseqs_own_batches(tiny_run: Path) -> None:
+    _, src, tgt, d = _model_and_data(tiny_run)
+    idx = np.random.default_rng(0).permutation(len(tgt))[:60]
+    model, sample = _fairseq_batch(tiny_run, idx)
     with torch.inference_mode():
-        s_el2n, s_nll, _, _ = score_batch(model, batch, d.pad(), chunk_tokens=13, device="cpu", dtype=None)
-        logits, _ = model(batch["src_tokens"], batch["src_lengths"], batch["prev"])
-    for k in range(len(idx)):
-        mask = batch["target"][k].ne(d.pad())
-        e, n = reference_el2n_nll(logits[k][mask], batch["target"][k][mask])
-        assert abs(float(s_el2n[k]) - float(e.mean())) <= 1e-5 * float(e.mean())
-        assert abs(float(s_nll[k]) - float(n.mean())) <= 1e-5 * float(n.mean())
+        logits, _ = model(**sample["net_input"])
+        # the whole scoring loop: our batching (several batches at 300 tokens), collate, chunks of 13 tokens
+        res = score_dataset([model], src, tgt, d, idx, batch_tokens=300, chunk_tokens=13, device="cpu", dtype=None)
+    got = dict(zip(idx.tolist(), zip(res["el2n"][:, 0], res["nll"][:, 0], strict=True), strict=True))
+    for row, i in enumerate(sample["id"].tolist()):
+        mask = sample["target"][row].ne(d.pad())
+        e, n = reference_el2n_nll(logits[row][mask], sample["target"][row][mask])
+        assert abs(got[i][0] - float(e.mean())) <= 1e-5 * float(e.mean()), i
+        assert abs(got[i][1] - float(n.mean())) <= 1e-5 * float(n.mean()), i
 
 
 def test_a_pair_scores_the_same_alone_and_inside_a_padded_batch(tiny_run: Path) -> None:
@@ -118,7 +141,9 @@ def test_dump_tokens_writes_per_token_values(tiny_copy: Path) -> None:
     np.testing.assert_allclose(means[scores["sentence_id"]].to_numpy(), scores["el2n"].to_numpy(), rtol=1e-5)
 
 
-def test_corrupt_checkpoint_is_one_line_and_leaves_nothing_finished(tiny_copy: Path) -> None:
+def test_a_checkpoint_changed_after_proxy_makes_score_refuse_in_one_line(tiny_copy: Path) -> None:
+    # a truncated file changes size, so score stops at the upstream check and never loads it; a corrupt
+    # checkpoint of unchanged size and mtime, which score does load, is test_bad_input's test_corrupt_checkpoint
     L = RunLayout(tiny_copy)
     shutil.rmtree(L.stage_dir("score"))
     ck = L.proxy_checkpoint(2, 10)
@@ -126,8 +151,7 @@ def test_corrupt_checkpoint_is_one_line_and_leaves_nothing_finished(tiny_copy: P
     code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy))
     assert code == 2, out
     assert len(error_lines(out)) == 1
-    # the truncated file changed size: the proxy stage is no longer fresh, and score says so
-    assert "proxy" in error_lines(out)[0]
+    assert "upstream stage 'proxy' is stale" in error_lines(out)[0]
     assert not L.scores.exists() and not L.manifest("score").exists()
 
 
@@ -141,13 +165,18 @@ def test_corrupt_checkpoint_file_is_named(tiny_copy: Path, tmp_path: Path) -> No
 
 def test_checkpoint_with_another_dictionary_is_refused(tiny_copy: Path, tmp_path: Path) -> None:
     L = RunLayout(tiny_copy)
-    other = tmp_path / "data-bin"
-    shutil.copytree(L.data_bin, other)
+    bigger, same_size = tmp_path / "bigger", tmp_path / "same-size"
+    for other in (bigger, same_size):
+        shutil.copytree(L.data_bin, other)
     for name in ("dict.src.txt", "dict.tgt.txt"):
-        with open(other / name, "a") as f:
+        with open(bigger / name, "a") as f:
             f.write("".join(f"extra{i} 1\n" for i in range(20)))
-    with pytest.raises(UsageError, match="different dictionary"):
-        load_model(L.proxy_checkpoint(1, 10), other, "cpu")
+        lines = (same_size / name).read_text().splitlines(keepends=True)
+        lines[10], lines[11] = lines[11], lines[10]  # two pieces trade ids: the same size, another dictionary
+        (same_size / name).write_text("".join(lines))
+    for other in (bigger, same_size):
+        with pytest.raises(UsageError, match="different dictionary"):
+            load_model(L.proxy_checkpoint(1, 10), other, "cpu")
 
 
 def test_score_without_proxy_checkpoints(tmp_path: Path, tiny_run: Path) -> None:

@@ -3,6 +3,11 @@
 One pass over length-bucketed batches runs every proxy checkpoint on each batch (while they fit
 in memory), projects only non-padding decoder states to the vocabulary, chunk by chunk, and
 reduces each chunk to two numbers per token at once (see ``el2n.py``).
+
+On a GPU with ``score.precision`` bf16 (or fp16) the model runs under autocast, the vocabulary
+projection included, and the EL2N/NLL reduction in float32. Against a float64 model and reference
+the error stays within 1e-3 (absolute) per token and 2e-4 per pair for EL2N, 1 % per token and
+0.2 % per pair (relative) for NLL; ``tests/test_el2n.py`` checks this under CPU bf16 autocast.
 """
 
 from __future__ import annotations
