@@ -1,7 +1,15 @@
 """Running a stage's independent work units (proxy seeds, retraining runs) on this machine.
 
-A unit is done when its folder holds ``done.json`` with the unit's key; a unit whose folder
-holds another key (the config changed) is cleared and redone; an unfinished one resumes.
+A unit is done when its folder holds ``done.json`` with the unit's key (the settings its result
+depends on) and every output file it lists is still there with its recorded size and (when its
+mtime moved) its recorded sha256; a missing or damaged output is redone. Finished work is never
+destroyed before its replacement is complete: a unit whose folder holds finished work (for other
+settings, or damaged) runs in a staging folder next to it (``.<name>.next/``, resumed if
+interrupted with the same key) that is swapped into place only once its outputs are complete.
+An unfinished unit with the same key resumes in its own folder.
+
+Whoever runs a unit holds its lock (see ``lock.py``) and makes sure that no plain stage command
+holds the run lock, unless that is this very process.
 """
 
 from __future__ import annotations
@@ -16,39 +24,151 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import Config, is_speed_only
+from .errors import StageError
 from .faults import crash_point
-from .manifest import atomic_write_text
+from .lock import RunLock, check_free, held_command, unit_lock_path
+from .manifest import atomic_write_text, file_sha256
 
 log = logging.getLogger("mtprune")
+
+DONE = "done.json"
+KEY = "unit.json"
 
 
 @dataclass
 class Unit:
-    name: str
+    name: str  # "<stage> <folder name>": "proxy seed2", "train el2n-high-0.3"
     folder: Path
     key: dict[str, Any]
-    work: Callable[[int], dict[str, Any]]  # threads -> result recorded in done.json
+    work: Callable[[Path, int], dict[str, Any]]  # (folder to write in, threads) -> result recorded in done.json
+    outputs: list[str]  # files the work leaves in its folder; the unit is done only while they are intact
+    run_lock: Path  # the run directory's lock: a unit never runs beside a plain stage command of another process
 
 
-def unit_result(folder: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+def unit_settings(cfg: Config, *sections: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Config sections as plain data less speed-only settings and the dotted keys in ``exclude``
+    (settings that select units rather than change one): what a unit's result depends on."""
+
+    def drop(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in tree.items():
+            key = prefix + k
+            if is_speed_only(key) or key in exclude:
+                continue
+            out[k] = drop(v, key + ".") if isinstance(v, dict) else v
+        return out
+
+    return drop(cfg.section(*sections), "")
+
+
+def staging_dir(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.next")
+
+
+def _aside_dir(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _read_json(path: Path) -> Any:
     try:
-        done = json.loads((folder / "done.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return done.get("result") if done.get("key") == key else None
 
 
-def _prepare_folder(unit: Unit) -> None:
-    key_file = unit.folder / "unit.json"
-    try:
-        old = json.loads(key_file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        old = None
-    if old != unit.key and unit.folder.exists():
-        log.info("%s: settings changed, starting over", unit.name)
-        shutil.rmtree(unit.folder)
-    unit.folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(key_file, json.dumps(unit.key, sort_keys=True))
+def fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
+
+
+def unit_state(u: Unit, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(result, None) when ``folder`` holds ``u`` finished with its current key and intact outputs;
+    (None, problem) when it was finished with this key but an output is missing or damaged;
+    (None, None) when it holds no finished work for this key."""
+    done = _read_json(folder / DONE)
+    if not isinstance(done, dict) or done.get("key") != u.key:
+        return None, None
+    recorded = done.get("outputs")
+    if not isinstance(recorded, dict):
+        return None, f"{DONE} does not record its outputs (written by an older mtprune)"
+    for name in u.outputs:
+        p, entry = folder / name, recorded.get(name)
+        try:
+            st = p.stat()
+        except OSError:
+            return None, f"{name} is missing"
+        if not isinstance(entry, dict) or "bytes" not in entry:
+            return None, f"{name} is not recorded in {DONE}"
+        if st.st_size != entry["bytes"]:
+            return None, f"{name} is damaged ({st.st_size} bytes, {entry['bytes']} when it was written)"
+        if st.st_mtime_ns != entry.get("mtime_ns") and file_sha256(p) != entry.get("sha256"):
+            return None, f"{name} is damaged (its content changed since it was written)"
+    result = done.get("result")
+    return (result if isinstance(result, dict) else {}), None
+
+
+def _swap_in(u: Unit, staged: Path) -> None:
+    """Replace the unit's folder by ``staged`` (complete, with done.json); the old one is removed last."""
+    aside = _aside_dir(u.folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    if u.folder.exists():
+        os.replace(u.folder, aside)
+    crash_point(f"unit-swap:{u.name}")
+    os.replace(staged, u.folder)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover(u: Unit) -> None:
+    """Finish a swap that a killed run left halfway, and swap in a staged unit that finished."""
+    aside, staged = _aside_dir(u.folder), staging_dir(u.folder)
+    if not u.folder.exists() and aside.exists():
+        if (staged / DONE).exists():
+            os.replace(staged, u.folder)
+        else:
+            os.replace(aside, u.folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    if staged.exists() and unit_state(u, staged)[0] is not None:
+        log.info("%s: finished in %s before a stop, moving it into place", u.name, staged.name)
+        _swap_in(u, staged)
+
+
+def _work_folder(u: Unit, redo: bool) -> Path:
+    """Where to run ``u``: its own folder unless that holds finished work, then the staging folder.
+    A folder whose unit.json names other settings holds unfinished work of those: it starts over."""
+    target = u.folder
+    if redo or (u.folder / DONE).exists():
+        target = staging_dir(u.folder)
+    if target.exists() and _read_json(target / KEY) != u.key:
+        if target == u.folder:
+            log.info("%s: settings changed, starting over", u.name)
+        shutil.rmtree(target)
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target / KEY, json.dumps(u.key, sort_keys=True))
+    return target
+
+
+def _run_one(u: Unit, threads: int) -> dict[str, Any]:
+    _recover(u)
+    result, problem = unit_state(u, u.folder)
+    if result is not None:
+        return result
+    if problem:
+        log.warning("%s: %s, redoing it", u.name, problem)
+    folder = _work_folder(u, redo=problem is not None)
+    if folder != u.folder:
+        log.info("%s: running in %s; %s stays as it is until this run is complete",
+                 u.name, folder.name, u.folder.name)
+    result = u.work(folder, threads)
+    missing = [n for n in u.outputs if not (folder / n).is_file()]
+    if missing:
+        raise StageError(f"{u.name}: finished without writing {', '.join(missing)} (see {folder / 'train.log'})")
+    crash_point(f"unit-done:{u.name}")
+    done = {"key": u.key, "result": result, "outputs": {n: fingerprint(folder / n) for n in u.outputs}}
+    atomic_write_text(folder / DONE, json.dumps(done, sort_keys=True))
+    if folder != u.folder:
+        _swap_in(u, folder)
+    return result
 
 
 def plan_parallel(n_units: int, parallel: int, use_cuda: bool) -> tuple[int, int]:
@@ -61,28 +181,26 @@ def plan_parallel(n_units: int, parallel: int, use_cuda: bool) -> tuple[int, int
 
 
 def run_units(units: list[Unit], parallel: int, use_cuda: bool) -> dict[str, dict[str, Any]]:
-    results: dict[str, dict[str, Any]] = {}
     todo = []
     for u in units:
-        r = unit_result(u.folder, u.key)
-        if r is not None:
+        result, _ = unit_state(u, u.folder)
+        if result is not None:
             log.info("%s: already done, skipping", u.name)
-            results[u.name] = r
         else:
             todo.append(u)
-    if not todo:
-        return results
-    procs, threads = plan_parallel(len(todo), parallel, use_cuda)
-    log.info("running %d unit(s), %d at a time with %d thread(s) each", len(todo), procs, threads)
+    procs, threads = plan_parallel(max(1, len(todo)), parallel, use_cuda)
+    if todo:
+        log.info("running %d unit(s), %d at a time with %d thread(s) each", len(todo), procs, threads)
 
     def one(u: Unit) -> tuple[str, dict[str, Any]]:
-        _prepare_folder(u)
-        result = u.work(threads)
-        crash_point(f"unit-done:{u.name}")
-        atomic_write_text(u.folder / "done.json", json.dumps({"key": u.key, "result": result}, sort_keys=True))
-        return u.name, result
+        stage, _, unit = u.name.partition(" ")
+        command = held_command() or f"{stage} --unit {unit}"
+        with RunLock(unit_lock_path(u.folder), command, subject=u.name):
+            check_free(u.run_lock)  # no plain stage command of another process runs now
+            return u.name, _run_one(u, threads)
 
+    results: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=procs) as pool:
-        for name, result in pool.map(one, todo):
+        for name, result in pool.map(one, units):
             results[name] = result
     return results

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli
-from mtprune.lock import RunLock, RunLocked
+from mtprune.lock import RunLock, RunLocked, holder_file
 
 
 def _download(run: Path, *extra: str) -> tuple[int, str]:
@@ -77,7 +77,9 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
                 pass
         code, out = _download(tmp_path)
         assert code == 1 and "is in use by `mtprune proxy`" in out
-    assert not lock.exists()
+    assert not holder_file(lock).exists()
+    with RunLock(lock, "score"):  # released: free again
+        pass
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path: Path) -> None:
@@ -88,4 +90,4 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "command": "train"}))
     with RunLock(lock, "download") as held:
         assert held.held
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert json.loads(holder_file(lock).read_text())["pid"] == os.getpid()

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from ..config import Config
 from ..errors import StageError
 from ..fairseq_backend import Schedule, cuda_available, interval_checkpoint, train
-from ..launch import Unit, run_units
+from ..launch import Unit, run_units, unit_settings
 from ..layout import RunLayout
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -59,13 +60,26 @@ def _seed_work(cfg: Config, layout: RunLayout, seed: int, use_cuda: bool):
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     """One work unit per seed (``seed<k>``); a cluster runs them as one job array."""
     data_key = file_sha256(layout.data_bin / "train.src-tgt.tgt.bin")
+    settings = unit_settings(cfg, "model", "proxy", exclude=("proxy.seeds",))
     out = []
     for seed in cfg.proxy.seeds:
-        key = {"model": cfg.section("model"), "proxy": {k: v for k, v in cfg.section("proxy")["proxy"].items()
-                                                         if k not in ("seeds", "parallel")},
-               "seed": seed, "data": data_key}
-        out.append(Unit(f"proxy seed{seed}", layout.proxy_seed_dir(seed), key, _seed_work(cfg, layout, seed, use_cuda)))
+        def work(folder: Path, threads: int, seed: int = seed) -> dict[str, Any]:
+            return _seed_work(cfg, _SeedIn(layout.root, folder), seed, use_cuda)(threads)
+
+        outputs = [layout.proxy_checkpoint(seed, u).name for u in cfg.proxy.checkpoints]
+        out.append(Unit(f"proxy seed{seed}", layout.proxy_seed_dir(seed), {**settings, "seed": seed, "data": data_key},
+                        work, outputs, layout.lock))
     return out
+
+
+@dataclass(frozen=True)
+class _SeedIn(RunLayout):
+    """The run layout with the seed's folder elsewhere: a unit may run in a staging folder."""
+
+    seed_dir: Path = Path()
+
+    def proxy_seed_dir(self, seed: int) -> Path:
+        return self.seed_dir
 
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:

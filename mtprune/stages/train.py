@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import Config
 from ..fairseq_backend import Schedule, cuda_available, train
-from ..launch import Unit, run_units
+from ..launch import Unit, run_units, unit_settings
 from ..layout import RunLayout
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -46,13 +46,15 @@ def _work(cfg: Config, name: str, data_bin: Path, folder: Path, use_cuda: bool):
 
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     """One work unit per model (``full``, ``el2n-high-0.3``, ...); a cluster runs them as one job array."""
+    settings = unit_settings(cfg, "model", "train", exclude=("train.include_full",))
     out = []
     for name, _st, _sp, data_bin in models(cfg, layout):
-        key = {"model": cfg.section("model"), "train": {k: v for k, v in cfg.section("train")["train"].items()
-                                                         if k not in ("parallel", "include_full")},
-               "data": file_sha256(data_bin / "train.src-tgt.tgt.bin")}
-        out.append(Unit(f"train {name}", layout.train_dir(name), key,
-                        _work(cfg, name, data_bin, layout.train_dir(name), use_cuda)))
+        def work(folder: Path, threads: int, name: str = name, data_bin: Path = data_bin) -> dict[str, Any]:
+            return _work(cfg, name, data_bin, folder, use_cuda)(threads)
+
+        key = {**settings, "data": file_sha256(data_bin / "train.src-tgt.tgt.bin")}
+        out.append(Unit(f"train {name}", layout.train_dir(name), key, work,
+                        ["checkpoint_best.pt", "checkpoint_last.pt"], layout.lock))
     return out
 
 

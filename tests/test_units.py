@@ -1,0 +1,125 @@
+"""Work units (proxy seeds, retraining runs) on a tiny real run: a missing or damaged output is
+redone instead of accepted, finished work survives a killed run with other settings, and settings
+that change only speed leave finished units done."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, cli
+from mtprune import config
+from mtprune.layout import RunLayout
+
+pytestmark = pytest.mark.slow
+
+# one proxy seed and one retrained model, four updates each
+SETS = ["proxy.seeds=[1]", "proxy.checkpoints=[2,4]", "proxy.warmup_updates=1", "prune.strategies=[random]",
+        "train.include_full=false", "train.max_update=4", "train.warmup_updates=1"]
+
+
+def args(run: Path, *more: str) -> list[str]:
+    return ["-c", str(TINY), "--run-dir", str(run), *[a for s in [*SETS, *more] for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("units") / "run"
+    for stage in ("download", "prepare", "proxy", "score", "prune", "train"):
+        code, out = cli(stage, *args(run), "-q")
+        assert code == 0, out
+    return run
+
+
+@pytest.fixture
+def run(trained: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def whole_checkpoint(path: Path) -> None:
+    import torch
+
+    assert "model" in torch.load(path, map_location="cpu", weights_only=False)
+
+
+def stage_status(run: Path, stage: str) -> str:
+    code, out = cli("status", *args(run))
+    return next(ln.split()[1] for ln in out.splitlines() if ln.strip().startswith(stage + " "))
+
+
+def test_a_truncated_proxy_checkpoint_is_redone_not_accepted(run: Path) -> None:
+    ckpt = RunLayout(run).proxy_checkpoint(1, 2)
+    with open(ckpt, "r+b") as f:
+        f.truncate(1000)
+    code, out = cli("proxy", *args(run))
+    assert code == 0, out
+    assert "proxy seed1: checkpoint_u2.pt is damaged" in out and "redoing it" in out
+    assert "already done" not in out
+    whole_checkpoint(ckpt)
+    assert stage_status(run, "proxy") == "fresh"
+
+
+def test_a_deleted_final_checkpoint_is_redone_not_a_traceback(run: Path) -> None:
+    best = RunLayout(run).train_dir("random-0.2") / "checkpoint_best.pt"
+    best.unlink()
+    code, out = cli("train", *args(run))
+    assert code == 0, out
+    assert "train random-0.2: checkpoint_best.pt is missing, redoing it" in out
+    whole_checkpoint(best)
+    assert stage_status(run, "train") == "fresh"
+
+
+def test_a_run_killed_after_a_settings_change_leaves_the_finished_unit_in_place(run: Path) -> None:
+    L = RunLayout(run)
+    seed = L.proxy_seed_dir(1)
+    before = files(seed)
+    env = {**os.environ, "MTPRUNE_CRASH_AT": "unit-done:proxy seed1"}
+    killed = subprocess.run([sys.executable, "-m", "mtprune", "proxy", *args(run, "proxy.lr=0.003"), "-q"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert files(seed) == before  # the last good model was not touched
+    assert (L.stage_dir("proxy") / ".seed1.next" / "checkpoint_u4.pt").exists()  # the new one ran beside it
+
+    # the old settings: still done, nothing retrained
+    code, out = cli("proxy", *args(run))
+    assert code == 0 and "proxy seed1: already done, skipping" in out and "running 1 unit" not in out, out
+    assert files(seed) == before and stage_status(run, "proxy") == "fresh"
+
+    # the new settings: the staged run finishes and only then replaces the old one
+    code, out = cli("proxy", *args(run, "proxy.lr=0.003"))
+    assert code == 0, out
+    assert json.loads((seed / "done.json").read_text())["key"]["proxy"]["lr"] == 0.003
+    assert sorted(p.name for p in L.stage_dir("proxy").iterdir() if p.is_dir()) == ["seed1"]
+    whole_checkpoint(L.proxy_checkpoint(1, 4))
+
+
+def test_speed_only_settings_leave_finished_units_done(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out = cli("proxy", "--unit", "seed1", *args(run, "proxy.parallel=1"))
+    assert code == 0 and "proxy seed1: already done, skipping" in out, out
+    code, out = cli("train", "--unit", "random-0.2", *args(run, "train.parallel=1"))
+    assert code == 0 and "train random-0.2: already done, skipping" in out, out
+    # unit keys leave out whatever the one declared list of speed-only settings holds
+    from mtprune.config import load_config
+    from mtprune.stages import proxy, train
+
+    monkeypatch.setattr(config, "SPEED_ONLY", (*config.SPEED_ONLY, "proxy.lr", "train.lr"))
+    for stage in (proxy, train):
+        a, b = (stage.units(load_config(TINY, [*SETS, *more], str(run)), RunLayout(run), False)
+                for more in ([], ["proxy.lr=0.003", "train.lr=0.003"]))
+        assert [u.key for u in a] == [u.key for u in b]
+        assert [u.key for u in a] != [u.key for u in stage.units(
+            load_config(TINY, [*SETS, "proxy.label_smoothing=0.2", "train.label_smoothing=0.2"], str(run)),
+            RunLayout(run), False)]
