@@ -77,6 +77,40 @@ def test_report_scores_the_known_noise(swept: tuple[Path, str]) -> None:
     assert "## de-en: highest EL2N" in RunLayout(run).report_file("examples.md").read_text()
 
 
+def _auroc(df, positive, column: str) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(df["sentence_id"].isin(positive), df[column]))
+
+
+def test_el2n_and_nll_rank_the_injected_copies_above_the_clean_pairs(swept: tuple[Path, str]) -> None:
+    import pandas as pd
+
+    from mtprune.stages.prepare import read_lines
+
+    run, _ = swept
+    L = RunLayout(run)
+    df = pd.read_parquet(L.scores)
+    # `<sentence id>` or `<sentence id>\t<kind>` per line: the first column is the id
+    noisy = {ln.split("\t")[0] for ln in read_lines(L.noise_ids) if ln}
+    assert len(noisy) == 120 and noisy <= set(df["sentence_id"])
+    # untranslated copies, found from the text itself: the target line equals the source line
+    copies = set()
+    for pair in sorted(df["pair"].unique()):
+        a, b = pair.split("-")
+        ids = read_lines(L.download_ids(pair))
+        src, tgt = read_lines(L.split_file(pair, "train", a)), read_lines(L.split_file(pair, "train", b))
+        copies |= {i for i, x, y in zip(ids, src, tgt, strict=True) if x == y}
+    assert len(copies) == 40 and copies <= noisy
+    clean_or_copy = df[~df["sentence_id"].isin(noisy - copies)]
+    # measured on this sweep: el2n 0.94, nll 0.99 (0.5 = chance; shuffled scores or ids land near 0.5).
+    # Over all 120 noisy pairs the tiny proxy (20 updates, 32 dims) is at chance (el2n 0.46, nll 0.51):
+    # it ranks truncated targets as the easiest pairs (0.04) and cannot see misaligned ones (0.38); for the
+    # demo config's proxy issue 10 reports about 0.85 overall, but it trains for minutes, too long here.
+    assert _auroc(clean_or_copy, copies, "el2n") > 0.85
+    assert _auroc(clean_or_copy, copies, "nll") > 0.9
+
+
 def test_rerun_is_fresh_and_a_new_sparsity_reuses_finished_models(swept: tuple[Path, str], tmp_path: Path) -> None:
     src, _ = swept
     run = tmp_path / "run"
