@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -104,11 +105,86 @@ class Schedule:
     label_smoothing: float
     precision: str
     seed: int
-    save_interval_updates: int
+    save_interval_updates: int  # also the validation interval
+
+
+# Flags that train_argv sets and the kept checkpoints, resumption and precision depend on:
+# model.extra_args must not override them (argparse keeps the last occurrence, so it would win).
+MANAGED_FLAGS = frozenset({
+    "--task", "--source-lang", "--target-lang", "--seed", "--max-update", "--max-epoch", "--save-dir",
+    "--save-interval", "--save-interval-updates", "--keep-interval-updates", "--no-epoch-checkpoints",
+    "--validate-interval", "--validate-interval-updates", "--validate-after-updates", "--disable-validation",
+    "--no-save", "--no-last-checkpoints", "--restore-file", "--finetune-from-model", "--reset-optimizer",
+    "--reset-lr-scheduler", "--reset-dataloader", "--reset-meters", "--cpu", "--fp16",
+    "--bf16", "--memory-efficient-fp16", "--memory-efficient-bf16", "--amp", "--tpu",
+})
+
+
+def precision_problem(precision: str, use_cuda: bool) -> str | None:
+    """Why fairseq-train cannot train in ``precision`` here (None: it can)."""
+    if precision == "bf16":
+        # fairseq 0.12 parse_args_and_arch: `if args.bf16: args.tpu = True`, and the Trainer then
+        # asks torch_xla for a TPU device; there is no bf16 route for GPUs
+        return ("bf16 training is not possible with fairseq 0.12: its --bf16 switches on TPU mode "
+                "(fairseq/options.py); use fp16 (dynamic loss scaling) or fp32")
+    if precision == "fp16" and not use_cuda:
+        return "fp16 training needs a CUDA GPU and none is visible here; use fp32 on CPU"
+    if precision not in ("fp32", "fp16"):
+        return f"must be fp32 or fp16, got {precision!r}"
+    return None
+
+
+def extra_args_problem(extra_args: tuple[str, ...] | list[str]) -> str | None:
+    for arg in extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            return (f"{flag} is set by mtprune (from the proxy/train sections and the checkpoints it keeps) "
+                    f"and cannot be overridden here")
+    return None
+
+
+def check_training(section: str, precision: str, model: ModelConfig, use_cuda: bool) -> None:
+    """Raise UsageError (one line naming the key) when fairseq-train cannot run these settings here."""
+    problem = precision_problem(precision, use_cuda)
+    if problem:
+        raise UsageError(f"{section}.precision: {problem}")
+    problem = extra_args_problem(model.extra_args)
+    if problem:
+        raise UsageError(f"model.extra_args: {problem}")
+    if model.extra_args or model.arch != "transformer":
+        # only then can the argv be wrong; fairseq's own parser says so (importing it takes seconds)
+        s = Schedule(max_update=1, lr=1e-3, warmup_updates=0, max_tokens=1024, update_freq=1, label_smoothing=0.0,
+                     precision=precision, seed=1, save_interval_updates=1)
+        argv = train_argv(Path("data-bin"), Path("save"), model, s, use_cuda)
+        try:
+            parse_train_argv(argv)
+        except (SystemExit, ValueError, KeyError) as e:  # SystemExit: argparse's parser.error
+            key = "model.extra_args" if model.extra_args else "model.arch"
+            raise UsageError(f"{key}: fairseq-train rejects the command line ({e})") from None
+
+
+def parse_train_argv(argv: list[str]) -> Any:
+    """fairseq-train's own reading of ``argv`` (as built by train_argv): its argparse Namespace.
+
+    An argparse error raises SystemExit carrying the error text (nothing is printed).
+    """
+    quiet_fairseq()
+    from fairseq import options
+
+    parser = options.get_training_parser()
+
+    def fail(message: str) -> None:
+        raise SystemExit(message)
+
+    parser.error = fail  # type: ignore[method-assign]
+    return options.parse_args_and_arch(parser, input_args=argv[3:])
 
 
 def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, use_cuda: bool) -> list[str]:
-    argv = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--task", "translation",
+    problem = precision_problem(s.precision, use_cuda)
+    if problem:
+        raise UsageError(f"precision: {problem}")
+    argv = [sys.executable, "-m", "mtprune.fairseq_backend", str(data_bin), "--task", "translation",
             "--source-lang", SRC, "--target-lang", TGT, "--arch", model.arch,
             "--encoder-layers", str(model.encoder_layers), "--decoder-layers", str(model.decoder_layers),
             "--encoder-embed-dim", str(model.embed_dim), "--decoder-embed-dim", str(model.embed_dim),
@@ -123,32 +199,49 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
             "--max-update", str(s.max_update), "--seed", str(s.seed),
             "--save-dir", str(save_dir), "--save-interval-updates", str(s.save_interval_updates),
             "--keep-interval-updates", "-1", "--no-epoch-checkpoints",
-            # validate and save on update counts only, not at every (short) epoch end
+            # Save and validate on update counts only, never because an epoch ended (epochs of small
+            # corpora are short). --validate-interval-updates is needed on top of the save interval:
+            # fairseq validates at a save only when it is mid-epoch, so an interval update that is
+            # also an epoch end would otherwise go unvalidated and checkpoint_best could miss it.
             "--save-interval", "1000000", "--validate-interval", "1000000",
+            "--validate-interval-updates", str(s.save_interval_updates),
             "--log-format", "simple", "--log-interval", "50", "--num-workers", "0",
             "--skip-invalid-size-inputs-valid-test", "--required-batch-size-multiple", "1"]
     if model.share_all_embeddings:
         argv.append("--share-all-embeddings")
     if not use_cuda:
-        if s.precision != "fp32":
-            raise UsageError(f"precision {s.precision} needs a GPU; set it to fp32 on CPU")
         argv.append("--cpu")
     elif s.precision == "fp16":
-        argv.append("--fp16")
-    elif s.precision == "bf16":
-        argv.append("--bf16")
+        argv.append("--fp16")  # fp16 weights and activations, fp32 master weights, dynamic loss scaling
     return argv + list(model.extra_args)
 
 
 _LOSS = re.compile(r"\|\s*loss ([\d.]+)")
 _UPD = re.compile(r"num_updates (\d+)")
+DICT_RECORD = "dict.tgt.txt"  # beside the checkpoints: the dictionary they were trained with
 
 
 def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule, threads: int,
           use_cuda: bool, prefix: str) -> dict[str, Any]:
-    """Run (or resume, from save_dir/checkpoint_last.pt) fairseq-train; returns the last losses."""
-    argv = train_argv(data_bin, save_dir, model, schedule, use_cuda)
-    lines = run_logged(argv, save_dir / "train.log", threads, prefix)
+    """Run (or resume, from save_dir/checkpoint_last.pt) fairseq-train; returns the last losses.
+
+    Writes ``checkpoint_<epoch>_<updates>.pt`` at every multiple of save_interval_updates (also
+    when it ends an epoch, see fairseq_train_main), ``checkpoint_best.pt``, ``checkpoint_last.pt``
+    and a copy of the target dictionary (for load_model to compare).
+    """
+    save_dir.mkdir(parents=True, exist_ok=True)
+    record_dictionary(data_bin, save_dir)
+    log_path = save_dir / "train.log"
+    done = checkpoint_updates(save_dir / "checkpoint_last.pt")
+    if done is not None and done >= schedule.max_update:
+        # finished before a stop; fairseq-train would train one more update past max_update
+        log.info("%sfairseq-train already reached update %d", prefix, done)
+    else:
+        run_logged(train_argv(data_bin, save_dir, model, schedule, use_cuda), log_path, threads, prefix)
+    return _losses(log_path.read_text(encoding="utf-8").splitlines())
+
+
+def _losses(lines: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ln in lines:
         m, u = _LOSS.search(ln), _UPD.search(ln)
@@ -162,6 +255,105 @@ def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule
 def interval_checkpoint(save_dir: Path, updates: int) -> Path | None:
     found = sorted(save_dir.glob(f"checkpoint_*_{updates}.pt"))
     return found[-1] if found else None
+
+
+def checkpoint_updates(path: Path) -> int | None:
+    """The update count a fairseq checkpoint was saved at; None when there is no such file."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(state["optimizer_history"][-1]["num_updates"])
+    except Exception as e:  # a damaged file: fairseq could not resume from it either
+        raise StageError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                         f"delete it to train this run again from the start") from None
+
+
+# ---- fairseq-train, with one fix ---------------------------------------------------------------
+
+def fairseq_train_main() -> None:
+    """fairseq-train's command line (fairseq_cli.train.cli_main) with _keep_epoch_end_checkpoints.
+
+    train_argv runs this as ``python -m mtprune.fairseq_backend``. With several GPUs fairseq
+    spawns one process per GPU and runs ``_fairseq_train_worker`` in each, so the fix is applied
+    there too.
+    """
+    import fairseq_cli.train  # noqa: F401  # first: it sets up fairseq's log format, as in fairseq-train
+    from fairseq import distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    args = options.parse_args_and_arch(options.get_training_parser())
+    distributed_utils.call_main(convert_namespace_to_omegaconf(args), _fairseq_train_worker)
+
+
+def _fairseq_train_worker(cfg: Any, **kwargs: Any) -> None:
+    from fairseq_cli import train as fairseq_train
+
+    _keep_epoch_end_checkpoints()
+    fairseq_train.main(cfg, **kwargs)
+
+
+def _keep_epoch_end_checkpoints() -> None:
+    """Make fairseq write checkpoint_<epoch>_<updates>.pt at a save-interval update that ends an epoch.
+
+    fairseq 0.12's checkpoint_utils.save_checkpoint names the interval checkpoint only when the
+    update is ``not end_of_epoch``; with --no-epoch-checkpoints it then writes only
+    checkpoint_last.pt (and checkpoint_best.pt), which the next save overwrites. Which updates end
+    an epoch depends on corpus size, max_tokens and GPU count, so a kept update count would be
+    lost by chance. The wrapper copies checkpoint_last.pt (the state just saved) to the interval
+    name. save_checkpoint keeps its running best as an attribute of the module-level function,
+    which now is the wrapper, used by every caller alike.
+    """
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.save_checkpoint
+    if getattr(original, "mtprune_wrapped", False):
+        return
+
+    def save_checkpoint(cfg: Any, trainer: Any, epoch_itr: Any, val_loss: Any) -> Any:
+        saved = original(cfg, trainer, epoch_itr, val_loss)
+        updates = trainer.get_num_updates()
+        if (epoch_itr.end_of_epoch() and cfg.save_interval_updates > 0 and updates % cfg.save_interval_updates == 0
+                and not cfg.no_save and not cfg.no_last_checkpoints and trainer.should_save_checkpoint_on_current_rank):
+            suffix = trainer.checkpoint_suffix
+            last = Path(cfg.save_dir) / f"checkpoint_last{suffix}.pt"
+            named = Path(cfg.save_dir) / f"checkpoint_{epoch_itr.epoch}_{updates}{suffix}.pt"
+            tmp = named.with_name(f".{named.name}.tmp")
+            shutil.copyfile(last, tmp)
+            os.replace(tmp, named)
+            log.info("kept %s (update %d ends epoch %d)", named, updates, epoch_itr.epoch)
+        return saved
+
+    save_checkpoint.mtprune_wrapped = True  # type: ignore[attr-defined]
+    checkpoint_utils.save_checkpoint = save_checkpoint
+
+
+def record_dictionary(data_bin: Path, save_dir: Path) -> None:
+    """Keep a copy of the target dictionary beside the checkpoints, for load_model to compare."""
+    src = data_bin / f"dict.{TGT}.txt"
+    dst = save_dir / DICT_RECORD
+    if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _symbols(path: Path) -> list[str]:
+    """The symbols of a fairseq dictionary file in order (counts and flags do not matter to a model)."""
+    return [ln.rstrip("\n").split(" ", 1)[0] for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def dictionary_difference(trained: Path, data_bin: Path) -> str | None:
+    """How the dictionary a checkpoint was trained with (``trained``) differs from ``data_bin``'s."""
+    a, b = _symbols(trained), _symbols(data_bin / f"dict.{TGT}.txt")
+    if a == b:
+        return None
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"entry {i + 1} is {x!r} in the training dictionary {trained} but {y!r} here"
+    return f"{len(a)} entries in the training dictionary {trained}, {len(b)} here"
 
 
 # ---- in-process loading -------------------------------------------------------------------------
@@ -183,6 +375,11 @@ def load_model(checkpoint: Path, data_bin: Path, device: str) -> tuple[Any, Any]
 
     if not checkpoint.is_file():
         raise UsageError(f"{checkpoint}: checkpoint not found")
+    trained = checkpoint.parent / DICT_RECORD
+    if trained.is_file() and (data_bin / f"dict.{TGT}.txt").is_file():  # recorded by train(); a dictionary of the same size would load silently
+        differs = dictionary_difference(trained, data_bin)
+        if differs:
+            raise UsageError(f"{checkpoint}: was trained with a different dictionary than {data_bin} ({differs})")
     try:
         models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
             [str(checkpoint)], arg_overrides={"data": str(data_bin)})
@@ -223,3 +420,10 @@ def load_train_pairs(data_bin: Path, split: str = "train") -> tuple[Any, Any, An
     if src is None or tgt is None:
         raise UsageError(f"{data_bin}: no binarized {split} split")
     return src, tgt, d
+
+
+if __name__ == "__main__":  # fairseq-train, see fairseq_train_main
+    # through the importable module, so that fairseq's per-GPU processes can unpickle the worker
+    from mtprune.fairseq_backend import fairseq_train_main as _main
+
+    _main()

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import StageError
-from ..fairseq_backend import Schedule, cuda_available, interval_checkpoint, train
+from ..fairseq_backend import Schedule, check_training, cuda_available, interval_checkpoint, train
 from ..launch import Unit, run_units, unit_settings
 from ..layout import RunLayout
 from ..manifest import file_sha256
@@ -31,6 +31,11 @@ def schedule(cfg: Config, seed: int) -> Schedule:
                     max_tokens=p.max_tokens, update_freq=p.update_freq, label_smoothing=p.label_smoothing,
                     precision=p.precision, seed=seed,
                     save_interval_updates=reduce(math.gcd, p.checkpoints))
+
+
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    """Raise UsageError for settings that cannot train here, before any seed folder is touched."""
+    check_training("proxy", cfg.proxy.precision, cfg.model, cuda_available())
 
 
 def _seed_work(cfg: Config, layout: RunLayout, seed: int, use_cuda: bool):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..fairseq_backend import Schedule, cuda_available, train
+from ..fairseq_backend import Schedule, check_training, cuda_available, train
 from ..launch import Unit, run_units, unit_settings
 from ..layout import RunLayout
 from ..manifest import file_sha256
@@ -32,6 +32,11 @@ def schedule(cfg: Config) -> Schedule:
     return Schedule(max_update=t.max_update, lr=t.lr, warmup_updates=t.warmup_updates, max_tokens=t.max_tokens,
                     update_freq=t.update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
                     seed=t.seed, save_interval_updates=max(1, t.max_update // 4))
+
+
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    """Raise UsageError for settings that cannot train here, before any model folder is touched."""
+    check_training("train", cfg.train.precision, cfg.model, cuda_available())
 
 
 def _work(cfg: Config, name: str, data_bin: Path, folder: Path, use_cuda: bool):
