@@ -27,7 +27,7 @@ from typing import Any
 from .config import Config, is_speed_only
 from .errors import StageError
 from .faults import crash_point
-from .lock import RunLock, check_free, held_command, unit_lock_path
+from .lock import RunLock, check_free, holding, unit_lock_path
 from .manifest import atomic_write_text, file_sha256
 
 log = logging.getLogger("mtprune")
@@ -194,7 +194,7 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool) -> dict[str, dic
 
     def one(u: Unit) -> tuple[str, dict[str, Any]]:
         stage, _, unit = u.name.partition(" ")
-        command = held_command() or f"{stage} --unit {unit}"
+        command = holding(u.run_lock) or f"{stage} --unit {unit}"  # the plain command holds the run lock
         with RunLock(unit_lock_path(u.folder), command, subject=u.name):
             check_free(u.run_lock)  # no plain stage command of another process runs now
             return u.name, _run_one(u, threads)

@@ -57,11 +57,6 @@ def holding(path: Path) -> str | None:
     return _held.get(path.absolute())
 
 
-def held_command() -> str | None:
-    """The command of a lock this process holds (the run lock of a plain stage command), if any."""
-    return next(iter(_held.values()), None)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
