@@ -123,3 +123,29 @@ def test_speed_only_settings_leave_finished_units_done(run: Path, monkeypatch: p
         assert [u.key for u in a] != [u.key for u in stage.units(
             load_config(TINY, [*SETS, "proxy.label_smoothing=0.2", "train.label_smoothing=0.2"], str(run)),
             RunLayout(run), False)]
+
+
+def test_a_gpu_less_finishing_job_is_not_refused_for_fp16_when_every_unit_is_done(run: Path) -> None:
+    # stand in for seeds trained in fp16 on GPUs: their done.json carries the fp16 key
+    from mtprune.config import load_config
+    from mtprune.stages import proxy
+
+    fp16 = ["proxy.precision=fp16"]
+    cfg = load_config(str(TINY), [*SETS, *fp16], str(run))
+    for u in proxy.units(cfg, RunLayout(run), use_cuda=False):
+        for name in ("done.json", "unit.json"):
+            p = u.folder / name
+            data = json.loads(p.read_text())
+            if name == "done.json":
+                data["key"] = u.key
+            else:
+                data = u.key
+            p.write_text(json.dumps(data, sort_keys=True))
+    code, out = cli("proxy", *args(run, *fp16))  # the job that only writes the manifest, here on a CPU
+    assert code == 0 and "already done" in out, out
+    code, out = cli("status", *args(run, *fp16))
+    assert " proxy     fresh" in out, out
+    # with a seed left to train, the same settings are refused before anything is touched
+    shutil.rmtree(RunLayout(run).proxy_seed_dir(1))
+    code, out = cli("proxy", *args(run, *fp16))
+    assert code == 2 and "proxy.precision" in out, out

@@ -14,7 +14,7 @@ from typing import Any
 from ..config import Config
 from ..errors import StageError
 from ..fairseq_backend import Schedule, check_training, cuda_available, interval_checkpoint, train
-from ..launch import Unit, run_units, unit_settings
+from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -35,7 +35,10 @@ def schedule(cfg: Config, seed: int) -> Schedule:
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Raise UsageError for settings that cannot train here, before any seed folder is touched."""
-    check_training("proxy", cfg.proxy.precision, cfg.model, cuda_available())
+    use_cuda = cuda_available()
+    if all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
+        return  # nothing left to train: a GPU-less job that only writes the manifest must not be refused
+    check_training("proxy", cfg.proxy.precision, cfg.model, use_cuda)
 
 
 def _seed_work(cfg: Config, layout: RunLayout, seed: int, use_cuda: bool):

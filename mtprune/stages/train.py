@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import Config
 from ..fairseq_backend import Schedule, check_training, cuda_available, train
-from ..launch import Unit, run_units, unit_settings
+from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -36,7 +36,10 @@ def schedule(cfg: Config) -> Schedule:
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Raise UsageError for settings that cannot train here, before any model folder is touched."""
-    check_training("train", cfg.train.precision, cfg.model, cuda_available())
+    use_cuda = cuda_available()
+    if all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
+        return  # nothing left to train: a GPU-less job that only writes the manifest must not be refused
+    check_training("train", cfg.train.precision, cfg.model, use_cuda)
 
 
 def _work(cfg: Config, name: str, data_bin: Path, folder: Path, use_cuda: bool):
