@@ -219,7 +219,10 @@ def test_a_failed_submitit_local_job_is_one_line_and_shows_as_failed(tmp_path: P
 @pytest.mark.slow
 def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_unit(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    sets = ["-c", str(TINY), "--run-dir", str(run), "--set", "launch.score_shards=2"]
+    # the tiny sweep made smaller still (one seed, two short retraining runs): every job still runs
+    small = ["proxy.seeds=[1]", "prune.strategies=[random]", "train.max_update=10", "train.warmup_updates=2",
+             "launch.score_shards=2"]
+    sets = ["-c", str(TINY), "--run-dir", str(run), *[a for s in small for a in ("--set", s)]]
     code, out = cli("sweep", *sets, "--launcher", "submitit-local")
     assert code == 0, out
     L = RunLayout(run)
