@@ -24,6 +24,18 @@ def cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def download(run: Path, *sets: str) -> tuple[int, str]:
+    """`mtprune download` into ``run`` with each of ``sets`` as a --set override."""
+    args = ["download", "--run-dir", str(run), "-q"]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args)
+
+
+def read(p: Path) -> list[str]:
+    return p.read_text(encoding="utf-8").splitlines()
+
+
 def cli_subprocess(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mtprune", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)

@@ -2,19 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, cli, error_lines, write_parquet, write_release
+from conftest import SHARED_DATA, cli, download, error_lines, read, write_parquet, write_release
 from mtprune.layout import RunLayout
-
-
-def download(run: Path, *sets: str) -> tuple[int, str]:
-    args = ["download", "--run-dir", str(run), "-q"]
-    for s in sets:
-        args += ["--set", s]
-    return cli(*args)
-
-
-def read(p: Path) -> list[str]:
-    return p.read_text(encoding="utf-8").splitlines()
 
 
 def test_release_layout(tmp_path: Path, local_corpus: Path) -> None:

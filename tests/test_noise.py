@@ -11,24 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA, cli, write_release
+from conftest import SHARED_DATA, cli, download, read, write_release
 from mtprune.config import NOISE_KINDS, OPUS_PAIRS
 from mtprune.layout import RunLayout
 from mtprune.stages.report import noise_finding, noise_labels
 from mtprune.synthetic import make_pair
 
 TATOEBA = SHARED_DATA / "tatoeba-opus100-layout"
-
-
-def download(run: Path, *sets: str) -> tuple[int, str]:
-    args = ["download", "--run-dir", str(run), "-q"]
-    for s in sets:
-        args += ["--set", s]
-    return cli(*args)
-
-
-def read(p: Path) -> list[str]:
-    return p.read_text(encoding="utf-8").splitlines()
 
 
 def fold(s: str) -> str:
