@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import StageError
+from ..errors import StageError, UsageError
 from ..fairseq_backend import Schedule, check_training, cuda_available, interval_checkpoint, train
 from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout
@@ -36,9 +36,13 @@ def schedule(cfg: Config, seed: int) -> Schedule:
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Raise UsageError for settings that cannot train here, before any seed folder is touched."""
     use_cuda = cuda_available()
-    if all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
-        return  # nothing left to train: a GPU-less job that only writes the manifest must not be refused
-    check_training("proxy", cfg.proxy.precision, cfg.model, use_cuda)
+    try:
+        check_training("proxy", cfg.proxy.precision, cfg.model, use_cuda)
+    except UsageError:
+        # a GPU-less job that only writes the manifest must not be refused: look at the units (which
+        # hashes the training data) only when the settings would be refused
+        if not all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
+            raise
 
 
 def _seed_work(cfg: Config, layout: RunLayout, seed: int, use_cuda: bool):

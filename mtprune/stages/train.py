@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..errors import UsageError
 from ..fairseq_backend import Schedule, check_training, cuda_available, train
 from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout
@@ -37,9 +38,13 @@ def schedule(cfg: Config) -> Schedule:
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Raise UsageError for settings that cannot train here, before any model folder is touched."""
     use_cuda = cuda_available()
-    if all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
-        return  # nothing left to train: a GPU-less job that only writes the manifest must not be refused
-    check_training("train", cfg.train.precision, cfg.model, use_cuda)
+    try:
+        check_training("train", cfg.train.precision, cfg.model, use_cuda)
+    except UsageError:
+        # a GPU-less job that only writes the manifest must not be refused: look at the units (which
+        # hashes the training data) only when the settings would be refused
+        if not all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
+            raise
 
 
 def _work(cfg: Config, name: str, data_bin: Path, folder: Path, use_cuda: bool):
