@@ -20,7 +20,7 @@ import click
 from . import __version__
 from .config import Config, load_config
 from .errors import MtpruneError, UsageError
-from .layout import STAGES, RunLayout
+from .layout import EXTRA_STAGES, STAGES, RunLayout
 
 log = logging.getLogger("mtprune")
 
@@ -211,6 +211,29 @@ for _stage in STAGES:
 
 
 @main.command()
+@click.option("--run", "runs", multiple=True, metavar="NAME",
+              help="A pruned corpus to export (el2n-high-0.2, ...); repeatable. Default: export.runs, or every one.")
+@click.option("--overwrite", is_flag=True, help="Redo the export even if it is fresh.")
+@config_options
+def export(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, runs: tuple[str, ...]) -> None:
+    """Write pruned corpora as plain text for other toolkits, and every score as TSV; write 09_export/.
+
+    09_export/<run>/<pair>/train.<lang> holds the kept pairs, untokenized, with their sentence ids in
+    train.ids; 09_export/scores.tsv has sentence_id, pair and every score column. Not part of sweep.
+    """
+    from .lock import RunLock
+    from .pipeline import run_stage
+
+    def go() -> None:
+        chosen = cfg.replace(export=cfg.export.replace(runs=runs)) if runs else cfg
+        with RunLock(layout.lock, "export"):
+            run_stage("export", chosen, layout, overwrite=overwrite)
+        click.echo(str(layout.stage_dir("export")))
+
+    guarded("export", go, verbose)
+
+
+@main.command()
 @click.option("--dry-run", is_flag=True, help="List what would run and why, run nothing.")
 @click.option("--overwrite", is_flag=True, help="Redo every stage, even fresh ones.")
 @LAUNCHER_OPTION
@@ -261,7 +284,8 @@ def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
         fresh = Freshness(cfg, layout, verify=verify)
         click.echo(f"run directory: {layout.root}")
         bad = False
-        for stage in STAGES:
+        # stages outside sweep (export) are listed once they have been run
+        for stage in STAGES + tuple(s for s in EXTRA_STAGES if layout.stage_dir(s).exists()):
             st = fresh(stage)
             bad |= st.status == "stale" and verify
             click.echo(f"  {stage:<9} {st.status:<10} {st.reason}")

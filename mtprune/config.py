@@ -36,8 +36,18 @@ from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
-OPUS_PAIRS = ("de-en", "en-es", "en-fr", "en-it")
-_LANGS = tuple(sorted({lang for p in OPUS_PAIRS for lang in p.split("-")}))
+OPUS_PAIRS = ("de-en", "en-es", "en-fr", "en-it")  # the default pairs (and the synthetic corpus's)
+# OPUS-100 (Zhang et al. 2020): English paired with each of these 99 languages; the hub's configs and
+# the release's folders name a pair with its two codes in alphabetical order (de-en, en-nl)
+OPUS100_LANGS = tuple(
+    "af am an ar as az be bg bn br bs ca cs cy da de dz el eo es et eu fa fi fr fy ga gd gl gu ha he hi hr "
+    "hu hy id ig is it ja ka kk km kn ko ku ky li lt lv mg mk ml mn mr ms mt my nb ne nl nn no oc or pa pl "
+    "ps pt ro ru rw se sh si sk sl sq sr sv ta te tg th tk tr tt ug uk ur uz vi wa xh yi yo zh zu".split())
+OPUS100_PAIRS = tuple("-".join(sorted(("en", x))) for x in OPUS100_LANGS)
+# pairs among ar, de, fr, nl, ru, zh: OPUS-100 has them as test sets only (no training data)
+OPUS100_TEST_ONLY = tuple(f"{a}-{b}" for i, a in enumerate(("ar", "de", "fr", "nl", "ru", "zh"))
+                          for b in ("ar", "de", "fr", "nl", "ru", "zh")[i + 1:])
+_LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
 _STRATEGY = re.compile(r"^(random|[A-Za-z0-9_]+-(high|low))$")
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
@@ -52,6 +62,7 @@ SPEED_ONLY = (
     "score.chunk_tokens",
     "train.parallel",
     "evaluate.max_tokens",
+    "download.cache_dir",
     "launch.*",
 )
 
@@ -211,6 +222,8 @@ def _plain(obj: Any, get: Callable[[Any, str], Any]) -> Any:
         return {n: _plain(get(obj, n), get) for n in type(obj).__pydantic_fields__}
     if isinstance(obj, tuple | list):
         return [_plain(x, get) for x in obj]
+    if isinstance(obj, dict):  # download.files
+        return {k: _plain(v, get) for k, v in obj.items()}
     return obj
 
 
@@ -235,15 +248,62 @@ class NoiseConfig(_Recorded):
 
 
 def _source_problem(v: str) -> str | None:
-    if v in ("hub", "synthetic") or (v.startswith("local:") and len(v) > 6):
+    if v in ("hub", "synthetic", "files") or (v.startswith("local:") and len(v) > 6):
         return None
-    return f"must be hub, synthetic or local:DIR, got {v!r}"
+    return f"must be hub, synthetic, files or local:DIR, got {v!r}"
+
+
+_LANG_CODE = re.compile(r"^[a-z]{2,3}$")
+
+
+def _pair_problem(pair: str, source: str) -> str | None:
+    """Why ``pair`` cannot be read from ``source`` (None: it can)."""
+    if source == "synthetic":
+        return None if pair in OPUS_PAIRS else (f"unknown pair {pair!r}: the synthetic corpus has "
+                                                f"{', '.join(OPUS_PAIRS)}")
+    if source == "files":
+        a, _, b = pair.partition("-")
+        if not (_LANG_CODE.match(a) and _LANG_CODE.match(b)) or a == b:
+            return f"{pair!r} is not <lang>-<lang> (two different lowercase codes, e.g. en-nl)"
+        if "en" not in (a, b):
+            return f"{pair!r} has no English side: mtprune trains English-centric directions (download.direction)"
+        return None
+    if pair in OPUS100_PAIRS:
+        return None
+    if pair in OPUS100_TEST_ONLY:
+        return (f"{pair!r} is in OPUS-100 as a test set only (no training data); its training pairs all "
+                f"include English")
+    a, _, b = pair.partition("-")
+    if f"{b}-{a}" in OPUS100_PAIRS:
+        return f"unknown pair {pair!r}: OPUS-100 names it {b}-{a} (languages in alphabetical order)"
+    return (f"unknown pair {pair!r}: OPUS-100 pairs English with one of its 99 languages, named in "
+            f"alphabetical order (de-en, en-nl; {', '.join(OPUS100_LANGS)})")
+
+
+def _file_pair_problem(v: tuple[str, ...]) -> str | None:
+    return None if len(v) == 2 else f"needs two files, one per side of the pair, got {len(v)}"
+
+
+FilePair = Annotated[tuple[Str, ...], _check(_file_pair_problem)]
+
+
+class PairFiles(BaseModel):
+    """Plain-text files of one pair (download.source: files): ``[file of l1, file of l2]`` per split, the
+    languages in the order the pair names them; ``.gz`` files are read compressed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    train: FilePair
+    valid: FilePair
+    test: FilePair
 
 
 class DownloadConfig(_Recorded):
-    source: Annotated[Str, _check(_source_problem)] = "hub"  # hub | local:DIR | synthetic
-    pairs: Annotated[tuple[Str, ...], _entries("pair", known=OPUS_PAIRS.__contains__,
-                                               hint="known: " + ", ".join(OPUS_PAIRS))] = OPUS_PAIRS
+    source: Annotated[Str, _check(_source_problem)] = "hub"  # hub | local:DIR | synthetic | files
+    pairs: Annotated[tuple[Str, ...], _entries("pair")] = Field(OPUS_PAIRS, validate_default=True)
+    # with source: files, the files of every pair: {en-nl: {train: [EN, NL], valid: [...], test: [...]}}
+    files: dict[Str, PairFiles] = Field(default_factory=dict, validate_default=True)
+    cache_dir: Str | None = None  # where the hub's datasets are cached (default: datasets' own, ~/.cache)
     direction: Annotated[Str, _one_of("en-xx", "xx-en", "both")] = "en-xx"
     max_train_per_pair: Annotated[Int | None, _at_least(1, or_null=True)] = None
     max_valid_per_pair: Annotated[Int | None, _at_least(1, or_null=True)] = 500
@@ -254,6 +314,28 @@ class DownloadConfig(_Recorded):
     synthetic_train_per_pair: Annotated[Int, _at_least(10)] = 3000
     synthetic_noise: Fraction = 0.1
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs_of_the_source(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        source = info.data.get("source")  # absent when source itself is invalid
+        if source is not None:
+            problems = [p for p in (_pair_problem(x, source) for x in v) if p]
+            if problems:
+                _fail(problems)
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _files_of_the_pairs(cls, v: dict[str, PairFiles], info: ValidationInfo) -> dict[str, PairFiles]:
+        pairs = info.data.get("pairs")
+        if info.data.get("source") == "files" and pairs is not None:
+            problems = [f"no files for pair {p} (download.source is files)" for p in pairs if p not in v]
+            problems += [f"files for {p!r}, which is not in download.pairs ({', '.join(pairs)})"
+                         for p in v if p not in pairs]
+            if problems:
+                _fail(problems)
+        return v
 
 
 class PrepareConfig(_Recorded):
@@ -392,6 +474,11 @@ class ReportConfig(_Recorded):
     n_examples: Parallel = 10
 
 
+class ExportConfig(_Recorded):
+    # pruned corpora to export (el2n-high-0.2, ...; `mtprune export --run NAME`); empty: every one
+    runs: Annotated[tuple[Str, ...], _check(lambda v: "duplicate runs" if len(set(v)) != len(v) else None)] = ()
+
+
 class SlurmConfig(_Recorded):
     partition: Str | None = None
     account: Str | None = None
@@ -426,6 +513,7 @@ class Config(_Recorded):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     def model_post_init(self, context: Any, /) -> None:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 STAGES = ("download", "prepare", "proxy", "score", "prune", "train", "evaluate", "report")
 STAGE_DIRS = {name: f"{i + 1:02d}_{name}" for i, name in enumerate(STAGES)}
+# stages run only on request, never by sweep: export copies corpora out of the run for other toolkits
+EXTRA_STAGES = ("export",)
+STAGE_DIRS.update({name: f"{len(STAGES) + i + 1:02d}_{name}" for i, name in enumerate(EXTRA_STAGES)})
 
 
 def run_name(strategy: str, sparsity: float) -> str:
@@ -123,3 +126,18 @@ class RunLayout:
     # 08_report
     def report_file(self, name: str) -> Path:
         return self.stage_dir("report") / name
+
+    # 09_export
+    def export_dir(self, name: str) -> Path:
+        return self.stage_dir("export") / name
+
+    def export_file(self, name: str, pair: str, lang: str) -> Path:
+        """Untokenized kept training text of one pair and side of the pruned corpus ``name``."""
+        return self.export_dir(name) / pair / f"train.{lang}"
+
+    def export_ids(self, name: str, pair: str) -> Path:
+        return self.export_dir(name) / pair / "train.ids"
+
+    @property
+    def export_scores(self) -> Path:
+        return self.stage_dir("export") / "scores.tsv"

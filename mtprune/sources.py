@@ -1,4 +1,5 @@
-"""Readers for OPUS-100: the Hugging Face hub, and local copies in the release or hub-parquet layout.
+"""Readers for OPUS-100 (the Hugging Face hub, local copies in the release or hub-parquet layout) and
+for plain parallel text files (``download.source: files``, optionally gzip-compressed).
 
 Every reader yields, per split, ``(text_l1, text_l2)`` tuples in the order of the source, with
 ``l1, l2 = pair.split("-")`` (OPUS-100 names pairs alphabetically: ``de-en``, ``en-es``, ...).
@@ -7,11 +8,14 @@ The position in the train split is the ``<n>`` of a sentence id.
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError, StageError
+from .errors import InputError, StageError, UsageError
 
 SPLITS = ("train", "valid", "test")
 RELEASE_SPLIT = {"train": "train", "valid": "dev", "test": "test"}
@@ -33,12 +37,38 @@ def _decode(raw: bytes, path: Path, lineno: int) -> str:
         raise InputError(f"{path}: line {lineno}: invalid UTF-8 (byte {e.start})") from None
 
 
+def _open_binary(path: Path):  # noqa: ANN202 - a binary file object
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def read_parallel_text(path_a: Path, path_b: Path) -> Pairs:
-    """Two line-aligned text files, streamed; a count mismatch or bad UTF-8 names file and line."""
+    """Two line-aligned text files (``.gz``: gzip), streamed; a count mismatch, bad UTF-8 or a damaged
+    gzip file names file and line."""
     for p in (path_a, path_b):
         if not p.is_file():
             raise InputError(f"{p}: file not found")
-    with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+    try:
+        yield from _aligned(path_a, path_b)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        bad = path_a if path_a.name.endswith(".gz") else path_b
+        if path_a.name.endswith(".gz") and path_b.name.endswith(".gz"):
+            bad = _damaged(path_a, path_b)
+        raise InputError(f"{bad}: not a readable gzip file ({e or type(e).__name__})") from None
+
+
+def _damaged(*paths: Path) -> Path:
+    for p in paths:
+        try:
+            with gzip.open(p, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except (gzip.BadGzipFile, EOFError, zlib.error):
+            return p
+    return paths[0]
+
+
+def _aligned(path_a: Path, path_b: Path) -> Pairs:
+    with _open_binary(path_a) as fa, _open_binary(path_b) as fb:
         for i, (ra, rb) in enumerate(itertools.zip_longest(fa, fb), start=1):
             if ra is None or rb is None:
                 short, long_ = (path_a, path_b) if ra is None else (path_b, path_a)
@@ -93,16 +123,39 @@ def _read_parquet(files: list[Path], pair: str) -> Pairs:
                 yield row[l1] or "", row[l2] or ""
 
 
-def read_hub(pair: str, split: str) -> Pairs:
-    """OPUS-100 from the hub (``datasets``); a hub that cannot be reached is one clear line."""
+def read_files(files: tuple[str, ...] | list[str]) -> Pairs:
+    """One split of a pair from ``download.files``: ``[file of l1, file of l2]``, plain or ``.gz``."""
+    a, b = (Path(f).expanduser() for f in files)
+    return read_parallel_text(a, b)
+
+
+def hub_offline() -> bool:
+    """Whether datasets / huggingface_hub are told not to reach the network (their own variables)."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def read_hub(pair: str, split: str, cache_dir: str | None = None) -> Pairs:
+    """OPUS-100 from the hub (``datasets``, cached under ``cache_dir``); a hub that cannot be reached,
+    an offline machine without the pair in its cache and a pair the hub does not have are each one line."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a hard dependency
         raise StageError(f"the 'datasets' package is needed for download.source=hub ({e})") from None
+    cache = str(Path(cache_dir).expanduser()) if cache_dir else None
     try:
-        ds = datasets.load_dataset(HUB_DATASET, pair, split=HUB_SPLIT[split])
+        ds = datasets.load_dataset(HUB_DATASET, pair, split=HUB_SPLIT[split], cache_dir=cache)
     except Exception as e:  # datasets raises many kinds for "offline"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _no_such_config(e, pair):
+            raise UsageError(f"download.pairs: {HUB_DATASET} on the Hugging Face hub has no {pair!r} "
+                             f"({first[:200]})") from None
+        if hub_offline():
+            where = cache or "the datasets cache (HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets)"
+            raise StageError(
+                f"cannot load {HUB_DATASET} ({pair}, {HUB_SPLIT[split]}): offline (HF_DATASETS_OFFLINE / "
+                f"HF_HUB_OFFLINE is set) and not cached in {where}; download it where the hub is reachable, "
+                f"point download.cache_dir at that cache, or use --set download.source=local:DIR") from None
         raise StageError(
             f"cannot load {HUB_DATASET} ({pair}, {HUB_SPLIT[split]}) from the Hugging Face hub: {first[:200]}. "
             f"For a copy on disk use --set download.source=local:DIR") from None
@@ -110,3 +163,9 @@ def read_hub(pair: str, split: str) -> Pairs:
     for row in ds:
         t = row["translation"]
         yield t.get(l1) or "", t.get(l2) or ""
+
+
+def _no_such_config(e: Exception, pair: str) -> bool:
+    """datasets' way of saying the dataset has no such config (``BuilderConfig 'xx' not found``)."""
+    text = str(e)
+    return isinstance(e, ValueError) and pair in text and "not found" in text.lower()

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cli, error_lines
-from mtprune.config import Config, load_config
+from mtprune.config import OPUS100_LANGS, Config, load_config
 from mtprune.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ def test_every_problem_is_listed_with_its_dotted_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert set(e.value.problems) == {
-        "download.pairz: unknown key (known: direction, max_chars, max_test_per_pair, max_train_per_pair, "
+        "download.pairz: unknown key (known: cache_dir, direction, files, max_chars, max_test_per_pair, max_train_per_pair, "
         "max_valid_per_pair, max_words, noise, pairs, seed, source, synthetic_noise, synthetic_train_per_pair)",
         "proxy.seeds: expected a list, got 'one'",
         "prune.sparsities: 1.5 is outside [0, 1)",
@@ -81,7 +81,8 @@ def test_range_problems_are_all_reported() -> None:
         "prune.sparsities: 1.0 is outside [0, 1)",
         "prune.sparsities: duplicate sparsities",
         "prune.strategies: unknown strategy 'el2n-sideways' (random or <score>-high / <score>-low)",
-        "download.pairs: unknown pair 'xx-en' (known: de-en, en-es, en-fr, en-it)",
+        "download.pairs: unknown pair 'xx-en': OPUS-100 pairs English with one of its 99 languages, named in "
+        f"alphabetical order (de-en, en-nl; {', '.join(OPUS100_LANGS)})",
     }
 
 
@@ -111,7 +112,7 @@ def test_bad_entries_of_a_list_are_named_by_position() -> None:
         "evaluate.extra_test_sets[1].src: missing (required)",
         "evaluate.extra_test_sets[1].ref: missing (required)",
         "evaluate.extra_test_sets[1].foo: unknown key (known: name, ref, src, src_lang, tgt_lang)",
-        "evaluate.extra_test_sets[2].src_lang: unknown language 'xx' (known: de, en, es, fr, it)",
+        f"evaluate.extra_test_sets[2].src_lang: unknown language 'xx' (known: {', '.join(sorted({'en', *OPUS100_LANGS}))})",
         "prune.sparsities[1]: expected a number, got 'x'",
         "launch.slurm.extra[1]: 'oops' is not key=value",
     }

@@ -1,4 +1,5 @@
-"""Stage 1: fetch OPUS-100 pairs (hub, local copy or the synthetic corpus), clean and subsample."""
+"""Stage 1: fetch the pairs (OPUS-100 from the hub or a local copy, plain text files, or the synthetic
+corpus), clean and subsample."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..faults import crash_point
 from ..layout import RunLayout
 from ..manifest import stat_key, write_lines
 from ..pipeline import StageResult
-from ..sources import langs, read_hub, read_local
+from ..sources import SPLITS, langs, read_files, read_hub, read_local
 from ..synthetic import make_pair
 from .prepare import read_lines
 
@@ -29,6 +30,8 @@ log = logging.getLogger("mtprune")
 def external_inputs(cfg: Config) -> dict[str, Any]:
     """Size and mtime of local source files, so editing the copy on disk makes the stage stale."""
     src = cfg.download.source
+    if src == "files":
+        return {str(f): stat_key(f) for f in _listed_files(cfg) if f.is_file()}
     if not src.startswith("local:"):
         return {}
     root = Path(src[6:])
@@ -41,11 +44,35 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _listed_files(cfg: Config) -> list[Path]:
+    """Every file of download.files for the configured pairs (source: files)."""
+    files = cfg.download.files
+    return [Path(f).expanduser() for pair in cfg.download.pairs if pair in files
+            for split in SPLITS for f in getattr(files[pair], split)]
+
+
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    """With source: files, a missing file is named before anything is written."""
+    if cfg.download.source != "files":
+        return
+    files = cfg.download.files
+    for pair in cfg.download.pairs:
+        for split in SPLITS:
+            for i, f in enumerate(getattr(files[pair], split)):
+                if not Path(f).expanduser().is_file():
+                    what = "not a file" if Path(f).expanduser().exists() else "file not found"
+                    raise InputError(f"download.files.{pair}.{split}[{i}]: {f}: {what}")
+
+
 def _split_reader(cfg: Config, pair: str) -> tuple[Callable[[str], Iterable[tuple[str, str]]], dict[int, str]]:
     """A function split -> rows, and the known noise labels (train line -> kind; synthetic only)."""
     src = cfg.download.source
     if src == "hub":
-        return (lambda split: read_hub(pair, split)), {}
+        cache_dir = cfg.download.cache_dir
+        return (lambda split: read_hub(pair, split, cache_dir)), {}
+    if src == "files":
+        files = cfg.download.files[pair]
+        return (lambda split: read_files(getattr(files, split))), {}
     if src.startswith("local:"):
         root = Path(src[6:]).expanduser()
         return (lambda split: read_local(root, pair, split)), {}

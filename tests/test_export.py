@@ -1,0 +1,86 @@
+"""`mtprune export`: pruned corpora as plain text (checked line by line against the download by id) and
+scores.tsv; fresh/stale like every stage. Runs on a copy of the tiny run (no training here: prune only)."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import TINY, cli, error_lines, read
+from mtprune.layout import RunLayout
+
+
+def _export(run: Path, *args: str) -> tuple[int, str]:
+    return cli("export", "-c", str(TINY), "--run-dir", str(run), *args)
+
+
+@pytest.fixture
+def pruned(tiny_copy: Path) -> Path:
+    code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q")
+    assert code == 0, out
+    return tiny_copy
+
+
+@pytest.mark.slow
+def test_export_writes_the_kept_pairs_as_downloaded_and_every_score(pruned: Path) -> None:
+    L = RunLayout(pruned)
+    code, out = _export(pruned, "--run", "el2n-high-0.2", "-q")
+    assert code == 0, out
+    pairs = json.loads(L.manifest("download").read_text())["config"]["download"]["pairs"]
+    kept = set(read(L.kept_ids("el2n-high-0.2")))
+    raw: dict[str, tuple[str, str]] = {}  # sentence id -> the downloaded (untokenized) text of both sides
+    for pair in pairs:
+        a, b = pair.split("-")
+        raw.update(zip(read(L.download_ids(pair)), zip(read(L.split_file(pair, "train", a)),
+                                                        read(L.split_file(pair, "train", b)), strict=True), strict=True))
+    exported = set()
+    for pair in pairs:
+        a, b = pair.split("-")
+        ids = read(L.export_ids("el2n-high-0.2", pair))
+        side_a, side_b = read(L.export_file("el2n-high-0.2", pair, a)), read(L.export_file("el2n-high-0.2", pair, b))
+        assert len(ids) == len(side_a) == len(side_b) > 0
+        for sid, x, y in zip(ids, side_a, side_b, strict=True):
+            assert sid.startswith(pair + "/")
+            assert raw[sid] == (x, y), sid
+        assert "▁" not in "".join(side_a + side_b)  # untokenized: no SentencePiece pieces
+        exported |= set(ids)
+    assert exported == kept
+    assert not L.export_dir("random-0.2").exists()  # only the run asked for
+
+    m = json.loads(L.manifest("export").read_text())
+    assert m["params"]["export.runs"] == ["el2n-high-0.2"]
+    assert m["outputs"][f"el2n-high-0.2/{pairs[0]}/train.{pairs[0].split('-')[0]}"]["lines"] == \
+        len(read(L.export_ids("el2n-high-0.2", pairs[0])))
+    scores = pd.read_parquet(L.scores)
+    tsv = pd.read_csv(L.export_scores, sep="\t")
+    assert list(tsv.columns[:2]) == ["sentence_id", "pair"]
+    assert {"el2n", "nll", "el2n_std", "n_tokens"} <= set(tsv.columns)
+    assert any(c.startswith("el2n@s") for c in tsv.columns) and "index" not in tsv.columns
+    merged = tsv.merge(scores, on="sentence_id", suffixes=("", "_pq"))
+    assert len(merged) == len(scores) == len(tsv) == m["outputs"]["scores.tsv"]["lines"] - 1
+    assert (merged["pair"] == merged["pair_pq"]).all()
+    assert (merged["el2n"] - merged["el2n_pq"]).abs().max() < 1e-6
+
+    code, out = _export(pruned, "--run", "el2n-high-0.2")
+    assert code == 0 and "export: fresh" in out, out
+    code, out = _export(pruned)  # every pruned corpus now: the selection changed, so the stage is redone
+    assert code == 0 and "export.runs" in out, out
+    assert L.export_file("random-0.2", pairs[0], pairs[0].split("-")[0]).is_file()
+    code, out = cli("status", "-c", str(TINY), "--run-dir", str(pruned))
+    assert "export    fresh" in out, out
+
+
+@pytest.mark.slow
+def test_export_of_an_unknown_run_is_one_line_and_writes_nothing(pruned: Path) -> None:
+    code, out = _export(pruned, "--run", "el2n-high-0.9")
+    assert code == 2, out
+    assert len(error_lines(out)) == 1
+    assert "no pruned corpus 'el2n-high-0.9' (pruned corpora: el2n-high-0.2, random-0.2)" in out
+    assert not RunLayout(pruned).stage_dir("export").exists()
+
+
+def test_export_before_prune_names_the_stage_to_run(tmp_path: Path) -> None:
+    code, out = _export(tmp_path / "run")
+    assert code == 2, out
+    assert "run `mtprune download` first" in out and len(error_lines(out)) == 1
