@@ -412,6 +412,7 @@ class ScoreConfig(_Recorded):
     # (measured with scripts/bench_score.py: 128 beats 1024 by ~1.7x on CPU); raise it on GPUs
     chunk_tokens: Positive = 128
     dump_tokens: Bool = False
+    proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score
 
 
 def _sparsity_problems(v: tuple[float, ...]) -> list[str]:

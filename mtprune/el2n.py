@@ -1,17 +1,53 @@
-"""Scoring math on tensors, no I/O: per-token EL2N and NLL over the full vocabulary.
+"""Scoring math on tensors, no I/O: per-token EL2N and NLL, and output-layer gradient scores per pair.
 
-EL2N of a token is ``‖softmax(z) − onehot(y)‖₂``. Writing p = softmax(z) and r = 1 − p_y =
-Σ_{k≠y} p_k, the squared norm is Σ_{k≠y} p_k² + r²: two sums of non-negative terms, so no one-hot
-is built and nothing cancels (the textbook ``Σp² − 2p_y + 1`` loses every digit when p_y ≈ 1).
-Likewise NLL = −log(1 − r) = −log1p(−r) keeps its precision for confident tokens.
-Tokens are processed in chunks so memory stays at ``chunk × vocabulary`` whatever the batch.
+EL2N of a token is ``‖δ‖₂`` with ``δ = softmax(z) − onehot(y)``. Writing p = softmax(z), q = p with
+its target entry set to 0 and r = 1 − p_y = Σ_{k≠y} p_k, δ = q − r·e_y and the squared norm is
+q·q + r²: sums of non-negative terms, so no one-hot is built and nothing cancels (the textbook
+``Σp² − 2p_y + 1`` loses every digit when p_y ≈ 1). NLL is −log1p(−r) for confident tokens
+(p_y ≥ ½) and z_y − logsumexp(z) otherwise, both exact in float32 to a few ulps and chosen per token
+with ``torch.where``: no branch, so no host–device sync, and no underflow when p_y is below the
+float32 range (the log-sum-exp form never forms p_y).
+
+The output layer's gradient for one pair is ``G = Σ_t δ_t h_tᵀ`` (V × D; the bias, when there is
+one, is a last column of the weight with a constant feature 1). Three scores read it without ever
+forming G per pair:
+
+- ``grand`` = ‖G‖_F, from token Gram matrices: ‖G‖² = Σ_{t,s} (δ_t·δ_s)(h_t·h_s), with
+  δ_t·δ_s = q_t·q_s − r_s q_t[y_s] − r_t q_s[y_t] + r_t r_s [y_t = y_s] (small terms only, so a
+  confident pair keeps its digits); T² V work per pair of T tokens.
+- ``tracin`` dot = ⟨G, G_dev⟩ = Σ_t δ_tᵀ (G_dev h_t): the logits and G_dev h_t come out of one matmul
+  with the stacked weight [W; G_dev].
+- a sketch ``vec(R_Vᵀ G R_D) = Σ_t (δ_t R_V) ⊗ (h_t R_D)`` (k × k), Johnson–Lindenstrauss:
+  ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F.
+
+The vocabulary projection and every reduction run in float32 (float64 inputs stay float64) whatever
+autocast the model body ran under. Work is split into chunks of whole sentences, so memory stays at
+``chunk × vocabulary`` and no sentence's Gram matrix is cut.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+
+SKETCH_K = 16  # sketch = vec of a k × k matrix: 256 floats per pair
+SKETCH_SEED = 20240601
+
+
+def _token_terms(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, r, el2n, nll) for logits (..., V) and targets (...): q = softmax with the target zeroed."""
+    z = z if z.dtype in (torch.float32, torch.float64) else z.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    q = torch.exp(z - lse)
+    yi = y.unsqueeze(-1)
+    z_y = z.gather(-1, yi).squeeze(-1)
+    q.scatter_(-1, yi, 0.0)
+    r = q.sum(-1)
+    el2n = torch.sqrt(torch.linalg.vecdot(q, q) + r * r)
+    nll = torch.where(r < 0.5, -torch.log1p(-r.clamp(max=0.5)), lse.squeeze(-1) - z_y)
+    return q, r, el2n, nll
 
 
 def token_el2n_nll(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,20 +55,7 @@ def token_el2n_nll(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
 
     Computed in float32 (float64 inputs stay float64); returns two (N,) tensors.
     """
-    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    p = torch.softmax(z, dim=-1)
-    y = target.unsqueeze(-1)
-    p_y = p.gather(-1, y).squeeze(-1)
-    p.scatter_(-1, y, 0.0)  # p now holds p_k for k ≠ y
-    rest = p.sum(-1)
-    sq_rest = torch.linalg.vecdot(p, p)
-    el2n = torch.sqrt(sq_rest + rest * rest)
-    nll = torch.where(rest < 0.5, -torch.log1p(-rest.clamp(max=0.5)), -torch.log(p_y))
-    # p_y near or below the smallest normal float32 has lost its digits: exact log-softmax for those rows
-    underflow = p_y < 1e-30
-    if bool(underflow.any()):
-        zu = z[underflow].double()
-        nll[underflow] = (torch.logsumexp(zu, -1) - zu.gather(-1, y[underflow]).squeeze(-1)).to(nll.dtype)
+    _, _, el2n, nll = _token_terms(logits, target)
     return el2n, nll
 
 
@@ -49,6 +72,128 @@ def chunked_token_scores(features: torch.Tensor, target: torch.Tensor,
     return el2n, nll
 
 
+class OutputLayer:
+    """The vocabulary projection as the scores see it, plus what tracin and the sketch need.
+
+    ``weight`` (V, D) and ``bias`` (V,) or None come from the model (``decoder.output_projection``);
+    they are kept in float32 (float64 stays float64) as one (V, D[+1]) matrix. ``dev_grad`` is the
+    summed dev-set gradient in the same layout (``output_gradient``); ``sketch`` the pair
+    (R_V (V, k), R_D (D[+1], k)), already divided by √k (``sketch_projections``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 dev_grad: torch.Tensor | None = None,
+                 sketch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        w = weight.detach()
+        w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        self.has_bias = bias is not None
+        if bias is not None:
+            w = torch.cat([w, bias.detach().to(w.dtype).unsqueeze(1)], 1)
+        self.weight = w
+        self.vocab = w.shape[0]
+        self.dev_grad = None if dev_grad is None else dev_grad.to(w.dtype)
+        self.stacked = w if dev_grad is None else torch.cat([w, self.dev_grad])  # one matmul for both
+        self.sketch = None if sketch is None else (sketch[0].to(w.dtype), sketch[1].to(w.dtype))
+
+    @classmethod
+    def of(cls, projection: torch.nn.Module, **kw: object) -> OutputLayer:
+        return cls(projection.weight, getattr(projection, "bias", None), **kw)  # type: ignore[arg-type]
+
+    def features(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder states (S, T, D) -> (S, T, D[+1]) in the layer's dtype, zero at padding."""
+        m = mask.to(self.weight.dtype).unsqueeze(-1)
+        h = h.to(self.weight.dtype) * m
+        return torch.cat([h, m], -1) if self.has_bias else h
+
+
+def sketch_projections(vocab: int, dim: int, k: int = SKETCH_K, seed: int = SKETCH_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded Gaussian R_V (V, k) and R_D (D, k), each divided by √k (float32, CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    r_v = torch.randn(vocab, k, generator=g) / math.sqrt(k)
+    r_d = torch.randn(dim, k, generator=g) / math.sqrt(k)
+    return r_v, r_d
+
+
+def _rows_per_chunk(length: int, chunk_tokens: int) -> int:
+    return max(1, chunk_tokens // max(length, 1))
+
+
+def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, layer: OutputLayer,
+                chunk_tokens: int, gradient_scores: bool = False) -> dict[str, torch.Tensor]:
+    """Per-pair scores for a padded batch: ``feats`` (S, T, D) decoder states, ``target``/``mask`` (S, T).
+
+    Always: ``el2n`` / ``nll`` (token means), ``el2n_max``, ``el2n_eos`` (the last real token) and the
+    per-token ``tok_el2n`` / ``tok_nll`` (S, T; 0 at padding). With ``gradient_scores``: ``grand``,
+    and ``tracin_dot`` / ``sketch`` (S, k²) when the layer carries ``dev_grad`` / ``sketch``.
+    Chunks are whole sentences (rows), about ``chunk_tokens`` tokens each. Pads must be right-padded.
+    """
+    s_rows, length = target.shape
+    dt = layer.weight.dtype
+    lengths = mask.sum(1)
+    tok_e = torch.zeros(s_rows, length, dtype=dt, device=target.device)
+    tok_n = torch.zeros_like(tok_e)
+    out: dict[str, torch.Tensor] = {}
+    if gradient_scores:
+        out["grand"] = torch.empty(s_rows, dtype=torch.float64, device=target.device)
+        if layer.dev_grad is not None:
+            out["tracin_dot"] = torch.empty(s_rows, dtype=torch.float64, device=target.device)
+        if layer.sketch is not None:
+            k = layer.sketch[0].shape[1]
+            out["sketch"] = torch.empty(s_rows, k * k, dtype=dt, device=target.device)
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        step = _rows_per_chunk(length, chunk_tokens)
+        for start in range(0, s_rows, step):
+            sl = slice(start, start + step)
+            m, y = mask[sl], target[sl]
+            h = layer.features(feats[sl], m)
+            proj = h @ layer.stacked.T
+            z = proj[..., :layer.vocab]
+            q, r, e, n = _token_terms(z, y)
+            fm = m.to(dt)
+            tok_e[sl], tok_n[sl] = e * fm, n * fm
+            if not gradient_scores:
+                continue
+            r = r * fm  # δ_t = q_t − r_t e_{y_t}; padding rows have h = 0, so they drop out of every term below
+            bq = q.gather(-1, y.unsqueeze(1).expand(-1, y.shape[1], -1))  # bq[s, t, u] = q_t[y_u]
+            dd = (q @ q.transpose(1, 2) - r.unsqueeze(1) * bq - r.unsqueeze(2) * bq.transpose(1, 2)
+                  + (r.unsqueeze(2) * r.unsqueeze(1)) * (y.unsqueeze(2) == y.unsqueeze(1)))
+            hh = h @ h.transpose(1, 2)
+            out["grand"][sl] = (dd.double() * hh.double()).sum((1, 2)).clamp(min=0).sqrt()
+            if layer.dev_grad is not None:
+                gh = proj[..., layer.vocab:]
+                d = torch.linalg.vecdot(q, gh) - r * gh.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                out["tracin_dot"][sl] = (d.double() * fm.double()).sum(1)
+            if layer.sketch is not None:
+                r_v, r_d = layer.sketch
+                a = q @ r_v - r.unsqueeze(-1) * r_v[y]
+                out["sketch"][sl] = torch.einsum("stk,stl->skl", a, h @ r_d).flatten(1)
+    n_tok = lengths.clamp(min=1).to(torch.float64)
+    out["el2n"] = tok_e.double().sum(1) / n_tok
+    out["nll"] = tok_n.double().sum(1) / n_tok
+    out["el2n_max"] = tok_e.amax(1).double()
+    out["el2n_eos"] = tok_e.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1).double()
+    out["tok_el2n"], out["tok_nll"] = tok_e, tok_n
+    return out
+
+
+def output_gradient(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, layer: OutputLayer,
+                    chunk_tokens: int) -> torch.Tensor:
+    """Σ over the batch's real tokens of δ_t h_tᵀ: the summed cross-entropy's gradient w.r.t. the
+    output layer, (V, D[+1]) in float64 (the bias gradient Σ δ_t as the last column when there is one)."""
+    s_rows, length = target.shape
+    grad = torch.zeros(layer.weight.shape, dtype=torch.float64, device=target.device)
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        step = _rows_per_chunk(length, chunk_tokens)
+        for start in range(0, s_rows, step):
+            sl = slice(start, start + step)
+            m, y = mask[sl], target[sl]
+            h = layer.features(feats[sl], m).flatten(0, 1)
+            q, r, _, _ = _token_terms(h @ layer.weight.T, y.flatten())
+            q.scatter_(-1, y.flatten().unsqueeze(-1), -r.unsqueeze(-1))  # q becomes δ (padding rows have h = 0)
+            grad += (q.T @ h).double()
+    return grad
+
+
 def reference_el2n_nll(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 reference that materialises ``softmax − onehot`` (for tests and benchmarks only)."""
     z = logits.double()
@@ -57,6 +202,18 @@ def reference_el2n_nll(logits: torch.Tensor, target: torch.Tensor) -> tuple[torc
     el2n = torch.linalg.vector_norm(p - onehot, dim=-1)
     nll = -torch.log_softmax(z, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return el2n, nll
+
+
+def reference_output_grad(h: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float64 autograd gradient of Σ_t CE(W h_t + b, y_t) w.r.t. W and b (tests and benchmarks only)."""
+    w = weight.detach().double().clone().requires_grad_(True)
+    b = None if bias is None else bias.detach().double().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.inference_mode(False):
+        z = torch.nn.functional.linear(h.detach().double().clone(), w, b)
+        loss = torch.nn.functional.cross_entropy(z, target.clone(), reduction="sum")
+        grads = torch.autograd.grad(loss, [w] + ([b] if b is not None else []))
+    return grads[0], (grads[1] if b is not None else None)
 
 
 def segment_mean(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:

@@ -99,6 +99,11 @@ class RunLayout:
     def token_scores(self) -> Path:
         return self.stage_dir("score") / "tokens.parquet"
 
+    @property
+    def grad_sketch(self) -> Path:
+        """float32 (rows of scores.parquet, 256): each pair's output-layer gradient sketch (score.py)."""
+        return self.stage_dir("score") / "grad_sketch.npy"
+
     def score_shard(self, index: int, count: int) -> Path:
         return self.stage_dir("score") / "shards" / f"shard-{index:04d}-of-{count:04d}.parquet"
 

@@ -77,8 +77,9 @@ def test_bf16_autocast_on_a_real_checkpoint_stays_within_the_documented_toleranc
     mask = batch["target"].ne(d.pad())
     rows = mask.nonzero()[:, 0]
     with torch.inference_mode():
-        pair_e, pair_n, tok_e, tok_n = score_batch(model, batch, d.pad(), 13, "cpu", torch.bfloat16)
-        fp32_e = score_batch(model, batch, d.pad(), 13, "cpu", None)[2]
+        out = score_batch(model, batch, d.pad(), 13, "cpu", torch.bfloat16)
+        pair_e, pair_n, tok_e, tok_n = out["el2n"], out["nll"], out["tok_el2n"], out["tok_nll"]
+        fp32_e = score_batch(model, batch, d.pad(), 13, "cpu", None)["tok_el2n"]
         logits, _ = model64(batch["src_tokens"], batch["src_lengths"], batch["prev"])
     assert logits.dtype == torch.float64
     ref_e, ref_n = reference_el2n_nll(logits[mask], batch["target"][mask])

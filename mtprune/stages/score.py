@@ -88,40 +88,107 @@ def collate(src_ds: Any, tgt_ds: Any, batch: np.ndarray, pad: int, eos: int) -> 
     return {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev": prev, "target": target}
 
 
-def score_batch(model: Any, batch: dict[str, Any], pad: int, chunk_tokens: int, device: str,
-                dtype: Any) -> tuple[Any, Any, Any, Any]:
-    """Per-sentence mean EL2N and NLL, and per-token values with their (row, position)."""
+def proxy_lr(lr: float, warmup_updates: int, updates: int, warmup_init_lr: float = 1e-7) -> float:
+    """The learning rate fairseq's ``inverse_sqrt`` schedule holds after ``updates`` updates (what the
+    optimizer state of ``checkpoint_u<updates>.pt`` records): linear warm-up from ``warmup_init_lr``,
+    then ``lr * sqrt(warmup / updates)`` (``fairseq/optim/lr_scheduler/inverse_square_root_schedule.py``)."""
+    if warmup_updates <= 0:
+        return lr
+    if updates < warmup_updates:
+        return warmup_init_lr + updates * (lr - warmup_init_lr) / warmup_updates
+    return lr * warmup_updates ** 0.5 * updates ** -0.5
+
+
+def output_layer(model: Any, **kw: Any) -> Any:
+    """The model's vocabulary projection as ``el2n.OutputLayer`` (refuses an adaptive softmax)."""
+    from ..el2n import OutputLayer
+
+    proj = getattr(model.decoder, "output_projection", None)
+    if proj is None or getattr(model.decoder, "adaptive_softmax", None) is not None:
+        raise UsageError("score: the proxy decoder has no plain output projection (adaptive softmax is not supported)")
+    return OutputLayer.of(proj, **kw)
+
+
+def _forward(model: Any, batch: dict[str, Any], device: str, dtype: Any) -> tuple[Any, Any]:
+    """(decoder features (B, T, D), encoder output) with the body under autocast when ``dtype`` is set."""
     import torch
 
-    from ..el2n import chunked_token_scores, segment_mean
-
-    src = batch["src_tokens"].to(device)
-    target = batch["target"].to(device)
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
-        enc = model.encoder(src, src_lengths=batch["src_lengths"].to(device))
+        enc = model.encoder(batch["src_tokens"].to(device), src_lengths=batch["src_lengths"].to(device))
         feats, _ = model.decoder(batch["prev"].to(device), encoder_out=enc, features_only=True)
-        mask = target.ne(pad)
-        el2n, nll = chunked_token_scores(feats[mask], target[mask], model.decoder.output_layer, chunk_tokens)
-    rows = mask.nonzero()[:, 0]
-    n = target.shape[0]
-    return segment_mean(el2n, rows, n), segment_mean(nll, rows, n), el2n, nll
+    return feats, enc
+
+
+def score_batch(model: Any, batch: dict[str, Any], pad: int, chunk_tokens: int, device: str, dtype: Any,
+                layer: Any = None, full: bool = False) -> dict[str, Any]:
+    """Per-pair scores of one batch (``el2n.pair_scores``), per-token EL2N and NLL of its real tokens
+    in row-major order (``tok_el2n``, ``tok_nll``) and, with ``full``, the gradient scores and the
+    mean-pooled encoder output over the real source tokens (``pooled``, (B, D) float32).
+
+    The body runs under autocast when ``dtype`` is set; the vocabulary projection and every reduction
+    in float32 (``pair_scores`` casts the features and switches autocast off)."""
+    from ..el2n import pair_scores
+
+    layer = output_layer(model) if layer is None else layer
+    feats, enc = _forward(model, batch, device, dtype)
+    target = batch["target"].to(device)
+    mask = target.ne(pad)
+    out = pair_scores(feats, target, mask, layer, chunk_tokens, gradient_scores=full)
+    out["tok_el2n"], out["tok_nll"] = out["tok_el2n"][mask], out["tok_nll"][mask]
+    if full:
+        x = enc["encoder_out"][0].float().transpose(0, 1)  # (B, S, D)
+        keep = (~enc["encoder_padding_mask"][0]).float().unsqueeze(-1) if enc["encoder_padding_mask"] else None
+        out["pooled"] = x.mean(1) if keep is None else (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return out
+
+
+def dev_gradient(model: Any, src_ds: Any, tgt_ds: Any, dictionary: Any, batch_tokens: int, chunk_tokens: int,
+                 device: str, dtype: Any) -> Any:
+    """Σ over every pair of a split (the valid split) of the output layer's gradient, float64 (V, D[+1])."""
+    import torch
+
+    from ..el2n import output_gradient
+
+    pad, eos = dictionary.pad(), dictionary.eos()
+    layer = output_layer(model)
+    grad = torch.zeros(layer.weight.shape, dtype=torch.float64, device=device)
+    idx = np.arange(len(tgt_ds))
+    with torch.inference_mode():
+        for b in length_batches(idx, [np.asarray(tgt_ds.sizes), np.asarray(src_ds.sizes)], batch_tokens):
+            batch = collate(src_ds, tgt_ds, b, pad, eos)
+            feats, _ = _forward(model, batch, device, dtype)
+            target = batch["target"].to(device)
+            grad += output_gradient(feats, target, target.ne(pad), layer, chunk_tokens)
+    return grad
+
+
+PER_PAIR = ("el2n", "nll", "el2n_max", "el2n_eos")
+GRADIENT = ("grand", "tracin_dot")
 
 
 def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, indices: np.ndarray,
                   batch_tokens: int, chunk_tokens: int, device: str, dtype: Any, dump_tokens: bool = False,
-                  desc: str = "score") -> dict[str, Any]:
+                  desc: str = "score", *, layers: list[Any] | None = None, full: bool = False,
+                  sketch_out: np.ndarray | None = None, pooled_out: np.ndarray | None = None) -> dict[str, Any]:
     """The scoring loop: one pass over length-bucketed batches, every model on each batch.
 
-    Returns per-pair (len(indices), len(models)) arrays of mean EL2N and NLL aligned with ``indices``.
+    Returns per-pair (len(indices), len(models)) float64 arrays aligned with ``indices``: ``el2n``,
+    ``nll``, ``el2n_max``, ``el2n_eos`` and, with ``full``, ``grand`` and ``tracin_dot`` (⟨G_pair,
+    G_dev⟩, when ``layers`` carry a dev gradient). With ``full``, ``sketch_out`` (len(indices), k²)
+    receives the mean over models of each pair's gradient sketch and ``pooled_out``
+    (len(indices), len(models), D) the mean-pooled encoder states (both may be memory maps).
     """
     import torch
     from tqdm import tqdm
 
     pad, eos = dictionary.pad(), dictionary.eos()
+    layers = [output_layer(m) for m in models] if layers is None else layers
     pos = np.empty(int(indices.max()) + 1 if len(indices) else 0, dtype=np.int64)
     pos[indices] = np.arange(len(indices))
-    el2n = np.zeros((len(indices), len(models)), dtype=np.float64)
-    nll = np.zeros_like(el2n)
+    names = PER_PAIR + (GRADIENT if full else ())
+    arrays = {k: np.zeros((len(indices), len(models)), dtype=np.float64) for k in names}
+    if sketch_out is not None:
+        sketch_out[:] = 0
     tokens: list[dict[str, Any]] = []
     batches = length_batches(indices, [np.asarray(tgt_ds.sizes), np.asarray(src_ds.sizes)], batch_tokens)
     t0 = time.time()
@@ -129,25 +196,35 @@ def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, 
         for b in batches:
             batch = collate(src_ds, tgt_ds, b, pad, eos)
             rows = pos[b]
-            tok_sum = None
-            for k, model in enumerate(models):
-                s_el2n, s_nll, t_el2n, t_nll = score_batch(model, batch, pad, chunk_tokens, device, dtype)
-                el2n[rows, k] = s_el2n.cpu().numpy()
-                nll[rows, k] = s_nll.cpu().numpy()
+            tok_sum = sketch = None
+            for k, (model, layer) in enumerate(zip(models, layers, strict=True)):
+                out = score_batch(model, batch, pad, chunk_tokens, device, dtype, layer, full)
+                for name in names:
+                    if name in out:
+                        arrays[name][rows, k] = out[name].cpu().numpy()
+                if full and sketch_out is not None and "sketch" in out:
+                    sketch = out["sketch"] if sketch is None else sketch + out["sketch"]
+                if full and pooled_out is not None:
+                    pooled_out[rows, k] = out["pooled"].cpu().numpy()
                 if dump_tokens:
-                    both = torch.stack([t_el2n, t_nll]).double().cpu()
+                    both = torch.stack([out["tok_el2n"], out["tok_nll"]]).double().cpu()
                     tok_sum = both if tok_sum is None else tok_sum + both
+            if sketch is not None:
+                sketch_out[rows] = (sketch / len(models)).float().cpu().numpy()
             if tok_sum is not None:
                 _collect_tokens(tokens, batch, b, tok_sum / len(models), pad, dictionary)
             bar.update(len(b))
-    return {"el2n": el2n, "nll": nll, "n_tokens": np.asarray(tgt_ds.sizes)[indices].astype(np.int64),
+    return {**arrays, "n_tokens": np.asarray(tgt_ds.sizes)[indices].astype(np.int64),
             "tokens": tokens, "seconds": time.time() - t0}
 
 
-def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str) -> dict[str, Any]:
-    """Score the given fairseq train indices with every proxy checkpoint of the run."""
+def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str, sketch_path: Path,
+                  pooled_path: Path) -> dict[str, Any]:
+    """Score the given fairseq train indices with every proxy checkpoint of the run, gradient scores,
+    sketch (written to ``sketch_path``) and pooled encoder states (``pooled_path``) included."""
     import torch
 
+    from ..el2n import SKETCH_K, sketch_projections
     from ..fairseq_backend import load_model, load_train_pairs
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -159,9 +236,40 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
         vocab = m.decoder.embed_tokens.num_embeddings
         if vocab != len(dictionary):
             raise UsageError(f"{c.path}: dictionary size {vocab} does not match {layout.data_bin} ({len(dictionary)})")
+    vsrc, vtgt, _ = load_train_pairs(layout.data_bin, "valid")
+    t0 = time.time()
+    layers = []
+    for m in models:  # one pass over valid per checkpoint: the dev gradient tracin dots with
+        g = dev_gradient(m, vsrc, vtgt, dictionary, cfg.score.batch_tokens, cfg.score.chunk_tokens, device, dtype)
+        base = output_layer(m)
+        r_v, r_d = sketch_projections(base.vocab, base.weight.shape[1])
+        layers.append(output_layer(m, dev_grad=g, sketch=(r_v.to(device), r_d.to(device))))
+    dev_seconds = time.time() - t0
+    dim = int(models[0].encoder.embed_tokens.embedding_dim) if models else 0
+    sketch = _open_npy(sketch_path, (len(indices), SKETCH_K * SKETCH_K))
+    pooled = _open_npy(pooled_path, (len(indices), len(models), dim))
     res = score_dataset(models, src_ds, tgt_ds, dictionary, indices, cfg.score.batch_tokens,
-                        cfg.score.chunk_tokens, device, dtype, cfg.score.dump_tokens, desc)
-    return {**res, "checkpoints": ckpts, "device": device}
+                        cfg.score.chunk_tokens, device, dtype, cfg.score.dump_tokens, desc,
+                        layers=layers, full=True, sketch_out=sketch, pooled_out=pooled)
+    _flush(sketch)
+    _flush(pooled)
+    del sketch, pooled
+    lrs = [proxy_lr(cfg.proxy.lr, cfg.proxy.warmup_updates, c.updates) for c in ckpts]
+    res["tracin"] = res.pop("tracin_dot") * np.asarray(lrs)[None, :] / max(len(vtgt), 1)
+    return {**res, "checkpoints": ckpts, "device": device, "dev_seconds": dev_seconds, "n_dev": len(vtgt)}
+
+
+def _open_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 .npy file of ``shape`` open for writing (a memory map, so corpus size stays on disk)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if 0 in shape:  # numpy cannot map an empty file
+        np.save(open(path, "wb"), np.zeros(shape, dtype=np.float32))
+        return np.zeros(shape, dtype=np.float32)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def _flush(a: np.ndarray) -> None:
+    getattr(a, "flush", lambda: None)()
 
 
 def _collect_tokens(out: list[dict[str, Any]], batch: dict[str, Any], b: np.ndarray, values: Any, pad: int,
@@ -176,13 +284,20 @@ def _collect_tokens(out: list[dict[str, Any]], batch: dict[str, Any], b: np.ndar
             k += 1
 
 
+# averaged over checkpoints and seeds like el2n, one `<name>@s<seed>u<updates>` column per checkpoint
+MEAN_SCORES = ("el2n", "nll", "el2n_max", "el2n_eos", "grand")
+
+
 def _table(cfg: Config, layout: RunLayout, indices: np.ndarray, res: dict[str, Any]) -> Any:
+    """Every column but ``proto`` (which needs all rows of a language pair, see ``_with_proto``)."""
     import pyarrow as pa
 
     from .prepare import read_lines
 
     ids = read_lines(layout.prepare_ids)
     tasks = [ln.split("\t") for ln in read_lines(layout.prepare_tasks)]
+    ckpts = res["checkpoints"]
+    n_seeds = max(len({c.seed for c in ckpts}), 1)
     cols: dict[str, Any] = {
         "index": pa.array(indices.astype(np.int64)),
         "sentence_id": pa.array([ids[i] for i in indices]),
@@ -191,13 +306,57 @@ def _table(cfg: Config, layout: RunLayout, indices: np.ndarray, res: dict[str, A
         "n_tokens": pa.array(res["n_tokens"]),
         "el2n": pa.array(res["el2n"].mean(axis=1)),
         "el2n_std": pa.array(res["el2n"].std(axis=1)),
-        "nll": pa.array(res["nll"].mean(axis=1)),
     }
-    for k, c in enumerate(res["checkpoints"]):
-        cols[f"el2n@{c.tag}"] = pa.array(res["el2n"][:, k])
-    for k, c in enumerate(res["checkpoints"]):
-        cols[f"nll@{c.tag}"] = pa.array(res["nll"][:, k])
+    for name in MEAN_SCORES[1:]:
+        cols[name] = pa.array(res[name].mean(axis=1))
+    # TracIn sums over the checkpoints of a run; the runs (seeds) are averaged
+    cols["tracin"] = pa.array(res["tracin"].sum(axis=1) / n_seeds)
+    for name in MEAN_SCORES + ("tracin",):
+        for k, c in enumerate(ckpts):
+            cols[f"{name}@{c.tag}"] = pa.array(res[name][:, k])
     return pa.table(cols)
+
+
+EXACT_KMEANS_ROWS = 50_000
+
+
+def proto_distances(pooled: np.ndarray, groups: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
+    """Cosine distance of each row's pooled state to its nearest k-means centroid, per group and model.
+
+    ``pooled`` (n, M, D) mean-pooled encoder states of M models, ``groups`` (n,) a label per row (the
+    language pair and direction): for each group and model the L2-normalised states are clustered
+    with scikit-learn (``clusters`` centroids, at most the group's size, fixed seed; ``KMeans`` up to
+    ``EXACT_KMEANS_ROWS`` rows, ``MiniBatchKMeans`` beyond, whose cost does not grow with iterations
+    over the whole group), and the distance is ``1 − max_c cos(x, c)``. Returns (n, M) float64.
+    """
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    n, n_models = pooled.shape[:2]
+    out = np.zeros((n, n_models), dtype=np.float64)
+    for g in sorted(set(groups.tolist())):
+        rows = np.flatnonzero(groups == g)
+        for k in range(n_models):
+            x = np.asarray(pooled[rows, k], dtype=np.float32)
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            k_eff = min(clusters, len(rows))
+            km = (KMeans(n_clusters=k_eff, random_state=seed, n_init=1) if len(rows) <= EXACT_KMEANS_ROWS else
+                  MiniBatchKMeans(n_clusters=k_eff, random_state=seed, n_init=3, batch_size=4096)).fit(x)
+            c = km.cluster_centers_.astype(np.float32)
+            c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+            out[rows, k] = 1.0 - (x @ c.T).max(axis=1).astype(np.float64)
+    return out
+
+
+def _with_proto(table: Any, pooled: np.ndarray, ckpts: list[Checkpoint], clusters: int) -> Any:
+    import pyarrow as pa
+
+    groups = np.asarray([f"{p}\t{d}" for p, d in zip(table.column("pair").to_pylist(),
+                                                      table.column("direction").to_pylist(), strict=True)])
+    dist = proto_distances(pooled, groups, clusters)
+    table = table.append_column("proto", pa.array(dist.mean(axis=1)))
+    for k, c in enumerate(ckpts):
+        table = table.append_column(f"proto@{c.tag}", pa.array(dist[:, k]))
+    return table
 
 
 def _write_parquet(table: Any, path: Path) -> None:
@@ -238,12 +397,41 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     require_fresh_upstream("score", cfg, layout)
     n = len(load_train_pairs(layout.data_bin)[1])
     indices = shard_indices(n, i, count)
-    res = score_indices(cfg, layout, indices, f"score shard {i}/{count}")
     path = layout.score_shard(i, count)
+    sketch, pooled = _shard_sketch(path), _shard_pooled(path)
+    tmp_sketch, tmp_pooled = temp_path(sketch), temp_path(pooled)
+    try:
+        res = score_indices(cfg, layout, indices, f"score shard {i}/{count}", tmp_sketch, tmp_pooled)
+        os.replace(tmp_sketch, sketch)
+        os.replace(tmp_pooled, pooled)
+    finally:
+        tmp_sketch.unlink(missing_ok=True)
+        tmp_pooled.unlink(missing_ok=True)
     _write_parquet(_table(cfg, layout, indices, res), path)
     atomic_write_text(path.with_suffix(".json"), json.dumps({"key": _shard_key(cfg, layout), "rows": len(indices)}))
     log.info("score: shard %d/%d: %d pairs in %.1fs -> %s", i, count, len(indices), res["seconds"], path)
     return path
+
+
+def _shard_sketch(shard: Path) -> Path:
+    return shard.with_suffix(".sketch.npy")
+
+
+def _shard_pooled(shard: Path) -> Path:
+    """(rows, checkpoints, D) float32 mean-pooled encoder states: `proto` is computed at the merge."""
+    return shard.with_suffix(".pooled.npy")
+
+
+def _concat_npy(parts: list[Path], out: Path) -> None:
+    """Concatenate .npy files along rows into ``out`` without holding them all in memory."""
+    arrays = [np.load(p, mmap_mode="r") for p in parts]
+    rows = sum(a.shape[0] for a in arrays)
+    dst = _open_npy(out, (rows,) + arrays[0].shape[1:])
+    start = 0
+    for a in arrays:
+        dst[start:start + a.shape[0]] = a
+        start += a.shape[0]
+    _flush(dst)
 
 
 def _finished_shards(cfg: Config, layout: RunLayout) -> list[Path] | None:
@@ -271,10 +459,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(pd.Series(a).rank().corr(pd.Series(b).rank()))
 
 
+NOT_SCORES = ("index", "sentence_id", "pair", "direction", "n_tokens", "el2n_std")
+
+
 def diagnostics(table: Any, ckpts: list[Checkpoint]) -> dict[str, Any]:
     df = table.to_pandas()
     out: dict[str, Any] = {"per_score": {}}
-    score_cols = ["el2n", "nll"] + [f"el2n@{c.tag}" for c in ckpts] + [f"nll@{c.tag}" for c in ckpts]
+    score_cols = [c for c in df.columns if c not in NOT_SCORES and np.issubdtype(df[c].dtype, np.number)]
     for col in score_cols:
         v = df[col].to_numpy()
         out["per_score"][col] = {
@@ -296,19 +487,33 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     ckpts = checkpoints(cfg, layout)
     shards = _finished_shards(cfg, layout)
     stats: dict[str, Any] = {}
-    if shards is not None:
-        log.info("score: merging %d finished shards", len(shards))
-        table = pa.concat_tables([pq.read_table(s) for s in shards])
-        stats["merged_shards"] = len(shards)
-    else:
-        n = len(load_train_pairs(layout.data_bin)[1])
-        indices = np.arange(n)
-        res = score_indices(cfg, layout, indices, "score")
-        table = _table(cfg, layout, indices, res)
-        secs = max(res["seconds"], 1e-9)
-        stats.update(seconds=round(res["seconds"], 2), device=res["device"], checkpoints_scored=len(ckpts),
-                     sentences_per_second=round(n / secs, 1),
-                     target_tokens_per_second=round(float(res["n_tokens"].sum()) * len(ckpts) / secs, 1))
+    tmp_sketch, tmp_pooled = temp_path(layout.grad_sketch), layout.stage_dir("score") / f".pooled.{os.getpid()}.tmp"
+    try:
+        if shards is not None:
+            log.info("score: merging %d finished shards", len(shards))
+            table = pa.concat_tables([pq.read_table(s) for s in shards])
+            stats["merged_shards"] = len(shards)
+            _concat_npy([_shard_sketch(s) for s in shards], tmp_sketch)
+            _concat_npy([_shard_pooled(s) for s in shards], tmp_pooled)
+        else:
+            n = len(load_train_pairs(layout.data_bin)[1])
+            indices = np.arange(n)
+            res = score_indices(cfg, layout, indices, "score", tmp_sketch, tmp_pooled)
+            table = _table(cfg, layout, indices, res)
+            secs = max(res["seconds"], 1e-9)
+            stats.update(seconds=round(res["seconds"], 2), device=res["device"], checkpoints_scored=len(ckpts),
+                         sentences_per_second=round(n / secs, 1),
+                         target_tokens_per_second=round(float(res["n_tokens"].sum()) * len(ckpts) / secs, 1),
+                         dev_gradient_seconds=round(res["dev_seconds"], 2), dev_pairs=res["n_dev"])
+        t0 = time.time()
+        table = _with_proto(table, np.load(tmp_pooled, mmap_mode="r"), ckpts, cfg.score.proto_clusters)
+        stats["proto_seconds"] = round(time.time() - t0, 2)
+        if np.load(tmp_sketch, mmap_mode="r").shape[0] != table.num_rows:
+            raise UsageError("score: gradient sketches do not match the scored rows; delete 04_score/shards and score again")
+        os.replace(tmp_sketch, layout.grad_sketch)
+    finally:
+        tmp_sketch.unlink(missing_ok=True)
+        tmp_pooled.unlink(missing_ok=True)
         if cfg.score.dump_tokens:
             ids = table.column("sentence_id").to_pylist()
             tok = pa.Table.from_pylist(res["tokens"])
@@ -325,5 +530,5 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     log.info("score: %d pairs; el2n mean %.3f (p5 %.3f, p50 %.3f, p95 %.3f); spearman with length %.2f; "
              "between seeds %s", n_rows, e["mean"], e["p5"], e["p50"], e["p95"], e["spearman_vs_length"],
              ", ".join(f"{k} {v:.2f}" for k, v in stats["el2n_spearman_between_seeds"].items()) or "n/a")
-    outputs = [layout.scores] + ([layout.token_scores] if cfg.score.dump_tokens and shards is None else [])
+    outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens and shards is None else [])
     return StageResult(outputs, stats)
