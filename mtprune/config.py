@@ -433,16 +433,41 @@ class PruneConfig(_Recorded):
 
 
 class TrainConfig(_Recorded):
+    # updates: every corpus trains max_update updates (equal compute); epochs: every corpus trains
+    # max_epoch passes (updates per pass counted with fairseq's own batching of that corpus)
+    budget: Annotated[Str, _one_of("updates", "epochs")] = "updates"
     max_update: Positive = 1500
+    max_epoch: Annotated[Int | None, _at_least(1, or_null=True)] = Field(None, validate_default=True)
     lr: Lr = 0.002
     warmup_updates: Parallel = 200
     max_tokens: BatchTokens = 2048
     update_freq: Positive = 1
     label_smoothing: LabelSmoothing = 0.1
     precision: Precision = "fp32"
-    seed: Int = 1
+    seeds: Annotated[tuple[Int, ...], _entries("seed")] = (1,)  # every model is trained once per seed
+    seed: Int | None = None  # before train.seeds: `seed: k` is read as `seeds: [k]`
     include_full: Bool = True  # also train on the unpruned corpus (strategy "full")
     parallel: Parallel = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_becomes_seeds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("seed"), int) and not isinstance(data["seed"], bool):
+            if "seeds" in data:
+                _fail(["give train.seeds only (train.seed is the older single-seed form)"])
+            import logging
+
+            logging.getLogger("mtprune").warning("train.seed: %d is read as train.seeds: [%d] (train.seed is "
+                                                 "the older single-seed form)", data["seed"], data["seed"])
+            data = {**{k: v for k, v in data.items() if k != "seed"}, "seeds": [data["seed"]]}
+        return data
+
+    @field_validator("max_epoch")
+    @classmethod
+    def _epochs_budget_needs_max_epoch(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is None and info.data.get("budget") == "epochs":
+            _fail(["needed with train.budget: epochs (the number of passes over each corpus)"])
+        return v
 
 
 Lang = Annotated[Str, _check(lambda v: None if v in _LANGS else
@@ -473,6 +498,10 @@ class EvaluateConfig(_Recorded):
 class ReportConfig(_Recorded):
     noise_ids: Str | None = None  # file of sentence ids labelled as bad, one per line
     n_examples: Parallel = 10
+    # sacrebleu's paired test of BLEU, each pruned model against random and full: bs (paired bootstrap
+    # resampling), ar (approximate randomization; ~3x slower) or none; samples 0: sacrebleu's default
+    paired_test: Annotated[Str, _one_of("bs", "ar", "none")] = "bs"
+    paired_samples: Parallel = 0
 
 
 class ExportConfig(_Recorded):

@@ -17,6 +17,12 @@ def run_name(strategy: str, sparsity: float) -> str:
     return "full" if strategy == "full" else f"{strategy}-{sparsity:g}"
 
 
+def seed_run_name(name: str, seed: int) -> str:
+    """Folder name of one model of ``train.seeds`` (06_train, 07_evaluate): ``el2n-high-0.3-seed2``.
+    Seed 1 keeps the plain name, so a finished single-seed sweep grows more seeds by training only those."""
+    return name if seed == 1 else f"{name}-seed{seed}"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path

@@ -75,9 +75,9 @@ def unit_names(cfg: Config, stage: str) -> list[str]:
     if stage == "proxy":
         return [f"seed{s}" for s in cfg.proxy.seeds]
     if stage == "train":
-        from .stages.train import models
+        from .stages.train import seed_models
 
-        return [name for name, *_ in models(cfg, RunLayout(cfg.run_dir))]
+        return [m.run for m in seed_models(cfg, RunLayout(cfg.run_dir))]
     if stage == "score":
         n = shard_count(cfg)
         return [f"{i}/{n}" for i in range(n)]

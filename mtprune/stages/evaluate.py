@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,16 @@ import numpy as np
 
 from ..batching import length_batches
 from ..config import Config
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..layout import RunLayout
-from ..manifest import atomic_write_text, stat_key
+from ..manifest import atomic_write_text, file_sha256, stat_key
 from ..pipeline import Manifest, StageResult
 from .prepare import read_lines, tag, tasks
-from .train import models
+from .train import seed_models
 
 SECTIONS = ("evaluate",)
 UPSTREAM = ("prepare", "train")
+KEEPS_UNITS = True  # hypotheses decoded from an unchanged checkpoint with the same settings are reused
 log = logging.getLogger("mtprune")
 
 
@@ -32,14 +35,20 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def test_sets(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
-    """Every evaluation set: the test split of each pair and direction, then the extra ones."""
+def opus_test_sets(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
+    """The test split of each pair and direction (``name``, ``pair``, ``src_lang``, ``tgt_lang``, ``src``, ``ref``)."""
     out = []
     single = cfg.download.direction != "both"
     for pair, s, t in tasks(cfg.download.pairs, cfg.download.direction):
         out.append({"name": pair if single else f"{pair}:{s}-{t}", "pair": pair, "src_lang": s, "tgt_lang": t,
                     "src": read_lines(layout.split_file(pair, "test", s)),
                     "ref": read_lines(layout.split_file(pair, "test", t))})
+    return out
+
+
+def test_sets(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
+    """Every evaluation set: the test split of each pair and direction, then the extra ones."""
+    out = opus_test_sets(cfg, layout)
     for x in cfg.evaluate.extra_test_sets:
         for f in (x.src, x.ref):
             if not Path(f).is_file():
@@ -95,7 +104,56 @@ def score_hyps(hyps: list[str], refs: list[str], tgt_lang: str) -> dict[str, Any
             "chrf_signature": str(chrf.get_signature()), "sentences": len(hyps)}
 
 
+DECODED = "decoded.json"  # per model folder: test set -> what its hypotheses were decoded from
+
+
+def checkpoint_sha256(ckpt: Path) -> str:
+    """sha256 of a final checkpoint: the one train recorded in done.json while size and mtime still match."""
+    try:
+        rec = json.loads((ckpt.parent / "done.json").read_text())["outputs"][ckpt.name]
+        st = ckpt.stat()
+        if rec["bytes"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns:
+            return str(rec["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return file_sha256(ckpt)
+
+
+def decode_key(cfg: Config, ckpt_sha: str, spm_sha: str, ts: dict[str, Any]) -> dict[str, Any]:
+    """Everything a test set's hypotheses depend on: the model, the SentencePiece model, the source
+    sentences, the target language and the beam search settings (evaluate.max_tokens only batches)."""
+    src = hashlib.sha256("\n".join(ts["src"]).encode()).hexdigest()
+    return {"checkpoint_sha256": ckpt_sha, "spm_sha256": spm_sha, "src_sha256": src, "tgt_lang": ts["tgt_lang"],
+            "beam": cfg.evaluate.beam, "lenpen": cfg.evaluate.lenpen}
+
+
+def _reusable(folder: Path, name: str, key: dict[str, Any], hyp_file: Path) -> bool:
+    try:
+        rec = json.loads((folder / DECODED).read_text())[name]
+        return bool(rec["key"] == key and hyp_file.is_file() and file_sha256(hyp_file) == rec["hyp_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _n_train(strategy: str, name: str, prepare_stats: dict[str, Any],
+             prune_stats: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    if strategy == "full":
+        per_pair: dict[str, int] = {}
+        for task_name, v in prepare_stats.get("tasks", {}).items():
+            pair = task_name.split(":")[0]
+            per_pair[pair] = per_pair.get(pair, 0) + v["train"]
+        return prepare_stats.get("train_pairs"), per_pair
+    run = prune_stats.get(name, {})
+    return run.get("kept"), {p: v["kept"] for p, v in run.get("per_pair", {}).items()}
+
+
+def hyp_path(layout: RunLayout, run: str, test_set: str) -> Path:
+    return layout.eval_dir(run) / f"{test_set.replace(':', '.')}.hyp"
+
+
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
+    """Decode every test set with every model, except those whose hypotheses were already decoded
+    from the same checkpoint (sha256) with the same settings; score all of them with sacrebleu."""
     import sentencepiece as spm
     import torch
 
@@ -104,37 +162,66 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
+    spm_sha = file_sha256(layout.spm_model)
     sets = test_sets(cfg, layout)
     prune_stats = (Manifest.read(layout.manifest("prune")) or Manifest({})).stats.get("runs", {})
     prepare_stats = (Manifest.read(layout.manifest("prepare")) or Manifest({})).stats
+    wanted = seed_models(cfg, layout)
+    names = {layout.eval_dir(m.run).name for m in wanted}
+    for d in layout.stage_dir("evaluate").iterdir():  # models no longer in the sweep
+        if d.is_dir() and d.name not in names:
+            shutil.rmtree(d)
     outputs: list[Path] = []
-    for name, strategy, sparsity, _bin in models(cfg, layout):
-        ckpt = layout.train_dir(name) / f"checkpoint_{cfg.evaluate.checkpoint}.pt"
-        model, task = load_model(ckpt, layout.data_bin, device)
-        folder = layout.eval_dir(name)
+    decoded: dict[str, list[str]] = {}
+    reused: dict[str, list[str]] = {}
+    for m in wanted:
+        ckpt = layout.train_dir(m.run) / f"checkpoint_{cfg.evaluate.checkpoint}.pt"
+        if not ckpt.is_file():
+            raise UsageError(f"{ckpt}: checkpoint not found")
+        ckpt_sha = checkpoint_sha256(ckpt)
+        folder = layout.eval_dir(m.run)
         folder.mkdir(parents=True, exist_ok=True)
+        try:
+            record = json.loads((folder / DECODED).read_text())
+            record = record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            record = {}
+        current = {hyp_path(layout, m.run, ts["name"]) for ts in sets}
+        for f in folder.glob("*.hyp"):  # test sets no longer evaluated
+            if f not in current:
+                f.unlink()
+        model = task = None
         results: dict[str, Any] = {}
         for ts in sets:
-            hyps = translate(model, task, sp, ts["src"], ts["tgt_lang"], cfg, device, f"{name} {ts['name']}")
-            hyp_file = folder / f"{ts['name'].replace(':', '.')}.hyp"
-            atomic_write_text(hyp_file, "".join(h + "\n" for h in hyps))
+            hyp_file = hyp_path(layout, m.run, ts["name"])
+            key = decode_key(cfg, ckpt_sha, spm_sha, ts)
+            if _reusable(folder, ts["name"], key, hyp_file):
+                hyps = read_lines(hyp_file)
+                reused.setdefault(m.run, []).append(ts["name"])
+            else:
+                if model is None:
+                    model, task = load_model(ckpt, layout.data_bin, device)
+                hyps = translate(model, task, sp, ts["src"], ts["tgt_lang"], cfg, device, f"{m.run} {ts['name']}")
+                atomic_write_text(hyp_file, "".join(h + "\n" for h in hyps))
+                record[ts["name"]] = {"key": key, "hyp_sha256": file_sha256(hyp_file)}
+                atomic_write_text(folder / DECODED, json.dumps(record, indent=2, sort_keys=True) + "\n")
+                decoded.setdefault(m.run, []).append(ts["name"])
             outputs.append(hyp_file)
             results[ts["name"]] = {"pair": ts["pair"], "direction": f"{ts['src_lang']}-{ts['tgt_lang']}",
                                    **score_hyps(hyps, ts["ref"], ts["tgt_lang"])}
-            log.info("evaluate: %s on %s: BLEU %.2f chrF %.2f", name, ts["name"], results[ts["name"]]["bleu"],
+            log.info("evaluate: %s on %s: BLEU %.2f chrF %.2f", m.run, ts["name"], results[ts["name"]]["bleu"],
                      results[ts["name"]]["chrf"])
-        n_train = (prepare_stats.get("train_pairs") if strategy == "full" else prune_stats.get(name, {}).get("kept"))
-        if strategy == "full":
-            per_pair: dict[str, int] = {}
-            for task_name, v in prepare_stats.get("tasks", {}).items():
-                pair = task_name.split(":")[0]
-                per_pair[pair] = per_pair.get(pair, 0) + v["train"]
-        else:
-            per_pair = {p: v["kept"] for p, v in prune_stats.get(name, {}).get("per_pair", {}).items()}
-        metrics = {"name": name, "strategy": strategy, "sparsity": sparsity, "checkpoint": str(ckpt.name),
-                   "n_train": n_train, "n_train_per_pair": per_pair,
-                   "results": results}
-        atomic_write_text(layout.metrics(name), json.dumps(metrics, indent=2) + "\n")
-        outputs.append(layout.metrics(name))
+        if m.run in reused:
+            log.info("evaluate: %s: checkpoint unchanged, reused the hypotheses of %d test set(s) (%s)", m.run,
+                     len(reused[m.run]), ", ".join(reused[m.run]))
+        n_train, per_pair = _n_train(m.strategy, m.name, prepare_stats, prune_stats)
+        metrics = {"name": m.name, "run": m.run, "strategy": m.strategy, "sparsity": m.sparsity, "seed": m.seed,
+                   "checkpoint": str(ckpt.name), "checkpoint_sha256": ckpt_sha,
+                   "n_train": n_train, "n_train_per_pair": per_pair, "results": results}
+        atomic_write_text(layout.metrics(m.run), json.dumps(metrics, indent=2) + "\n")
+        outputs += [layout.metrics(m.run), folder / DECODED]
         del model
-    return StageResult(outputs, {"models": len(models(cfg, layout)), "test_sets": [s["name"] for s in sets]})
+    n_dec, n_reused = sum(map(len, decoded.values())), sum(map(len, reused.values()))
+    log.info("evaluate: decoded %d test set(s), reused %d decoded before", n_dec, n_reused)
+    return StageResult(outputs, {"models": len(wanted), "test_sets": [s["name"] for s in sets],
+                                 "decoded": decoded, "reused": reused, "n_decoded": n_dec, "n_reused": n_reused})

@@ -14,17 +14,17 @@ import numpy as np
 
 from ..config import Config
 from ..errors import InputError
-from ..layout import RunLayout
+from ..layout import RunLayout, run_name
 from ..manifest import atomic_write_bytes, atomic_write_text, stat_key
-from ..pipeline import StageResult
+from ..pipeline import Manifest, StageResult
 from .prepare import read_lines
 from .score import checkpoints, spearman
-from .train import models
+from .train import seed_models
 
 SECTIONS = ("report",)
 UPSTREAM = ("download", "score", "evaluate")
 log = logging.getLogger("mtprune")
-CSV_COLUMNS = ("strategy", "sparsity", "pair", "bleu", "chrf", "n_train")
+CSV_COLUMNS = ("strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train")
 
 
 def external_inputs(cfg: Config) -> dict[str, Any]:
@@ -36,20 +36,128 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
 
 
 def results_rows(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
+    """One row per model seed and test set, and one ``pair = all`` row per model seed (mean over the OPUS
+    pairs; extra test sets have rows of their own but are not in ``all``)."""
     rows = []
-    for name, *_ in models(cfg, layout):
-        m = json.loads(layout.metrics(name).read_text())
+    for model in seed_models(cfg, layout):
+        m = json.loads(layout.metrics(model.run).read_text())
         per = m["results"]
         opus = {k: v for k, v in per.items() if ":" not in k or v["pair"] in cfg.download.pairs}
+        head = {"strategy": m["strategy"], "sparsity": m["sparsity"], "seed": model.seed}
         for key, r in per.items():
-            rows.append({"strategy": m["strategy"], "sparsity": m["sparsity"], "pair": key, "bleu": r["bleu"],
-                         "chrf": r["chrf"], "n_train": m["n_train_per_pair"].get(r["pair"], "")})
+            rows.append({**head, "pair": key, "bleu": r["bleu"], "chrf": r["chrf"],
+                         "n_train": m["n_train_per_pair"].get(r["pair"], "")})
         if opus:
-            rows.append({"strategy": m["strategy"], "sparsity": m["sparsity"], "pair": "all",
+            rows.append({**head, "pair": "all",
                          "bleu": round(float(np.mean([r["bleu"] for r in opus.values()])), 2),
                          "chrf": round(float(np.mean([r["chrf"] for r in opus.values()])), 2),
                          "n_train": m["n_train"]})
     return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, float, str], tuple[float, float, int]]:
+    """(strategy, sparsity, pair) -> (mean, std, seeds) of ``metric`` over the seeds."""
+    groups: dict[tuple[str, float, str], list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["strategy"], r["sparsity"], r["pair"]), []).append(float(r[metric]))
+    return {k: (*mean_std(v), len(v)) for k, v in groups.items()}
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def _summary_table(rows: list[dict[str, Any]], metric: str) -> str:
+    pairs = [p for p in dict.fromkeys(r["pair"] for r in rows) if p != "all"] + ["all"]
+    stats = summarize(rows, metric)
+    n_train = {(r["strategy"], r["sparsity"]): r["n_train"] for r in rows if r["pair"] == "all"}
+    body = []
+    for st, sp in dict.fromkeys((r["strategy"], r["sparsity"]) for r in rows):
+        body.append([st, sp, n_train.get((st, sp), "")] +
+                    [_pm(*stats[(st, sp, p)]) if (st, sp, p) in stats else "" for p in pairs])
+    return _md_table(["strategy", "sparsity", "n_train", *pairs], body)
+
+
+def budget_text(cfg: Config, layout: RunLayout) -> str:
+    """What was held equal across the retrained models (train.budget), with each corpus's updates."""
+    t = cfg.train
+    if t.budget == "updates":
+        return (f"Training budget: **updates** — every model trained {t.max_update} updates (equal compute; "
+                "a pruned corpus is passed over more often).\n")
+    m = Manifest.read(layout.manifest("train"))
+    updates = (m.stats.get("max_update", {}) if m else {}) or {}
+    per = {}
+    for model in seed_models(cfg, layout):
+        if updates.get(model.run) is not None:
+            per.setdefault(model.name, updates[model.run])
+    listed = ", ".join(f"{n} {u}" for n, u in per.items())
+    return (f"Training budget: **epochs** — every model trained {t.max_epoch} passes over its own corpus "
+            f"(updates: {listed}).\n")
+
+
+def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
+    """results.md's section of paired tests (each pruned model against random at its sparsity and
+    against full), and its stats; see mtprune/significance.py for what exactly is tested."""
+    from ..significance import paired_test
+    from .evaluate import hyp_path, opus_test_sets
+
+    test = cfg.report.paired_test
+    if test == "none":
+        return "", {}
+    sets = opus_test_sets(cfg, layout)
+    seeds = list(cfg.train.seeds)
+    refs = [r for _ in seeds for ts in sets for r in ts["ref"]]
+    pooled: dict[str, list[str]] = {}
+    corpus: dict[str, tuple[str, float]] = {}
+    for m in seed_models(cfg, layout):
+        hyps = [h for ts in sets for h in read_lines(hyp_path(layout, m.run, ts["name"]))]
+        pooled.setdefault(m.name, []).extend(hyps)
+        corpus[m.name] = (m.strategy, m.sparsity)
+    samples = cfg.report.paired_samples
+    vs: dict[str, dict[str, Any]] = {"random": {}, "full": {}}
+    signature = ""
+    for sp in sorted({sp for st, sp in corpus.values() if st == "random"}):
+        base = run_name("random", sp)
+        others = [(n, pooled[n]) for n, (st, s) in corpus.items() if s == sp and st not in ("random", "full")]
+        found, sig = paired_test((base, pooled[base]), others, refs, test, samples)
+        vs["random"].update({c.system: c for c in found})
+        signature = sig or signature
+    if "full" in corpus:
+        others = [(n, h) for n, h in pooled.items() if n != "full"]
+        found, sig = paired_test(("full", pooled["full"]), others, refs, test, samples)
+        vs["full"].update({c.system: c for c in found})
+        signature = sig or signature
+    if not vs["random"] and not vs["full"]:
+        return "", {}
+    what = "paired bootstrap resampling" if test == "bs" else "approximate randomization"
+    seeds_text = (f"the hypotheses of seeds {', '.join(map(str, seeds))} concatenated as well (seed k beside seed k), "
+                  "so each p-value tests the seed-pooled systems against resampling of the test sentences; the "
+                  "spread between seeds (± above) is not part of it" if len(seeds) > 1 else "one seed")
+    md = [f"\n## Paired significance (sacrebleu {what})\n\nBLEU on the concatenated test sets "
+          f"({', '.join(ts['name'] for ts in sets)}: {len(refs) // len(seeds)} sentences), {seeds_text}. "
+          f"p: two-sided p-value of the difference from `random` at the same sparsity and from `full`. "
+          f"Signature: `{signature}`.\n\n"]
+    body = []
+    for name, (st, sp) in corpus.items():
+        if st == "full":
+            continue
+        r, f = vs["random"].get(name), vs["full"].get(name)
+        bleu = (r or f).bleu if (r or f) else float("nan")
+        body.append([st, sp, bleu,
+                     f"{r.bleu - r.baseline_bleu:+.2f}" if r else "–", f"{r.p_value:.4f}" if r else "–",
+                     f"{f.bleu - f.baseline_bleu:+.2f}" if f else "–", f"{f.p_value:.4f}" if f else "–"])
+    md.append(_md_table(["strategy", "sparsity", "BLEU (pooled)", "Δ vs random", "p vs random", "Δ vs full",
+                         "p vs full"], body))
+    stats = {"test": test, "signature": signature, "seeds": seeds,
+             "p_vs_random": {n: c.p_value for n, c in vs["random"].items()},
+             "p_vs_full": {n: c.p_value for n, c in vs["full"].items()}}
+    return "".join(md), stats
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -188,28 +296,35 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _plot_bleu(rows: list[dict[str, Any]], path: Path) -> None:
+    """BLEU against the fraction pruned, one panel per test set (extra ones too) and the average:
+    the mean over seeds with ± std error bars; ``full`` at 0 and as a dashed line with its ± std band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = sorted({r["pair"] for r in rows if r["pair"] != "all"}) + ["all"]
+    pairs = [p for p in dict.fromkeys(r["pair"] for r in rows) if p != "all"] + ["all"]
     strategies = sorted({r["strategy"] for r in rows if r["strategy"] != "full"})
+    stats = summarize(rows, "bleu")
+    n_seeds = max((n for *_, n in stats.values()), default=1)
     cols = min(3, len(pairs))
     nrows = math.ceil(len(pairs) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
     for ax, pair in zip(axes.flat, pairs, strict=False):
-        full = [r["bleu"] for r in rows if r["pair"] == pair and r["strategy"] == "full"]
+        full = stats.get(("full", 0.0, pair))
         for st in strategies:
-            pts = sorted((r["sparsity"], r["bleu"]) for r in rows if r["pair"] == pair and r["strategy"] == st)
+            pts = sorted((sp, *stats[(s, sp, p)][:2]) for (s, sp, p) in stats if s == st and p == pair)
             if full:
-                pts = [(0.0, full[0])] + [p for p in pts if p[0] > 0]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=st)
+                pts = [(0.0, full[0], full[1])] + [q for q in pts if q[0] > 0]
+            ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], marker="o",
+                        capsize=3, label=st)
         if full:
             ax.axhline(full[0], color="grey", lw=0.8, ls="--")
+            if full[1] > 0:
+                ax.axhspan(full[0] - full[1], full[0] + full[1], color="grey", alpha=0.15, lw=0)
         ax.set_title("average over pairs" if pair == "all" else pair)
         ax.set_xlabel("fraction of training pairs pruned")
-        ax.set_ylabel("BLEU")
+        ax.set_ylabel(f"BLEU (mean ± std, {n_seeds} seeds)" if n_seeds > 1 else "BLEU")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
@@ -277,8 +392,14 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
 
     df = pd.read_parquet(layout.scores)
     ckpts = checkpoints(cfg, layout)
-    md = ["# mtprune sweep results\n", f"\nRun directory: `{layout.root}`\n\n## BLEU / chrF on the test sets\n\n"]
-    md.append(_md_table(list(CSV_COLUMNS), [[r[c] for c in CSV_COLUMNS] for r in rows]))
+    seeds = list(cfg.train.seeds)
+    over = f" (mean ± std over seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else f" (seed {seeds[0]})"
+    md = ["# mtprune sweep results\n", f"\nRun directory: `{layout.root}`\n\n", budget_text(cfg, layout),
+          f"\n## BLEU on the test sets{over}\n\n`all`: the mean over the OPUS pairs; one row per seed in "
+          "`results.csv`.\n\n", _summary_table(rows, "bleu"), f"\n## chrF on the test sets{over}\n\n",
+          _summary_table(rows, "chrf")]
+    sig_md, sig_stats = significance(cfg, layout)
+    md.append(sig_md)
 
     # stability of the scores
     tags = [c.tag for c in ckpts]
@@ -292,7 +413,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     md.append(_md_table(["score", "spearman vs length", "mean", "p5", "p50", "p95"],
                         [[c, spearman(df[c].to_numpy(), length), float(df[c].mean()),
                           *[float(np.percentile(df[c], q)) for q in (5, 50, 95)]] for c in score_cols]))
-    stats: dict[str, Any] = {"rows": len(rows)}
+    stats: dict[str, Any] = {"rows": len(rows), "budget": cfg.train.budget}
+    if sig_stats:
+        stats["significance"] = sig_stats
 
     names = ["results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md"]
     labels = noise_labels(cfg, layout)

@@ -1,9 +1,18 @@
-"""Stage 6: the final model for each pruned corpus and for the unpruned baseline (``full``)."""
+"""Stage 6: the final models, for each pruned corpus and the unpruned baseline (``full``), once per seed.
+
+``train.budget`` says what is held equal across corpora: ``updates`` trains every corpus for
+``train.max_update`` updates (equal compute, so a pruned corpus is seen more often); ``epochs``
+trains every corpus for ``train.max_epoch`` passes. For ``epochs`` the update count of a corpus is
+``max_epoch`` times its updates per epoch, counted with fairseq-train's own batch iterator on that
+corpus (same batching, GPU count and update_freq), so training stops exactly at the end of the last
+pass and checkpoints, validation and the learning-rate schedule stay update-based as for ``updates``.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +20,7 @@ from ..config import Config
 from ..errors import UsageError
 from ..fairseq_backend import Schedule, check_training, cuda_available, train
 from ..launch import Unit, run_units, unit_settings, unit_state
-from ..layout import RunLayout
+from ..layout import RunLayout, seed_run_name
 from ..manifest import file_sha256
 from ..pipeline import StageResult
 from .prune import runs as pruned_runs
@@ -22,17 +31,77 @@ KEEPS_UNITS = True  # a model whose corpus and settings did not change is not re
 log = logging.getLogger("mtprune")
 
 
+@dataclass(frozen=True)
+class Model:
+    """One model to train: a corpus (``name``: ``full``, ``el2n-high-0.3``) and a seed; ``run`` names its folders."""
+
+    run: str
+    name: str
+    strategy: str
+    sparsity: float
+    seed: int
+    data_bin: Path
+
+
 def models(cfg: Config, layout: RunLayout) -> list[tuple[str, str, float, Path]]:
-    """(name, strategy, sparsity, data-bin) of every model to train."""
+    """(name, strategy, sparsity, data-bin) of every corpus to train on."""
     out = [("full", "full", 0.0, layout.data_bin)] if cfg.train.include_full else []
     return out + [(n, st, sp, layout.pruned_data_bin(n)) for n, st, sp in pruned_runs(cfg)]
 
 
-def schedule(cfg: Config) -> Schedule:
+def seed_models(cfg: Config, layout: RunLayout) -> list[Model]:
+    """Every model: each corpus of ``models`` once per ``train.seeds``, corpus after corpus."""
+    return [Model(seed_run_name(n, s), n, st, sp, s, b) for n, st, sp, b in models(cfg, layout)
+            for s in cfg.train.seeds]
+
+
+def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
+    """Updates fairseq-train makes in one pass over ``data_bin`` with the train settings: its own
+    task, batch iterator and update grouping, as in fairseq_cli.train (no model is built)."""
+    from fairseq import tasks, utils
+    from fairseq.data import iterators
+
+    from ..fairseq_backend import parse_train_argv, train_argv
+
+    s = schedule(cfg, seed=cfg.train.seeds[0], max_update=1)
+    args = parse_train_argv(train_argv(data_bin, Path("unused"), cfg.model, s, use_cuda))
+    task = tasks.setup_task(args)
+    task.load_dataset(args.train_subset, epoch=1, combine=True)
+    world = 1
+    if use_cuda:
+        import torch
+
+        world = max(1, torch.cuda.device_count())  # fairseq-train uses every GPU it sees
+    itr = task.get_batch_iterator(
+        dataset=task.dataset(args.train_subset), max_tokens=args.max_tokens, max_sentences=args.batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(),
+                                                  (args.max_source_positions, args.max_target_positions),
+                                                  args.max_tokens),
+        ignore_invalid_inputs=True, required_batch_size_multiple=args.required_batch_size_multiple,
+        seed=args.seed, num_shards=world, shard_id=0, epoch=1, disable_iterator_cache=True,
+        skip_remainder_batch=args.skip_remainder_batch, grouped_shuffling=args.grouped_shuffling)
+    grouped = iterators.GroupedIterator(itr.next_epoch_itr(shuffle=True), args.update_freq[0],
+                                        skip_remainder_batch=args.skip_remainder_batch)
+    return len(grouped)
+
+
+def max_updates(cfg: Config, m: Model, use_cuda: bool) -> int:
+    """Updates to train ``m`` for under ``train.budget``."""
     t = cfg.train
-    return Schedule(max_update=t.max_update, lr=t.lr, warmup_updates=t.warmup_updates, max_tokens=t.max_tokens,
+    if t.budget == "updates":
+        return t.max_update
+    assert t.max_epoch is not None  # the config requires it with budget: epochs
+    return t.max_epoch * updates_per_epoch(m.data_bin, cfg, use_cuda)
+
+
+def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None) -> Schedule:
+    """fairseq-train's schedule for one model (by default: the first seed, ``train.max_update``)."""
+    t = cfg.train
+    seed = t.seeds[0] if seed is None else seed
+    max_update = t.max_update if max_update is None else max_update
+    return Schedule(max_update=max_update, lr=t.lr, warmup_updates=t.warmup_updates, max_tokens=t.max_tokens,
                     update_freq=t.update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
-                    seed=t.seed, save_interval_updates=max(1, t.max_update // 4))
+                    seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project)
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
@@ -47,26 +116,28 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
             raise
 
 
-def _work(cfg: Config, name: str, data_bin: Path, folder: Path, use_cuda: bool):
-    def work(threads: int) -> dict[str, Any]:
-        losses = train(data_bin, folder, cfg.model, schedule(cfg), threads, use_cuda, prefix=f"[train {name}] ")
-        for f in folder.glob("checkpoint_*_*.pt"):  # interval checkpoints only served resumption
-            f.unlink()
-        return losses
-
-    return work
-
-
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
-    """One work unit per model (``full``, ``el2n-high-0.3``, ...); a cluster runs them as one job array."""
-    settings = unit_settings(cfg, "model", "train", exclude=("train.include_full",))
+    """One work unit per model and seed (``full``, ``el2n-high-0.3-seed2``, ...); a cluster runs them as one
+    job array. The key holds ``train.seed`` as a single-seed key did, so finished seed-1 models stay done."""
+    unused = "train.max_epoch" if cfg.train.budget == "updates" else "train.max_update"
+    settings = unit_settings(cfg, "model", "train", exclude=("train.include_full", "train.seeds", unused))
+    settings["train"].pop("seed", None)
+    if cfg.train.budget == "updates":  # the key of a model trained before train.budget existed
+        settings["train"].pop("budget", None)
+        settings["train"].pop("max_epoch", None)
     out = []
-    for name, _st, _sp, data_bin in models(cfg, layout):
-        def work(folder: Path, threads: int, name: str = name, data_bin: Path = data_bin) -> dict[str, Any]:
-            return _work(cfg, name, data_bin, folder, use_cuda)(threads)
+    for m in seed_models(cfg, layout):
+        def work(folder: Path, threads: int, m: Model = m) -> dict[str, Any]:
+            n = max_updates(cfg, m, use_cuda)
+            result = train(m.data_bin, folder, cfg.model, schedule(cfg, m.seed, n), threads, use_cuda,
+                           prefix=f"[train {m.run}] ")
+            for f in folder.glob("checkpoint_*_*.pt"):  # interval checkpoints only served resumption
+                f.unlink()
+            return {**result, "max_update": n}
 
-        key = {**settings, "data": file_sha256(data_bin / "train.src-tgt.tgt.bin")}
-        out.append(Unit(f"train {name}", layout.train_dir(name), key, work,
+        key = {**settings, "train": {**settings["train"], "seed": m.seed},
+               "data": file_sha256(m.data_bin / "train.src-tgt.tgt.bin")}
+        out.append(Unit(f"train {m.run}", layout.train_dir(m.run), key, work,
                         ["checkpoint_best.pt", "checkpoint_last.pt"], layout.lock))
     return out
 
@@ -74,11 +145,13 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     use_cuda = cuda_available()
     results = run_units(units(cfg, layout, use_cuda), cfg.train.parallel, use_cuda)
-    wanted = {layout.train_dir(n).name for n, *_ in models(cfg, layout)}
+    wanted = {layout.train_dir(m.run).name for m in seed_models(cfg, layout)}
     for d in layout.stage_dir("train").iterdir():
         if d.is_dir() and d.name not in wanted:
             shutil.rmtree(d)
     outputs = []
-    for name, *_ in models(cfg, layout):
-        outputs += [layout.train_dir(name) / "checkpoint_best.pt", layout.train_dir(name) / "checkpoint_last.pt"]
-    return StageResult(outputs, {"losses": results, "device": "cuda" if use_cuda else "cpu"})
+    for m in seed_models(cfg, layout):
+        outputs += [layout.train_dir(m.run) / "checkpoint_best.pt", layout.train_dir(m.run) / "checkpoint_last.pt"]
+    updates = {name.partition(" ")[2]: r.get("max_update") for name, r in results.items()}
+    return StageResult(outputs, {"losses": results, "device": "cuda" if use_cuda else "cpu",
+                                 "budget": cfg.train.budget, "seeds": list(cfg.train.seeds), "max_update": updates})
