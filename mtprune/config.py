@@ -392,6 +392,8 @@ class ProxyConfig(_Recorded):
     label_smoothing: LabelSmoothing = 0.1
     precision: Precision = "fp32"
     parallel: Parallel = 0  # proxy runs at once on this machine; 0: one per 2 cores (at least 1)
+    # also train each seed on the reversed pairs (02_prepare/data-bin-reverse) for dual_xent: twice the training
+    dual: Bool = False
 
     @field_validator("warmup_updates")
     @classmethod

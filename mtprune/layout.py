@@ -77,6 +77,15 @@ class RunLayout:
         return self.stage_dir("prepare") / "data-bin"
 
     @property
+    def data_bin_reverse(self) -> Path:
+        """With proxy.dual: row i of data_bin with source and target swapped, same dictionary."""
+        return self.stage_dir("prepare") / "data-bin-reverse"
+
+    @property
+    def spm_reverse_dir(self) -> Path:
+        return self.stage_dir("prepare") / "spm-reverse"
+
+    @property
     def prepare_ids(self) -> Path:
         return self.stage_dir("prepare") / "train.ids"
 
@@ -95,6 +104,13 @@ class RunLayout:
 
     def proxy_checkpoint(self, seed: int, updates: int) -> Path:
         return self.proxy_seed_dir(seed) / f"checkpoint_u{updates}.pt"
+
+    def proxy_reverse_seed_dir(self, seed: int) -> Path:
+        """With proxy.dual: the proxy run of the same seed on data_bin_reverse."""
+        return self.stage_dir("proxy") / f"reverse-seed{seed}"
+
+    def proxy_reverse_checkpoint(self, seed: int, updates: int) -> Path:
+        return self.proxy_reverse_seed_dir(seed) / f"checkpoint_u{updates}.pt"
 
     # 04_score
     @property

@@ -73,7 +73,9 @@ def config_snapshot(cfg: Config, layout: RunLayout) -> Path:
 def unit_names(cfg: Config, stage: str) -> list[str]:
     """Array tasks of a stage, from the config alone (upstream outputs may not exist yet)."""
     if stage == "proxy":
-        return [f"seed{s}" for s in cfg.proxy.seeds]
+        from .stages.proxy import unit_names as proxy_units
+
+        return proxy_units(cfg)  # seed<k>, and reverse-seed<k> with proxy.dual
     if stage == "train":
         from .stages.train import seed_models
 

@@ -135,6 +135,8 @@ def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, st
                 elif (j := rng.randrange(seen)) < p.spm_sample:
                     sentences[j] = line
     tags = sorted({tag(t) for _, _, t in all_tasks})
+    if cfg.proxy.dual:  # the reversed pairs (data-bin-reverse) are tagged with their source language
+        tags = sorted(set(tags) | {tag(s) for _, s, _ in all_tasks})
     log.info("prepare: training SentencePiece (%s, vocab %d) on %d sentences", p.model_type, p.vocab_size,
              len(sentences))
     model = io.BytesIO()
@@ -171,6 +173,11 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
             ("train.src", layout.spm_dir / f"train.{SRC}"), ("train.tgt", layout.spm_dir / f"train.{TGT}"),
             ("valid.src", layout.spm_dir / f"valid.{SRC}"), ("valid.tgt", layout.spm_dir / f"valid.{TGT}"),
             ("ids", layout.prepare_ids), ("tasks", layout.prepare_tasks))}
+        rev = layout.spm_reverse_dir
+        if dual := cfg.proxy.dual:  # row i reversed: same ids and tasks files, source and target swapped
+            rev.mkdir(parents=True, exist_ok=True)
+            out.update({f"reverse {name}": files.enter_context(open_atomic(rev / name)) for name in (
+                f"train.{SRC}", f"train.{TGT}", f"valid.{SRC}", f"valid.{TGT}")})
         for pair, s, t in all_tasks:
             name = f"{pair}:{s}-{t}"
             kept = dropped = 0
@@ -186,6 +193,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                 out["train.tgt"].write(" ".join(b) + "\n")
                 out["ids"].write(sid + "\n")
                 out["tasks"].write(f"{pair}\t{s}-{t}\n")
+                if dual:
+                    out[f"reverse train.{SRC}"].write(f"{tag(s)} {' '.join(b)}\n")
+                    out[f"reverse train.{TGT}"].write(" ".join(a) + "\n")
                 kept += 1
                 n_target_tokens += len(b) + 1
             valid = zip(_text_lines(layout.split_file(pair, "valid", s)),
@@ -194,6 +204,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                 if len(a) + 1 <= limit and len(b) <= limit:
                     out["valid.src"].write(f"{tag(t)} {' '.join(a)}\n")
                     out["valid.tgt"].write(" ".join(b) + "\n")
+                    if dual:
+                        out[f"reverse valid.{SRC}"].write(f"{tag(s)} {' '.join(b)}\n")
+                        out[f"reverse valid.{TGT}"].write(" ".join(a) + "\n")
             n_train += kept
             stats["tasks"][name] = {"train": kept, "dropped_too_many_tokens": dropped}
             log.info("prepare: %s: %d training pairs encoded (%d over %d pieces dropped)", name, kept, dropped, limit)
@@ -208,5 +221,15 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                sd / "preprocess.log")
     (tmp_bin / "preprocess.log").unlink(missing_ok=True)  # holds paths; our own copy is 02_prepare/preprocess.log
     os.replace(tmp_bin, layout.data_bin)
-    return StageResult([layout.spm_model, dict_path, layout.spm_dir, layout.data_bin, layout.prepare_ids,
-                        layout.prepare_tasks], stats)
+    outputs = [layout.spm_model, dict_path, layout.spm_dir, layout.data_bin, layout.prepare_ids, layout.prepare_tasks]
+    shutil.rmtree(layout.data_bin_reverse, ignore_errors=True)
+    if dual:
+        tmp_bin = temp_path(layout.data_bin_reverse)
+        shutil.rmtree(tmp_bin, ignore_errors=True)
+        preprocess(rev / "train", rev / "valid", tmp_bin, dict_path, _workers(cfg), sd / "preprocess-reverse.log")
+        (tmp_bin / "preprocess.log").unlink(missing_ok=True)
+        os.replace(tmp_bin, layout.data_bin_reverse)
+        outputs += [rev, layout.data_bin_reverse]
+    else:
+        shutil.rmtree(rev, ignore_errors=True)
+    return StageResult(outputs, stats)

@@ -6,14 +6,13 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import StageError, UsageError
-from ..fairseq_backend import Schedule, check_training, cuda_available, interval_checkpoint, train
+from ..fairseq_backend import SRC, TGT, Schedule, check_training, cuda_available, interval_checkpoint, train
 from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout
 from ..manifest import file_sha256
@@ -35,6 +34,10 @@ def schedule(cfg: Config, seed: int) -> Schedule:
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Raise UsageError for settings that cannot train here, before any seed folder is touched."""
+    if cfg.proxy.dual and not (layout.data_bin_reverse / f"train.{SRC}-{TGT}.{TGT}.bin").is_file():
+        # a prepare finished before proxy.dual existed did not record it, so it is not stale by itself
+        raise UsageError(f"proxy.dual: {layout.data_bin_reverse} is missing; "
+                         "run `mtprune prepare --overwrite --set proxy.dual=true` first")
     use_cuda = cuda_available()
     try:
         check_training("proxy", cfg.proxy.precision, cfg.model, use_cuda)
@@ -45,61 +48,68 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
             raise
 
 
-def _seed_work(cfg: Config, layout: RunLayout, seed: int, use_cuda: bool):
-    def work(threads: int) -> dict[str, Any]:
-        folder = layout.proxy_seed_dir(seed)
-        losses = train(layout.data_bin, folder, cfg.model, schedule(cfg, seed), threads, use_cuda,
-                       prefix=f"[proxy seed{seed}] ")
+def _checkpoint_name(updates: int) -> str:
+    return RunLayout(Path()).proxy_checkpoint(0, updates).name
+
+
+def _train_work(cfg: Config, data_bin: Path, seed: int, name: str, use_cuda: bool):
+    """Train one proxy run on ``data_bin`` into the folder given to the work (its own or a staging one)."""
+
+    def work(folder: Path, threads: int) -> dict[str, Any]:
+        losses = train(data_bin, folder, cfg.model, schedule(cfg, seed), threads, use_cuda, prefix=f"[proxy {name}] ")
+        kept = {u: folder / _checkpoint_name(u) for u in cfg.proxy.checkpoints}
         missing = []
-        for u in cfg.proxy.checkpoints:
+        for u, path in kept.items():
             found = interval_checkpoint(folder, u)
-            if found is None and not layout.proxy_checkpoint(seed, u).exists():
+            if found is None and not path.exists():
                 missing.append(u)
             elif found is not None:
-                os.replace(found, layout.proxy_checkpoint(seed, u))
+                os.replace(found, path)
         if missing:
-            raise StageError(f"proxy seed {seed}: no checkpoint was saved at update(s) {missing} "
+            raise StageError(f"proxy {name}: no checkpoint was saved at update(s) {missing} "
                              f"(see {folder / 'train.log'})")
         # intermediate checkpoints only served resumption
         for f in folder.glob("checkpoint*.pt"):
-            if f.name not in {layout.proxy_checkpoint(seed, u).name for u in cfg.proxy.checkpoints}:
+            if f not in kept.values():
                 f.unlink()
         return losses
 
     return work
 
 
+def unit_names(cfg: Config) -> list[str]:
+    """The units' folder names, from the config alone (a cluster's array tasks)."""
+    names = [f"seed{s}" for s in cfg.proxy.seeds]
+    return names + ([f"reverse-{n}" for n in names] if cfg.proxy.dual else [])
+
+
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
-    """One work unit per seed (``seed<k>``); a cluster runs them as one job array."""
-    data_key = file_sha256(layout.data_bin / "train.src-tgt.tgt.bin")
-    settings = unit_settings(cfg, "model", "proxy", exclude=("proxy.seeds",))
+    """One work unit per seed (``seed<k>``), and with proxy.dual one per seed on the reversed pairs
+    (``reverse-seed<k>``, same schedule); a cluster runs them as one job array."""
+    # proxy.dual selects units rather than changing one: a forward seed stays done when it is switched
+    settings = unit_settings(cfg, "model", "proxy", exclude=("proxy.seeds", "proxy.dual"))
+    runs = [("", layout.data_bin, layout.proxy_seed_dir)]
+    if cfg.proxy.dual:
+        runs.append(("reverse-", layout.data_bin_reverse, layout.proxy_reverse_seed_dir))
     out = []
-    for seed in cfg.proxy.seeds:
-        def work(folder: Path, threads: int, seed: int = seed) -> dict[str, Any]:
-            return _seed_work(cfg, _SeedIn(layout.root, folder), seed, use_cuda)(threads)
-
-        outputs = [layout.proxy_checkpoint(seed, u).name for u in cfg.proxy.checkpoints]
-        out.append(Unit(f"proxy seed{seed}", layout.proxy_seed_dir(seed), {**settings, "seed": seed, "data": data_key},
-                        work, outputs, layout.lock))
+    for prefix, data_bin, seed_dir in runs:
+        data_key = file_sha256(data_bin / f"train.{SRC}-{TGT}.{TGT}.bin")
+        for seed in cfg.proxy.seeds:
+            name = f"{prefix}seed{seed}"
+            outputs = [_checkpoint_name(u) for u in cfg.proxy.checkpoints]
+            out.append(Unit(f"proxy {name}", seed_dir(seed), {**settings, "seed": seed, "data": data_key},
+                            _train_work(cfg, data_bin, seed, name, use_cuda), outputs, layout.lock))
     return out
-
-
-@dataclass(frozen=True)
-class _SeedIn(RunLayout):
-    """The run layout with the seed's folder elsewhere: a unit may run in a staging folder."""
-
-    seed_dir: Path = Path()
-
-    def proxy_seed_dir(self, seed: int) -> Path:
-        return self.seed_dir
 
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     use_cuda = cuda_available()
     results = run_units(units(cfg, layout, use_cuda), cfg.proxy.parallel, use_cuda)
-    wanted = {layout.proxy_seed_dir(s).name for s in cfg.proxy.seeds}
-    for d in layout.stage_dir("proxy").glob("seed*"):
+    wanted = {u.folder.name for u in units(cfg, layout, use_cuda)}
+    for d in [*layout.stage_dir("proxy").glob("seed*"), *layout.stage_dir("proxy").glob("reverse-seed*")]:
         if d.name not in wanted:
             shutil.rmtree(d)
     outputs: list[Path] = [layout.proxy_checkpoint(s, u) for s in cfg.proxy.seeds for u in cfg.proxy.checkpoints]
+    if cfg.proxy.dual:
+        outputs += [layout.proxy_reverse_checkpoint(s, u) for s in cfg.proxy.seeds for u in cfg.proxy.checkpoints]
     return StageResult(outputs, {"losses": results, "device": "cuda" if use_cuda else "cpu"})

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..batching import length_batches
 from ..config import Config
+from ..dual import add_columns as add_dual_columns
 from ..errors import UsageError
 from ..faults import crash_point
 from ..layout import RunLayout
@@ -407,7 +408,7 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     finally:
         tmp_sketch.unlink(missing_ok=True)
         tmp_pooled.unlink(missing_ok=True)
-    _write_parquet(_table(cfg, layout, indices, res), path)
+    _write_parquet(add_dual_columns(cfg, layout, _table(cfg, layout, indices, res)), path)
     atomic_write_text(path.with_suffix(".json"), json.dumps({"key": _shard_key(cfg, layout), "rows": len(indices)}))
     log.info("score: shard %d/%d: %d pairs in %.1fs -> %s", i, count, len(indices), res["seconds"], path)
     return path
@@ -499,7 +500,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
             n = len(load_train_pairs(layout.data_bin)[1])
             indices = np.arange(n)
             res = score_indices(cfg, layout, indices, "score", tmp_sketch, tmp_pooled)
-            table = _table(cfg, layout, indices, res)
+            table = add_dual_columns(cfg, layout, _table(cfg, layout, indices, res))
             secs = max(res["seconds"], 1e-9)
             stats.update(seconds=round(res["seconds"], 2), device=res["device"], checkpoints_scored=len(ckpts),
                          sentences_per_second=round(n / secs, 1),
