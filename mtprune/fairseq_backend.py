@@ -106,6 +106,7 @@ class Schedule:
     precision: str
     seed: int
     save_interval_updates: int  # also the validation interval
+    wandb_project: str | None = None  # log to Weights & Biases (fairseq's --wandb-project); None: no
 
 
 # Flags that train_argv sets and the kept checkpoints, resumption and precision depend on:
@@ -209,6 +210,10 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
             "--skip-invalid-size-inputs-valid-test", "--required-batch-size-multiple", "1"]
     if model.share_all_embeddings:
         argv.append("--share-all-embeddings")
+    # training curves beside the checkpoints (TensorBoard event files; mtprune report reads train.log)
+    argv += ["--tensorboard-logdir", str(save_dir / "tb")]
+    if s.wandb_project:
+        argv += ["--wandb-project", s.wandb_project]
     if not use_cuda:
         argv.append("--cpu")
     elif s.precision == "fp16":

@@ -116,7 +116,7 @@ def test_hub_source_reads_the_hub_layout(tmp_path: Path, monkeypatch: pytest.Mon
 
     calls = []
 
-    def fake_load(name: str, config: str, split: str):
+    def fake_load(name: str, config: str, split: str, cache_dir: str | None = None):
         calls.append((name, config, split))
         a, b = config.split("-")
         off = {"train": 0, "validation": 100, "test": 200}[split]
@@ -187,8 +187,91 @@ def test_missing_pair_folder(tmp_path: Path) -> None:
 
 
 def test_unknown_pair(tmp_path: Path, local_corpus: Path) -> None:
+    out = _bad(tmp_path, local_corpus, "[en-xx]")
+    assert "unknown pair 'en-xx': OPUS-100 pairs English with one of its 99 languages" in out
     out = _bad(tmp_path, local_corpus, "[de-fr]")
-    assert "unknown pair 'de-fr'" in out
+    assert "'de-fr' is in OPUS-100 as a test set only (no training data)" in out
+    out = _bad(tmp_path, local_corpus, "[nl-en]")
+    assert "unknown pair 'nl-en': OPUS-100 names it en-nl" in out
+
+
+def test_any_opus100_pair_is_read(tmp_path: Path) -> None:
+    """Not only the four default pairs: a local copy with en-nl and af-en (stand-in text: what matters
+    is the pairs' names and the release layout)."""
+    from mtprune.config import OPUS100_PAIRS
+
+    assert len(OPUS100_PAIRS) == 99 and {"de-en", "en-nl", "af-en", "en-zh"} <= set(OPUS100_PAIRS)
+    root = tmp_path / "opus"
+    for old, new, lang, new_lang in (("en-fr", "en-nl", "fr", "nl"), ("de-en", "af-en", "de", "af")):
+        write_release(root, old)
+        (root / new).mkdir()
+        for f in (root / old).iterdir():
+            suffix = new_lang if f.suffix == f".{lang}" else f.suffix[1:]
+            f.rename(root / new / f"{f.stem.replace(old, new)}.{suffix}")
+    run = tmp_path / "run"
+    code, out = download(run, f"download.source=local:{root}", "download.pairs=[en-nl,af-en]")
+    assert code == 0, out
+    L = RunLayout(run)
+    assert read(L.download_ids("en-nl"))[0] == "en-nl/0" and len(read(L.split_file("af-en", "train", "af"))) == 60
+
+
+# ---- the hub: cache_dir, offline mode, a pair the hub lacks (the hub call itself is stood in for) ----
+
+def test_hub_cache_dir_is_passed_and_does_not_make_the_download_stale(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from conftest import sentence
+
+    caches = set()
+
+    def fake_load(name: str, config: str, split: str, cache_dir: str | None = None):
+        caches.add(cache_dir)
+        a, b = config.split("-")
+        off = {"train": 0, "validation": 100, "test": 200}[split]
+        return [{"translation": {a: sentence(off + i, a), b: sentence(off + i, b)}} for i in range(15)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    run = tmp_path / "r"
+    code, out = download(run, "download.pairs=[en-es]", f"download.cache_dir={tmp_path / 'hf'}")
+    assert code == 0, out
+    assert caches == {str(tmp_path / "hf")}
+    code, out = cli("status", "--run-dir", str(run), "--set", "download.pairs=[en-es]",
+                    "--set", f"download.cache_dir={tmp_path / 'elsewhere'}")
+    assert "download  fresh" in out, out
+
+
+@pytest.mark.parametrize("var", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_and_not_cached_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    """datasets' real answer: with HF_DATASETS_OFFLINE=1 and an empty cache it raises ConnectionError."""
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'Helsinki-NLP/opus-100' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(var, "1")
+    code, out = download(tmp_path / "r", "download.pairs=[en-nl]", f"download.cache_dir={tmp_path / 'hf'}")
+    assert code == 1, out
+    assert len(error_lines(out)) == 1, out
+    assert "offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set) and not cached in " + str(tmp_path / "hf") in out
+    assert not RunLayout(tmp_path / "r").manifest("download").exists()
+
+
+def test_a_pair_the_hub_lacks_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def no_config(name: str, config: str, split: str, cache_dir: str | None = None):
+        # datasets' own wording (builder.py) when a dataset has no such config
+        raise ValueError(f"BuilderConfig '{config}' not found. Available: ['af-en', 'am-en']")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_config)
+    code, out = download(tmp_path / "r", "download.pairs=[en-nl]")
+    assert code == 2, out
+    assert len(error_lines(out)) == 1, out
+    assert "download.pairs: Helsinki-NLP/opus-100 on the Hugging Face hub has no 'en-nl'" in out
 
 
 def test_empty_after_cleaning(tmp_path: Path) -> None:

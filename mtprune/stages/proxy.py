@@ -29,7 +29,7 @@ def schedule(cfg: Config, seed: int) -> Schedule:
     return Schedule(max_update=max(p.checkpoints), lr=p.lr, warmup_updates=p.warmup_updates,
                     max_tokens=p.max_tokens, update_freq=p.update_freq, label_smoothing=p.label_smoothing,
                     precision=p.precision, seed=seed,
-                    save_interval_updates=reduce(math.gcd, p.checkpoints))
+                    save_interval_updates=reduce(math.gcd, p.checkpoints), wandb_project=cfg.launch.wandb_project)
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
