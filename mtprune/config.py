@@ -48,7 +48,7 @@ OPUS100_PAIRS = tuple("-".join(sorted(("en", x))) for x in OPUS100_LANGS)
 OPUS100_TEST_ONLY = tuple(f"{a}-{b}" for i, a in enumerate(("ar", "de", "fr", "nl", "ru", "zh"))
                           for b in ("ar", "de", "fr", "nl", "ru", "zh")[i + 1:])
 _LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
-_STRATEGY = re.compile(r"^(random|[A-Za-z0-9_]+-(high|low))$")
+_STRATEGY = re.compile(r"^(random|group|[A-Za-z0-9_]+-(high|low))$")
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
 # because one of them changed (a GPU user would lose hours to a batch-size tweak). Dotted keys; a key
@@ -405,6 +405,13 @@ class ProxyConfig(_Recorded):
         return v
 
 
+def _combine_problems(v: tuple[str, ...]) -> list[str]:
+    from .derived import combine_problem  # the rules live with the code that applies them
+
+    out = [p for p in map(combine_problem, v) if p]
+    return out + (["duplicate columns"] if len(set(v)) != len(v) else [])
+
+
 class ScoreConfig(_Recorded):
     device: Annotated[Str, _one_of("auto", "cpu", "cuda")] = "auto"
     # auto (bf16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
@@ -415,6 +422,11 @@ class ScoreConfig(_Recorded):
     chunk_tokens: Positive = 128
     dump_tokens: Bool = False
     proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score
+    # post-pass columns (mtprune/derived.py): `combined` ranks these columns (-name: low is bad) and takes
+    # the max (a pair is as bad as its worst rank) or the mean; [] for none. base_* baselines: on/off
+    combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll", "el2n_eos", "el2n_debiased")
+    combine_how: Annotated[Str, _one_of("max", "mean")] = "max"
+    baselines: Bool = True  # base_len_ratio, base_copy, base_langid (lingua: ~4 s per 10k pairs)
 
 
 def _sparsity_problems(v: tuple[float, ...]) -> list[str]:
@@ -429,7 +441,7 @@ class PruneConfig(_Recorded):
     sparsities: Annotated[tuple[Float, ...], _check(_sparsity_problems)] = (0.1, 0.3, 0.5)
     strategies: Annotated[tuple[Str, ...], _entries(
         "strategy", "strategies", known=lambda s: bool(_STRATEGY.match(s)) and s != "full",
-        hint="random or <score>-high / <score>-low")] = ("el2n-high", "random")
+        hint="random, group or <score>-high / <score>-low")] = ("el2n-high", "random")
     scope: Annotated[Str, _one_of("global", "per-pair")] = "global"
     seed: Int = 1
 

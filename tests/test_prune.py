@@ -105,3 +105,65 @@ def test_no_nan_scores_allowed() -> None:
     df.loc[3, "el2n"] = np.nan
     with pytest.raises(UsageError, match="missing values"):
         drop_mask(df, "el2n-high", 0.1, "global", 1)
+
+
+# ---- group-effect selection and the derived columns -----------------------------------------------
+
+def planted_sketch() -> np.ndarray:
+    # rows of table(): de-en/1 and en-fr/3 cancel exactly, de-en/4 and en-fr/0 nearly; the rest are large
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(10, 16)) * 3
+    s[3] = -s[1] + 0.0  # de-en/3 = -de-en/1
+    s[8] = -s[4] + 0.01  # en-fr/3 ~ -de-en/4
+    return s.astype(np.float32)
+
+
+def test_group_drops_the_set_whose_gradients_cancel_whatever_the_row_order() -> None:
+    df, sketch = table(), planted_sketch()
+    assert sorted(df["sentence_id"][drop_mask(df, "group", 0.2, "global", 1, sketch)]) == ["de-en/1", "de-en/3"]
+    assert sorted(df["sentence_id"][drop_mask(df, "group", 0.4, "global", 1, sketch)]) == [
+        "de-en/1", "de-en/3", "de-en/4", "en-fr/3"]
+    order = np.random.default_rng(5).permutation(10)
+    shuffled = df.iloc[order].reset_index(drop=True)
+    got = drop_mask(shuffled, "group", 0.4, "global", 1, sketch[order])
+    assert sorted(shuffled["sentence_id"][got]) == ["de-en/1", "de-en/3", "de-en/4", "en-fr/3"]
+    # per pair: de-en's cancelling pair; en-fr's two rows with the smallest sum, by brute force
+    per = sorted(df["sentence_id"][drop_mask(df, "group", 0.4, "per-pair", 1, sketch)])
+    fr = min(((a, b) for a in range(5, 10) for b in range(a + 1, 10)),
+             key=lambda ab: np.linalg.norm(sketch[list(ab)].astype(np.float64).sum(axis=0)))
+    assert per == ["de-en/1", "de-en/3"] + [f"en-fr/{i - 5}" for i in fr]
+    with pytest.raises(UsageError, match="group needs the gradient sketch"):
+        drop_mask(df, "group", 0.2, "global", 1)
+
+
+def test_group_needs_a_sketch_that_matches_the_score_table(tmp_path) -> None:
+    from mtprune.config import load_config
+    from mtprune.layout import RunLayout
+    from mtprune.stages.prune import load_sketch, preflight
+
+    layout = RunLayout(tmp_path)
+    layout.scores.parent.mkdir(parents=True)
+    table().to_parquet(layout.scores)
+    cfg = load_config(None, ["prune.strategies=[group,el2n-high]", "prune.sparsities=[0.2]"], str(tmp_path))
+    with pytest.raises(UsageError, match=r"group needs .*grad_sketch.npy, which `mtprune score` writes"):
+        preflight(cfg, layout)
+    np.save(layout.grad_sketch, np.zeros((7, 4), dtype=np.float32))
+    with pytest.raises(UsageError, match=r"grad_sketch.npy: has shape \(7, 4\) but scores.parquet has 10 rows"):
+        preflight(cfg, layout)
+    np.save(layout.grad_sketch, planted_sketch())
+    preflight(cfg, layout)
+    assert load_sketch(layout, 10).shape == (10, 16)
+    preflight(load_config(None, ["prune.strategies=[el2n-high]"], str(tmp_path / "elsewhere")), layout)
+
+
+def test_derived_columns_and_group_are_accepted_strategies() -> None:
+    from mtprune.config import load_config
+
+    names = ["group", "combined-high", "base_langid-high", "el2n_debiased-high", "base_len_ratio-high",
+             "base_copy-high", "nll_debiased-low"]
+    assert load_config(None, [f"prune.strategies=[{','.join(names)}]"]).prune.strategies == tuple(names)
+    df = table().assign(combined=[0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.05],
+                        base_langid=[0.0] * 9 + [0.99], el2n_debiased=table()["el2n"] - 0.5)
+    assert sorted(df["sentence_id"][drop_mask(df, "combined-high", 0.2, "global", 1)]) == ["de-en/1", "en-fr/3"]
+    assert sorted(df["sentence_id"][drop_mask(df, "base_langid-high", 0.1, "global", 1)]) == ["en-fr/4"]
+    assert sorted(df["sentence_id"][drop_mask(df, "el2n_debiased-high", 0.1, "global", 1)]) == ["en-fr/2"]

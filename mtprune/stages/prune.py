@@ -2,6 +2,8 @@
 
 ``<score>-high`` drops the highest values of a score column, ``<score>-low`` the lowest, ``random``
 a seeded random subset (nested: a larger sparsity drops a superset). Ties are broken by sentence id.
+``group`` drops the set whose summed output-layer gradient sketch (``04_score/grad_sketch.npy``) has
+the smallest norm, the set whose removal changes the summed gradient least (``mtprune/group.py``).
 The kept pairs are copied token for token out of the full data-bin, so every pruned corpus shares
 the full corpus's SentencePiece model and fairseq dictionary.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -55,17 +58,40 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
 def preflight(cfg: Config, layout: RunLayout) -> None:
     import pandas as pd
 
-    check_something_left(cfg, pd.read_parquet(layout.scores, columns=["pair"])["pair"])
+    pairs = pd.read_parquet(layout.scores, columns=["pair"])["pair"]
+    check_something_left(cfg, pairs)
+    if "group" in cfg.prune.strategies:
+        load_sketch(layout, len(pairs))
 
 
-def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int) -> np.ndarray:
-    """Boolean mask over the rows of a score table: True where the pair is dropped."""
+def load_sketch(layout: RunLayout, n_rows: int) -> np.ndarray:
+    """The gradient sketch, row-aligned with scores.parquet (memory-mapped)."""
+    path = layout.grad_sketch
+    if not path.is_file():
+        raise UsageError(f"prune.strategies: group needs {path}, which `mtprune score` writes; "
+                         "score again with this version of mtprune (mtprune score --overwrite)")
+    try:
+        sketch = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{path}: not a readable .npy file ({e})") from None
+    if sketch.ndim != 2 or sketch.shape[0] != n_rows:
+        raise UsageError(f"{path}: has shape {tuple(sketch.shape)} but scores.parquet has {n_rows} rows; "
+                         "score again (mtprune score --overwrite)")
+    return sketch
+
+
+def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
+              sketch: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask over the rows of a score table: True where the pair is dropped. ``group`` needs
+    ``sketch``, the gradient sketch row-aligned with ``df``."""
     n = len(df)
     groups = [np.arange(n)] if scope == "global" else [np.flatnonzero(df["pair"].to_numpy() == p)
                                                       for p in sorted(df["pair"].unique())]
     pairs, nums, dirs = _id_order_key(df["sentence_id"].tolist(),
                                       df["direction"].tolist() if "direction" in df else [""] * n)
-    if strategy != "random":
+    if strategy == "group" and sketch is None:
+        raise UsageError("prune.strategies: group needs the gradient sketch 04_score/grad_sketch.npy")
+    if strategy not in ("random", "group"):
         column, side = strategy.rsplit("-", 1)
         if column not in df.columns or column in ("sentence_id", "pair", "direction", "index"):
             known = [c for c in df.columns if c not in ("sentence_id", "pair", "direction", "index")]
@@ -73,7 +99,8 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int) ->
                              f"scores.parquet has: {', '.join(known)}")
         values = df[column].to_numpy(dtype=np.float64)
         if np.isnan(values).any():
-            raise UsageError(f"prune: score column {column!r} has missing values")
+            raise UsageError(f"prune: score column {column!r} has missing values "
+                             f"({int(np.isnan(values).sum())} of {n} rows)")
     mask = np.zeros(n, dtype=bool)
     rng = np.random.default_rng(seed)
     for g in groups:
@@ -82,6 +109,12 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int) ->
             continue
         if strategy == "random":
             order = g[rng.permutation(len(g))]
+        elif strategy == "group":
+            # rows in sentence-id order, so that the set does not depend on the table's row order
+            g = g[np.lexsort((dirs[g], nums[g], pairs[g]))]
+            from ..group import group_select
+
+            order = g[group_select(np.asarray(sketch[g]), k, seed)]
         else:
             primary = -values[g] if side == "high" else values[g]
             # np.lexsort sorts by the last key first: score, then sentence id (pair, n, direction)
@@ -125,13 +158,17 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
 
     quiet_fairseq()
     df = pd.read_parquet(layout.scores)
-    df = df.sort_values("index").reset_index(drop=True)
+    sketch = load_sketch(layout, len(df)) if "group" in cfg.prune.strategies else None
+    order = np.argsort(df["index"].to_numpy(), kind="stable")
+    df = df.iloc[order].reset_index(drop=True)
+    sketch = None if sketch is None else np.asarray(sketch)[order]  # row-aligned with df again
     check_something_left(cfg, df["pair"])  # before anything is written (also run as preflight)
     both = cfg.download.direction == "both" or df["direction"].nunique() > df["pair"].nunique()
     outputs: list[Path] = []
     stats: dict[str, Any] = {"total": len(df), "runs": {}}
     for name, strategy, sparsity in runs(cfg):
-        mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed)
+        t0 = time.time()
+        mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
         kept = df[~mask]
         folder = layout.prune_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,7 +178,12 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         per_pair = {p: {"kept": int(c), "dropped": int(Counter(df["pair"][mask]).get(p, 0))}
                     for p, c in sorted(Counter(kept["pair"]).items())}
         stats["runs"][name] = {"strategy": strategy, "sparsity": sparsity, "kept": int(len(kept)),
-                               "dropped": int(mask.sum()), "per_pair": per_pair}
+                               "dropped": int(mask.sum()), "per_pair": per_pair,
+                               "select_seconds": round(time.time() - t0, 2)}
+        if sketch is not None and strategy == "group":
+            from ..group import group_norm
+
+            stats["runs"][name]["dropped_sketch_norm"] = group_norm(sketch, np.flatnonzero(mask))
         log.info("prune: %s: kept %d, dropped %d", name, len(kept), int(mask.sum()))
         outputs += [layout.kept_ids(name), layout.pruned_data_bin(name)]
         crash_point(f"prune:after:{name}")
