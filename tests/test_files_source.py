@@ -159,3 +159,21 @@ def test_sweep_on_a_new_pair_from_plain_files_then_export(tmp_path: Path) -> Non
         assert curves["train"] and curves["valid"], folder
         assert all(0 < loss < 20 for _, loss in curves["train"] + curves["valid"])
         assert list((folder / "tb").rglob("events.out.tfevents.*")), folder
+
+
+# ---- training logs: TensorBoard always, Weights & Biases only when asked (fairseq's own flags) ----
+
+def test_fairseq_reads_the_tensorboard_dir_and_wandb_only_when_set() -> None:
+    from mtprune.config import is_speed_only
+    from mtprune.fairseq_backend import parse_train_argv, train_argv
+    from mtprune.stages import proxy as proxy_stage
+    from mtprune.stages import train as train_stage
+
+    for wandb in (None, "my-project"):
+        sets = [] if wandb is None else [f"launch.wandb_project={wandb}"]
+        cfg = load_config(TINY, sets)
+        for schedule in (proxy_stage.schedule(cfg, 1), train_stage.schedule(cfg)):
+            args = parse_train_argv(train_argv(Path("data-bin"), Path("save"), cfg.model, schedule, False))
+            assert args.tensorboard_logdir == "save/tb"
+            assert args.wandb_project == wandb
+    assert is_speed_only("launch.wandb_project") and is_speed_only("download.cache_dir")
