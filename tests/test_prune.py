@@ -167,3 +167,34 @@ def test_derived_columns_and_group_are_accepted_strategies() -> None:
     assert sorted(df["sentence_id"][drop_mask(df, "combined-high", 0.2, "global", 1)]) == ["de-en/1", "en-fr/3"]
     assert sorted(df["sentence_id"][drop_mask(df, "base_langid-high", 0.1, "global", 1)]) == ["en-fr/4"]
     assert sorted(df["sentence_id"][drop_mask(df, "el2n_debiased-high", 0.1, "global", 1)]) == ["en-fr/2"]
+
+
+@pytest.mark.slow
+def test_score_writes_the_derived_columns_and_prune_runs_group_and_them(tiny_copy) -> None:
+    from conftest import TINY, cli, read
+    from mtprune import derived
+    from mtprune.config import load_config
+    from mtprune.group import group_select
+    from mtprune.layout import RunLayout
+
+    layout = RunLayout(tiny_copy)
+    scores = pd.read_parquet(layout.scores)
+    for col in ("el2n_debiased", "nll_debiased", "combined", "base_len_ratio", "base_langid", "base_copy"):
+        assert col in scores and not scores[col].isna().any(), col
+    assert [c for c in scores if c.startswith("el2n_debiased@")] == [f"el2n_debiased@s{s}u{u}" for s in (1, 2)
+                                                                    for u in (10, 20)]
+    cfg = load_config(TINY, [], str(tiny_copy))
+    again = derived.add_columns(scores, cfg, layout)  # recomputed from the table read back: the same
+    pd.testing.assert_frame_equal(again[scores.columns], scores)
+
+    strategies = "[group,combined-high,base_langid-high,el2n_debiased-high]"
+    code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", "--set", f"prune.strategies={strategies}")
+    assert code == 0, out
+    n = len(scores)
+    for name in ("group-0.2", "combined-high-0.2", "base_langid-high-0.2", "el2n_debiased-high-0.2"):
+        assert len(read(layout.kept_ids(name))) == n - round(0.2 * n), name
+    # group: the dropped set is the selection on the sketch, in sentence-id order
+    order = scores.sort_values("sentence_id", key=lambda s: s.map(lambda x: (x.rsplit("/", 1)[0], int(x.rsplit("/", 1)[1]))))
+    rows = order.index.to_numpy()
+    dropped = set(scores["sentence_id"][rows[group_select(np.load(layout.grad_sketch)[rows], round(0.2 * n), 1)]])
+    assert set(scores["sentence_id"]) - set(read(layout.kept_ids("group-0.2"))) == dropped

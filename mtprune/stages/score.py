@@ -523,6 +523,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     n_rows = table.num_rows
     if len(set(table.column("index").to_pylist())) != n_rows:
         raise UsageError("score: shards overlap; delete 04_score/shards and score again")
+    from ..derived import add_columns_table  # last, after the merge: combined may rank any column above
+
+    table = add_columns_table(table, cfg, layout, stats.setdefault("derived_seconds", {}))
     _write_parquet(table, layout.scores)
     stats["rows"] = n_rows
     stats["checkpoints"] = [c.tag for c in ckpts]
