@@ -67,7 +67,7 @@ FAILING: list[tuple[str, Callable[[Path], None] | None, list[str], int, str]] = 
     ("mismatched-lines", mismatched, [], 2, "opus.de-en-train.de: has 30 lines but"),
     ("missing-split", missing_split, [], 2, "opus.de-en-test.de: file not found"),
     ("empty-after-cleaning", all_empty, [], 2, "no training pairs left after cleaning"),
-    ("unknown-pair", None, ["--set", "download.pairs=[de-fr]"], 2, "download.pairs: unknown pair 'de-fr'"),
+    ("unknown-pair", None, ["--set", "download.pairs=[en-xx]"], 2, "download.pairs: unknown pair 'en-xx'"),
     ("sparsity-out-of-range", None, ["--set", "prune.sparsities=[0.2,1.0]"], 2, "1.0 is outside [0, 1)"),
     ("duplicate-sparsities", None, ["--set", "prune.sparsities=[0.2,0.2]"], 2, "prune.sparsities: duplicate"),
     ("unknown-strategy", None, ["--set", "prune.strategies=[el2n-middle]"], 2, "unknown strategy 'el2n-middle'"),
