@@ -23,7 +23,8 @@ def test_sweep_writes_every_stage_and_prints_the_table(swept: tuple[Path, str]) 
     L = RunLayout(run)
     for stage in STAGES:
         assert L.manifest(stage).is_file(), stage
-    assert "| strategy | sparsity | pair | bleu | chrf | n_train |" in stdout
+    assert "| strategy | sparsity | n_train | de-en | en-es | en-fr | en-it | all |" in stdout
+    assert "## Paired significance (sacrebleu paired bootstrap resampling)" in stdout
     for name in ("results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md"):
         assert L.report_file(name).stat().st_size > 0, name
     assert L.report_file("bleu_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
@@ -36,11 +37,12 @@ def test_results_csv_follows_the_contract(swept: tuple[Path, str]) -> None:
     run, _ = swept
     with open(RunLayout(run).report_file("results.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0].keys()) == ["strategy", "sparsity", "pair", "bleu", "chrf", "n_train"]
-    got = {(r["strategy"], float(r["sparsity"]), r["pair"]) for r in rows}
+    assert list(rows[0].keys()) == ["strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train"]
+    got = [(r["strategy"], float(r["sparsity"]), r["seed"], r["pair"]) for r in rows]
+    assert len(got) == len(set(got)) == 3 * 5  # one row per model, seed and pair (the tiny config: seed 1)
     for strategy, sparsity in (("full", 0.0), ("el2n-high", 0.2), ("random", 0.2)):
         for pair in ("de-en", "en-es", "en-fr", "en-it", "all"):
-            assert (strategy, sparsity, pair) in got
+            assert (strategy, sparsity, "1", pair) in got
     full_all = next(r for r in rows if r["strategy"] == "full" and r["pair"] == "all")
     pruned_all = next(r for r in rows if r["strategy"] == "random" and r["pair"] == "all")
     assert int(full_all["n_train"]) == 1200 and int(pruned_all["n_train"]) == 960

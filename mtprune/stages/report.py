@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..curves import plot_curves
 from ..errors import InputError
 from ..layout import RunLayout, run_name
 from ..manifest import atomic_write_bytes, atomic_write_text, stat_key
@@ -74,8 +73,13 @@ def _pm(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
+def result_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The table's columns and the plot's panels: every test set (OPUS pairs, then extra sets), then ``all``."""
+    return [p for p in dict.fromkeys(r["pair"] for r in rows) if p != "all"] + ["all"]
+
+
 def _summary_table(rows: list[dict[str, Any]], metric: str) -> str:
-    pairs = [p for p in dict.fromkeys(r["pair"] for r in rows) if p != "all"] + ["all"]
+    pairs = result_columns(rows)
     stats = summarize(rows, metric)
     n_train = {(r["strategy"], r["sparsity"]): r["n_train"] for r in rows if r["pair"] == "all"}
     body = []
@@ -304,7 +308,7 @@ def _plot_bleu(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [p for p in dict.fromkeys(r["pair"] for r in rows) if p != "all"] + ["all"]
+    pairs = result_columns(rows)
     strategies = sorted({r["strategy"] for r in rows if r["strategy"] != "full"})
     stats = summarize(rows, "bleu")
     n_seeds = max((n for *_, n in stats.values()), default=1)
@@ -436,4 +440,3 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     atomic_write_text(layout.report_file("examples.md"), _examples(cfg, layout, df))
     log.info("report: wrote %s", ", ".join(str(out / n) for n in names))
     return StageResult([layout.report_file(n) for n in names], stats)
-    names.append(plot_curves(layout))  # training_curves.png: proxy and final training loss (mtprune/curves.py)

@@ -60,6 +60,7 @@ def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
     task, batch iterator and update grouping, as in fairseq_cli.train (no model is built)."""
     from fairseq import tasks, utils
     from fairseq.data import iterators
+    from fairseq.models.transformer import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS
 
     from ..fairseq_backend import parse_train_argv, train_argv
 
@@ -67,6 +68,9 @@ def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
     args = parse_train_argv(train_argv(data_bin, Path("unused"), cfg.model, s, use_cuda))
     task = tasks.setup_task(args)
     task.load_dataset(args.train_subset, epoch=1, combine=True)
+    # what the model's build_model fills in when the architecture leaves them unset
+    model_positions = (getattr(args, "max_source_positions", None) or DEFAULT_MAX_SOURCE_POSITIONS,
+                       getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS)
     world = 1
     if use_cuda:
         import torch
@@ -74,9 +78,7 @@ def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
         world = max(1, torch.cuda.device_count())  # fairseq-train uses every GPU it sees
     itr = task.get_batch_iterator(
         dataset=task.dataset(args.train_subset), max_tokens=args.max_tokens, max_sentences=args.batch_size,
-        max_positions=utils.resolve_max_positions(task.max_positions(),
-                                                  (args.max_source_positions, args.max_target_positions),
-                                                  args.max_tokens),
+        max_positions=utils.resolve_max_positions(task.max_positions(), model_positions, args.max_tokens),
         ignore_invalid_inputs=True, required_batch_size_multiple=args.required_batch_size_multiple,
         seed=args.seed, num_shards=world, shard_id=0, epoch=1, disable_iterator_cache=True,
         skip_remainder_batch=args.skip_remainder_batch, grouped_shuffling=args.grouped_shuffling)

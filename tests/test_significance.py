@@ -1,0 +1,98 @@
+"""The report's p-values are sacrebleu's own paired tests, on exactly the hypotheses the docs say
+(concatenated test sets, seeds pooled); the mean ± std tables carry extra test sets. No training:
+hypotheses are written as files where evaluate would put them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, sentence
+from mtprune.config import load_config
+from mtprune.layout import RunLayout
+from mtprune.stages import report
+from mtprune.stages.evaluate import hyp_path
+
+PAIRS = ("de-en", "en-fr")
+N = 60
+# (corpus, seed) -> share of reference words replaced: el2n-high is a little worse than random, full better
+NOISE = {"full": 0.10, "el2n-high-0.2": 0.30, "random-0.2": 0.25}
+
+
+def refs_of(pair: str) -> list[str]:
+    lang = pair.replace("en", "").strip("-")
+    return [sentence(1000 + i, lang) for i in range(N)]
+
+
+def corrupt(lines: list[str], share: float, seed: str) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(w if rng.random() > share else "xyz" for w in ln.split()) for ln in lines]
+
+
+@pytest.fixture
+def swept(tmp_path: Path) -> tuple[object, RunLayout]:
+    """Test sets and hypotheses of a two-seed sweep (full, el2n-high and random at 0.2) on two pairs."""
+    cfg = load_config(TINY, ["train.seeds=[1,2]", f"download.pairs=[{','.join(PAIRS)}]"], str(tmp_path / "run"))
+    L = RunLayout(cfg.run_dir)
+    for pair in PAIRS:
+        L.pair_dir(pair).mkdir(parents=True)
+        other = pair.replace("en", "").strip("-")
+        L.split_file(pair, "test", other).write_text("\n".join(refs_of(pair)) + "\n")
+        L.split_file(pair, "test", "en").write_text("\n".join(sentence(1000 + i, "en") for i in range(N)) + "\n")
+    for m in report.seed_models(cfg, L):
+        for pair in PAIRS:
+            f = hyp_path(L, m.run, pair)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("\n".join(corrupt(refs_of(pair), NOISE[m.name], f"{m.run}-{pair}")) + "\n")
+    return cfg, L
+
+
+def pooled(L: RunLayout, name: str) -> list[str]:
+    """Seed 1's hypotheses on de-en then en-fr, then seed 2's: what the docs say is tested."""
+    out = []
+    for run in (name, f"{name}-seed2"):
+        for pair in PAIRS:
+            out += hyp_path(L, run, pair).read_text().splitlines()
+    return out
+
+
+@pytest.mark.parametrize("test_type", ["bs", "ar"])
+def test_p_values_are_sacrebleus_paired_test_on_the_pooled_hypotheses(swept, test_type: str) -> None:
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    cfg, L = swept
+    cfg = cfg.model_copy(update={"report": cfg.report.replace(paired_test=test_type, paired_samples=300)})
+    md, stats = report.significance(cfg, L)
+    refs = [r for _ in (1, 2) for pair in PAIRS for r in refs_of(pair)]
+    direct = PairedTest([("random-0.2", pooled(L, "random-0.2")), ("el2n-high-0.2", pooled(L, "el2n-high-0.2"))],
+                        {"BLEU": BLEU()}, [refs], test_type=test_type, n_samples=300)()[1]["BLEU"][1]
+    assert stats["p_vs_random"]["el2n-high-0.2"] == direct.p_value
+    direct_full = PairedTest([("full", pooled(L, "full")), ("random-0.2", pooled(L, "random-0.2"))],
+                             {"BLEU": BLEU()}, [refs], test_type=test_type, n_samples=300)()[1]["BLEU"][1]
+    assert stats["p_vs_full"]["random-0.2"] == direct_full.p_value
+    assert f"| random | 0.20 | {direct_full.score:.2f} | – | – |" in md
+    assert f"| {direct_full.p_value:.4f} |" in md and f"{test_type}:300" in stats["signature"]
+    assert "seeds 1, 2 concatenated" in md and "de-en, en-fr: 120 sentences" in md
+
+
+def test_a_better_system_gets_a_small_p_value_and_none_turns_the_tests_off(swept) -> None:
+    cfg, L = swept
+    _, stats = report.significance(cfg, L)
+    assert stats["p_vs_full"]["el2n-high-0.2"] < 0.01  # 10% against 30% of the words replaced
+    assert report.significance(cfg.model_copy(update={"report": cfg.report.replace(paired_test="none")}), L) == ("", {})
+
+
+def test_tables_show_mean_and_std_over_seeds_with_extra_test_sets_as_columns() -> None:
+    rows = [{"strategy": st, "sparsity": sp, "seed": seed, "pair": pair, "bleu": b, "chrf": 2 * b, "n_train": n}
+            for st, sp, n, base in (("full", 0.0, 100, 10.0), ("random", 0.2, 80, 8.0))
+            for seed, delta in ((1, 0.0), (2, 1.0))
+            for pair, b in (("de-en", base + delta), ("flores:en-de", base - 5 + delta), ("all", base + delta))]
+    assert report.result_columns(rows) == ["de-en", "flores:en-de", "all"]
+    table = report._summary_table(rows, "bleu")
+    assert "| strategy | sparsity | n_train | de-en | flores:en-de | all |" in table
+    assert "| random | 0.20 | 80 | 8.50 ± 0.71 | 3.50 ± 0.71 | 8.50 ± 0.71 |" in table
+    one_seed = [r for r in rows if r["seed"] == 1]
+    assert "| full | 0.00 | 100 | 10.00 | 5.00 | 10.00 |" in report._summary_table(one_seed, "bleu")
