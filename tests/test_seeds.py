@@ -18,8 +18,6 @@ import pytest
 from conftest import ROOT, TINY, cli
 from mtprune.layout import RunLayout
 
-pytestmark = pytest.mark.slow
-
 # random at 0.2 only, two seeds, four updates, one model at a time (so a kill lands between two models)
 SETS = ["prune.strategies=[random]", "train.include_full=false", "train.max_update=4", "train.warmup_updates=1",
         "train.seeds=[1,2]", "train.parallel=1"]
@@ -52,6 +50,7 @@ def resumed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return run, before, out
 
 
+@pytest.mark.slow
 def test_a_killed_two_seed_sweep_resumes_only_the_missing_model(resumed: tuple[Path, dict[str, bytes], str]) -> None:
     run, before, out = resumed
     L = RunLayout(run)
@@ -78,6 +77,7 @@ def test_a_killed_two_seed_sweep_resumes_only_the_missing_model(resumed: tuple[P
     assert all(ln.split()[1] == "fresh" for ln in out.splitlines() if ln.startswith("  ")), out
 
 
+@pytest.mark.slow
 def test_a_new_strategy_costs_only_its_own_runs_and_unchanged_models_are_not_decoded_again(
         resumed: tuple[Path, dict[str, bytes], str], tmp_path: Path) -> None:
     src, _, _ = resumed
@@ -123,6 +123,7 @@ def epoch_ends(log: str) -> dict[int, int]:
             for m in re.finditer(r"\| train \| epoch (\d+) \|.*?\| num_updates (\d+)", log)}
 
 
+@pytest.mark.slow
 def test_the_epochs_budget_trains_exact_passes_over_each_corpus(tiny_run: Path, tmp_path: Path) -> None:
     from mtprune.config import load_config
     from mtprune.stages.train import updates_per_epoch
@@ -141,3 +142,17 @@ def test_the_epochs_budget_trains_exact_passes_over_each_corpus(tiny_run: Path, 
     assert epoch_ends((L.train_dir("random-0.2") / "train.log").read_text()) == {1: n // 2, 2: n}
     cfg = load_config(TINY, [*SETS, *sets], str(run))
     assert updates_per_epoch(L.data_bin, cfg, use_cuda=False) > n // 2  # the full corpus needs more per pass
+
+
+def test_seeds_name_the_units_and_the_older_train_seed_is_read_as_one_seed(tmp_path: Path) -> None:
+    from mtprune.config import load_config
+    from mtprune.slurm import unit_names
+
+    cfg = load_config(TINY, ["train.seeds=[1,3]", "prune.strategies=[random]"], str(tmp_path / "run"))
+    assert unit_names(cfg, "train") == ["full", "full-seed3", "random-0.2", "random-0.2-seed3"]
+    assert load_config(TINY, ["train.seed=4"]).train.seeds == (4,)
+    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", "train.seed=2",
+                    "--set", "train.seeds=[1]")
+    assert code == 2 and "train: give train.seeds only (train.seed is the older single-seed form)" in out, out
+    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", "train.budget=epochs")
+    assert code == 2 and "train.max_epoch: needed with train.budget: epochs" in out, out
