@@ -6,7 +6,7 @@ q·q + r²: sums of non-negative terms, so no one-hot is built and nothing cance
 ``Σp² − 2p_y + 1`` loses every digit when p_y ≈ 1). NLL is −log1p(−r) for confident tokens
 (p_y ≥ ½) and z_y − logsumexp(z) otherwise, both exact in float32 to a few ulps and chosen per token
 with ``torch.where``: no branch, so no host–device sync, and no underflow when p_y is below the
-float32 range (the log-sum-exp form never forms p_y).
+float32 range (log-sum-exp is read off the largest probability, see ``_token_terms``).
 
 The output layer's gradient for one pair is ``G = Σ_t δ_t h_tᵀ`` (V × D; the bias, when there is
 one, is a last column of the weight with a constant feature 1). Three scores read it without ever
@@ -37,16 +37,22 @@ SKETCH_SEED = 20240601
 
 
 def _token_terms(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, r, el2n, nll) for logits (..., V) and targets (...): q = softmax with the target zeroed."""
+    """(q, r, el2n, nll) for logits (..., V) and targets (...): q = softmax with the target zeroed.
+
+    One fused softmax; log-sum-exp comes from the largest probability, which never underflows
+    (p_max ≥ 1/V): logsumexp(z) = z_max − log p_max, so NLL = (z_max − z_y) − log p_max, two
+    non-negative terms, for tokens with p_y < ½.
+    """
     z = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    q = torch.exp(z - lse)
+    z_max, top = z.max(-1, keepdim=True)
+    q = torch.softmax(z, dim=-1)
+    p_max = q.gather(-1, top).squeeze(-1)
     yi = y.unsqueeze(-1)
     z_y = z.gather(-1, yi).squeeze(-1)
     q.scatter_(-1, yi, 0.0)
     r = q.sum(-1)
-    el2n = torch.sqrt(torch.linalg.vecdot(q, q) + r * r)
-    nll = torch.where(r < 0.5, -torch.log1p(-r.clamp(max=0.5)), lse.squeeze(-1) - z_y)
+    el2n = torch.hypot(torch.linalg.vector_norm(q, dim=-1), r)
+    nll = torch.where(r < 0.5, -torch.log1p(-r.clamp(max=0.5)), (z_max.squeeze(-1) - z_y) - torch.log(p_max))
     return q, r, el2n, nll
 
 
@@ -138,8 +144,8 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
         if layer.dev_grad is not None:
             out["tracin_dot"] = torch.empty(s_rows, dtype=torch.float64, device=target.device)
         if layer.sketch is not None:
-            k = layer.sketch[0].shape[1]
-            out["sketch"] = torch.empty(s_rows, k * k, dtype=dt, device=target.device)
+            size = layer.sketch[0].shape[1] * layer.sketch[1].shape[1]
+            out["sketch"] = torch.empty(s_rows, size, dtype=dt, device=target.device)
     with torch.autocast(device_type=target.device.type, enabled=False):
         step = _rows_per_chunk(length, chunk_tokens)
         for start in range(0, s_rows, step):
@@ -161,7 +167,7 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
             out["grand"][sl] = (dd.double() * hh.double()).sum((1, 2)).clamp(min=0).sqrt()
             if layer.dev_grad is not None:
                 gh = proj[..., layer.vocab:]
-                d = torch.linalg.vecdot(q, gh) - r * gh.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                d = torch.einsum("stv,stv->st", q, gh) - r * gh.gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 out["tracin_dot"][sl] = (d.double() * fm.double()).sum(1)
             if layer.sketch is not None:
                 r_v, r_d = layer.sketch

@@ -1,14 +1,24 @@
 #!/usr/bin/env python
-"""Benchmark of EL2N scoring, measured side by side in one run on the same model and batches.
+"""Benchmark of the scoring pass, measured side by side in one run on the same model and batches.
 
-1. throughput of mtprune's scorer over the bare teacher-forced forward pass (logits only);
-2. speed-up over a naive scorer (one sentence at a time, explicit softmax − one-hot);
-3. peak RSS of the real scoring loop on a corpus 10× larger, over the smaller one (subprocesses).
+1. EL2N-only pass (el2n, nll, el2n_max, el2n_eos) against the all-scores pass (plus grand, tracin,
+   the gradient sketch and the pooled encoder states for proto), the dev-gradient pass and proto's
+   k-means, and both against the bare teacher-forced forward pass (logits only);
+2. the FLOP rate the all-scores pass achieves (counted with torch's FlopCounterMode) against a plain
+   torch matmul of the projection's shape on this machine;
+3. precision: per-pair EL2N and NLL with the body under bf16 / fp16 autocast (the projection and the
+   reductions in float32, as score.py runs them) against fp32, and fp32 against float64: max abs error
+   and Spearman; beside it, what a bf16 vocabulary projection would cost;
+4. speed-up over a naive scorer (one sentence at a time, explicit softmax − one-hot);
+5. peak RSS of the real all-scores loop on a corpus 10× larger, over the smaller one (subprocesses).
 
-The model is a fairseq transformer with random weights (cost does not depend on the weights),
-the corpus random token ids in fairseq's mmap format, so the benchmark needs no trained run.
+By default the model is a fairseq transformer with random weights (cost does not depend on the
+weights) and the corpus random token ids in fairseq's mmap format, so the benchmark needs no trained
+run; precision figures want a trained model: ``--checkpoint`` with ``--data-bin`` scores its train
+split (and takes its valid split as the dev set) instead.
 
-    .venv/bin/python scripts/bench_score.py [--sentences 4000] [--vocab 8000] [--dim 64] [--layers 2]
+    .venv/bin/python scripts/bench_score.py [--sentences 2000] [--vocab 8000] [--dim 64] [--layers 2]
+    .venv/bin/python scripts/bench_score.py --checkpoint RUN/03_proxy/seed1/checkpoint_u20.pt --data-bin RUN/02_prepare/data-bin
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ def make_corpus(folder: Path, d, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     out = []
     for side in ("src", "tgt"):
-        prefix = folder / f"train.{side}"
+        prefix = folder / f"{seed}.{side}"
         builder = indexed_dataset.make_builder(f"{prefix}.bin", impl="mmap", vocab_size=len(d))
         for _ in range(n):
             length = int(rng.integers(4, 40))
@@ -69,72 +79,169 @@ def make_corpus(folder: Path, d, n: int, seed: int = 0):
     return out
 
 
-def timed(fn, reps: int = 3) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def setup(args, tmp: Path):
+    """(model, dictionary, (train src, tgt), (dev src, tgt), what) from a checkpoint or random weights."""
+    if args.checkpoint:
+        from mtprune.fairseq_backend import load_model, load_train_pairs
+
+        model = load_model(Path(args.checkpoint), Path(args.data_bin), "cpu")[0]
+        src, tgt, d = load_train_pairs(Path(args.data_bin))
+        vsrc, vtgt, _ = load_train_pairs(Path(args.data_bin), "valid")
+        return model, d, (src, tgt), (vsrc, vtgt), f"checkpoint {args.checkpoint}"
+    model, d = build(args.vocab, args.dim, args.layers)
+    return (model, d, make_corpus(tmp, d, args.sentences), make_corpus(tmp, d, args.dev_sentences, seed=1),
+            f"transformer {args.layers}+{args.layers} layers, dim {args.dim}, vocab {args.vocab}, random weights")
 
 
-def speed(args) -> dict[str, float]:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    import pandas as pd
+
+    return float(pd.Series(a).rank().corr(pd.Series(b).rank()))
+
+
+def speed(args, model, d, train, dev) -> dict[str, float]:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from mtprune.batching import length_batches
-    from mtprune.el2n import reference_el2n_nll
-    from mtprune.stages.score import collate, score_batch
+    from mtprune.el2n import reference_el2n_nll, sketch_projections
+    from mtprune.stages.score import collate, dev_gradient, output_layer, proto_distances, score_batch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model, d = build(args.vocab, args.dim, args.layers)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, tgt = make_corpus(Path(tmp), d, args.sentences)
-        idx = np.arange(len(tgt))
-        batches = [collate(src, tgt, b, d.pad(), d.eos())
-                   for b in length_batches(idx, [np.asarray(tgt.sizes), np.asarray(src.sizes)], args.batch_tokens)]
-        n_tok = int(np.asarray(tgt.sizes).sum())
+    src, tgt = train
+    n = min(args.sentences, len(tgt))
+    idx = np.arange(n)
+    batches = [collate(src, tgt, b, d.pad(), d.eos())
+               for b in length_batches(idx, [np.asarray(tgt.sizes), np.asarray(src.sizes)], args.batch_tokens)]
+    n_tok = int(np.asarray(tgt.sizes)[:n].sum())
+    plain = output_layer(model)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        g = dev_gradient(model, dev[0], dev[1], d, args.batch_tokens, args.chunk_tokens, "cpu", None)
+    t_dev = time.perf_counter() - t
+    full = output_layer(model, dev_grad=g, sketch=sketch_projections(plain.vocab, plain.weight.shape[1]))
+    pooled: list = []
 
-        def bare() -> None:
-            with torch.inference_mode():
-                for b in batches:
-                    model(b["src_tokens"], b["src_lengths"], b["prev"])
+    def bare() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                model(b["src_tokens"], b["src_lengths"], b["prev"])
 
-        def ours() -> None:
-            with torch.inference_mode():
-                for b in batches:
-                    score_batch(model, b, d.pad(), args.chunk_tokens, "cpu", None)
+    def el2n_only() -> None:
+        with torch.inference_mode():
+            for b in batches:
+                score_batch(model, b, d.pad(), args.chunk_tokens, "cpu", None, plain)
 
-        naive_n = min(args.naive_sentences, len(idx))
+    def all_scores() -> None:
+        pooled.clear()
+        with torch.inference_mode():
+            for b in batches:
+                pooled.append(score_batch(model, b, d.pad(), args.chunk_tokens, "cpu", None, full, True)["pooled"])
 
-        def naive() -> None:
-            with torch.inference_mode():
-                for i in range(naive_n):
-                    b = collate(src, tgt, idx[i:i + 1], d.pad(), d.eos())
-                    logits, _ = model(b["src_tokens"], b["src_lengths"], b["prev"])
-                    reference_el2n_nll(logits[0], b["target"][0])
+    naive_n = min(args.naive_sentences, n)
 
-        bare(), ours()  # warm-up
-        t_bare = t_ours = float("inf")
-        for _ in range(args.rounds):  # alternate, keep each one's best: machine noise only ever adds time
-            t_bare = min(t_bare, timed(bare, reps=1))
-            t_ours = min(t_ours, timed(ours, reps=1))
-        naive_tok = int(np.asarray(tgt.sizes)[:naive_n].sum())
-        t_naive = timed(naive, reps=1)
-    return {"tokens": n_tok, "bare_tok_s": n_tok / t_bare, "ours_tok_s": n_tok / t_ours,
-            "naive_tok_s": naive_tok / t_naive}
+    def naive() -> None:
+        with torch.inference_mode():
+            for i in range(naive_n):
+                b = collate(src, tgt, idx[i:i + 1], d.pad(), d.eos())
+                logits, _ = model(b["src_tokens"], b["src_lengths"], b["prev"])
+                reference_el2n_nll(logits[0], b["target"][0])
+
+    bare(), el2n_only(), all_scores()  # warm-up
+    best = {"bare": float("inf"), "el2n": float("inf"), "all": float("inf")}
+    for _ in range(args.rounds):  # alternate, keep each one's best: machine noise only ever adds time
+        for name, fn in (("bare", bare), ("el2n", el2n_only), ("all", all_scores)):
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    x = torch.cat(pooled).numpy()[:, None, :]
+    t = time.perf_counter()
+    proto_distances(x, np.zeros(len(x), dtype=np.int64), 16)
+    t_proto = time.perf_counter() - t
+    with FlopCounterMode(display=False) as fc:
+        all_scores()
+    flops = fc.get_total_flops()
+    # the same shapes as a plain matmul: the chunk's states times the stacked [W; G_dev] projection
+    rows = max(1, args.chunk_tokens)
+    a = torch.randn(rows, full.stacked.shape[1])
+    w = full.stacked.T.contiguous()
+    reps = max(1, n_tok // rows)
+    with torch.inference_mode():
+        a @ w
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ w
+        t_mm = time.perf_counter() - t
+    mm_rate = 2 * rows * w.shape[0] * w.shape[1] * reps / t_mm
+    t = time.perf_counter()
+    naive()
+    t_naive = time.perf_counter() - t
+    naive_tok = int(np.asarray(tgt.sizes)[:naive_n].sum())
+    return {"tokens": n_tok, "bare": best["bare"], "el2n": best["el2n"], "all": best["all"], "dev": t_dev,
+            "dev_tokens": int(np.asarray(dev[1].sizes).sum()), "proto": t_proto, "flops": flops,
+            "mm_rate": mm_rate, "naive_tok_s": naive_tok / t_naive}
+
+
+def precision(args, model, d, train) -> dict[str, dict[str, float]]:
+    """Per-pair EL2N / NLL under bf16 and fp16 autocast and in fp32, against fp32 and float64."""
+    import copy
+
+    import torch
+
+    from mtprune.el2n import OutputLayer, pair_scores
+    from mtprune.stages.score import score_dataset
+
+    src, tgt = train
+    idx = np.arange(min(args.precision_sentences, len(tgt)))
+
+    def run(m, dtype) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            r = score_dataset([m], src, tgt, d, idx, args.batch_tokens, args.chunk_tokens, "cpu", dtype)
+        return {k: r[k][:, 0] for k in ("el2n", "nll")}
+
+    ref32 = run(model, None)
+    out = {"fp32 vs float64": _compare(ref32, run(copy.deepcopy(model).double(), None))}
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        out[f"{name} body vs fp32"] = _compare(run(model, dt), ref32)
+    # what the old design cost: the vocabulary projection itself in bf16 (states and weights rounded)
+    import mtprune.el2n as el2n
+    import mtprune.stages.score as score
+
+    layer_of, pair_scores_of = score.output_layer, el2n.pair_scores
+    try:
+        score.output_layer = lambda m, **kw: OutputLayer(m.decoder.output_projection.weight.bfloat16().float(), **kw)
+        el2n.pair_scores = lambda feats, *a, **kw: pair_scores(feats.bfloat16().float(), *a, **kw)
+        out["bf16 body + bf16 projection vs fp32"] = _compare(run(model, torch.bfloat16), ref32)
+    finally:
+        score.output_layer, el2n.pair_scores = layer_of, pair_scores_of
+    return out
+
+
+def _compare(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
+    return {"el2n_abs": float(np.abs(got["el2n"] - ref["el2n"]).max()),
+            "el2n_spearman": spearman(got["el2n"], ref["el2n"]),
+            "nll_abs": float(np.abs(got["nll"] - ref["nll"]).max()),
+            "nll_rel": float((np.abs(got["nll"] - ref["nll"]) / np.abs(ref["nll"])).max()),
+            "nll_spearman": spearman(got["nll"], ref["nll"])}
 
 
 def rss_child(args) -> None:
-    """Run the real scoring loop (score_dataset) on N sentences; print the peak RSS in MiB."""
+    """Run the real all-scores loop (score_dataset, memory-mapped outputs) on N sentences; print peak RSS in MiB."""
     import torch
 
-    from mtprune.stages.score import score_dataset
+    from mtprune.el2n import SKETCH_K, sketch_projections
+    from mtprune.stages.score import _open_npy, output_layer, score_dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, d = build(args.vocab, args.dim, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         src, tgt = make_corpus(Path(tmp), d, args.sentences)
-        score_dataset([model], src, tgt, d, np.arange(len(tgt)), args.batch_tokens, args.chunk_tokens, "cpu", None)
+        plain = output_layer(model)
+        g = torch.randn(plain.weight.shape, dtype=torch.float64)
+        layer = output_layer(model, dev_grad=g, sketch=sketch_projections(plain.vocab, plain.weight.shape[1]))
+        sketch = _open_npy(Path(tmp) / "sketch.npy", (len(tgt), SKETCH_K * SKETCH_K))
+        pooled = _open_npy(Path(tmp) / "pooled.npy", (len(tgt), 1, args.dim))
+        score_dataset([model], src, tgt, d, np.arange(len(tgt)), args.batch_tokens, args.chunk_tokens, "cpu", None,
+                      layers=[layer], full=True, sketch_out=sketch, pooled_out=pooled)
     print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -147,32 +254,63 @@ def rss(args, n: int) -> float:
 
 
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sentences", type=int, default=4000)
-    ap.add_argument("--naive-sentences", type=int, default=300)
+    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--dev-sentences", type=int, default=200)
+    ap.add_argument("--precision-sentences", type=int, default=1000)
+    ap.add_argument("--naive-sentences", type=int, default=200)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch-tokens", type=int, default=6000)
     ap.add_argument("--chunk-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--checkpoint", help="a trained proxy checkpoint (with --data-bin) instead of random weights")
+    ap.add_argument("--data-bin")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         rss_child(args)
         return
-    print(f"model: transformer {args.layers}+{args.layers} layers, dim {args.dim}, vocab {args.vocab}; "
-          f"{args.sentences} random sentences; {os.cpu_count()} cores", flush=True)
-    s = speed(args)
-    overhead = s["bare_tok_s"] / s["ours_tok_s"]
-    speedup = s["ours_tok_s"] / s["naive_tok_s"]
-    print(f"bare forward (logits only): {s['bare_tok_s']:,.0f} target tokens/s")
-    print(f"mtprune scorer:             {s['ours_tok_s']:,.0f} target tokens/s  (overhead {overhead:.2f}x)")
-    print(f"naive scorer (1 sentence, one-hot): {s['naive_tok_s']:,.0f} target tokens/s  (speed-up {speedup:.1f}x)")
-    small, large = rss(args, args.sentences), rss(args, 10 * args.sentences)
-    print(f"peak RSS: {small:.0f} MiB for {args.sentences} sentences, {large:.0f} MiB for {10 * args.sentences}")
-    print(f"RESULT overhead_vs_forward={overhead:.2f}x (target <=1.10x) speedup_vs_naive={speedup:.1f}x "
-          f"(target >=5x) rss_10x_corpus={large / small:.2f}x (target <=1.2x)")
+    if bool(args.checkpoint) != bool(args.data_bin):
+        ap.error("--checkpoint and --data-bin go together")
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, d, train, dev, what = setup(args, Path(tmp))
+        n = min(args.sentences, len(train[1]))
+        print(f"model: {what}; {n} sentences; dev set {len(dev[1])} pairs; {os.cpu_count()} cores; torch {torch.__version__}",
+              flush=True)
+        s = speed(args, model, d, train, dev)
+        p = precision(args, model, d, train)
+    tok = s["tokens"]
+    print(f"bare forward (logits only):  {tok / s['bare']:>10,.0f} target tokens/s")
+    print(f"EL2N-only pass:              {tok / s['el2n']:>10,.0f} target tokens/s  ({s['el2n'] / s['bare']:.2f}x forward)")
+    print(f"all-scores pass:             {tok / s['all']:>10,.0f} target tokens/s  ({s['all'] / s['el2n']:.2f}x EL2N-only)")
+    print(f"  + dev gradient (once per checkpoint, {s['dev_tokens']} dev tokens): {s['dev']:.2f}s; "
+          f"proto k-means on {n} pairs: {s['proto']:.2f}s")
+    total = (s["all"] + s["dev"] + s["proto"]) / s["el2n"]
+    print(f"  all scores with dev pass and k-means: {total:.2f}x EL2N-only")
+    rate = s["flops"] / s["all"]
+    print(f"all-scores pass FLOP rate: {rate / 1e9:.1f} GFLOP/s counted; plain matmul of the projection's shape "
+          f"{s['mm_rate'] / 1e9:.1f} GFLOP/s ({rate / s['mm_rate']:.0%} of it)")
+    print(f"naive scorer (1 sentence, one-hot): {s['naive_tok_s']:,.0f} target tokens/s "
+          f"(EL2N-only pass is {tok / s['el2n'] / s['naive_tok_s']:.1f}x faster)")
+    print("precision, per-pair scores (max abs error, Spearman):")
+    for name, f in p.items():
+        print(f"  {name:38s} el2n {f['el2n_abs']:.1e} / {f['el2n_spearman']:.5f}   "
+              f"nll {f['nll_abs']:.1e} (rel {f['nll_rel']:.1e}) / {f['nll_spearman']:.5f}")
+    ratio = ""
+    if not args.no_rss and not args.checkpoint:
+        small, large = rss(args, args.sentences), rss(args, 10 * args.sentences)
+        print(f"peak RSS (all scores): {small:.0f} MiB for {args.sentences} sentences, {large:.0f} MiB for {10 * args.sentences}")
+        ratio = f" rss_10x_corpus={large / small:.2f}x (target <=1.2x)"
+    bf = p["bf16 body vs fp32"]
+    print(f"RESULT all_vs_el2n={s['all'] / s['el2n']:.2f}x (with dev+proto {total:.2f}x; target <=1.5x) "
+          f"flop_rate={rate / s['mm_rate']:.0%} of matmul bf16_el2n_abs={bf['el2n_abs']:.1e} "
+          f"bf16_spearman=el2n {bf['el2n_spearman']:.4f}/nll {bf['nll_spearman']:.4f} (targets <=1e-3, >=0.999){ratio}")
 
 
 if __name__ == "__main__":

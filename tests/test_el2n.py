@@ -90,3 +90,98 @@ def test_bf16_autocast_on_a_real_checkpoint_stays_within_the_documented_toleranc
     assert (pair_e - segment_mean(ref_e, rows, n)).abs().max() <= 2e-4
     ref_pair_n = segment_mean(ref_n, rows, n)
     assert ((pair_n - ref_pair_n).abs() / ref_pair_n).max() <= 2e-3
+
+
+# ---- output-layer gradient scores (el2n.pair_scores) against float64 autograd ----------------------------
+
+def _padded(seed: int, rows: int = 6, length: int = 9, dim: int = 8, vocab: int = 40, bias: bool = False):
+    from mtprune.el2n import OutputLayer
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(vocab, dim, generator=g)
+    b = torch.randn(vocab, generator=g) if bias else None
+    h = torch.randn(rows, length, dim, generator=g) * 2
+    y = torch.randint(0, vocab, (rows, length), generator=g)
+    lengths = torch.tensor([length, 1, 4, length - 1, 2, 7][:rows])
+    mask = torch.arange(length)[None] < lengths[:, None]
+    y[1, 0] = (h[1, 0] @ w.T).argmax()  # a one-token pair the layer is sure of: tiny gradient, digits must stay
+    h[1, 0] *= 20
+    return h, y, mask, w, b, OutputLayer(w, b)
+
+
+def _ref_grad(h, y, w, b):
+    from mtprune.el2n import reference_output_grad
+
+    gw, gb = reference_output_grad(h, y, w, b)
+    return gw if gb is None else torch.cat([gw, gb[:, None]], 1)
+
+
+def test_grand_and_tracin_equal_autograd_on_the_output_layer() -> None:
+    from mtprune.el2n import OutputLayer, output_gradient, pair_scores
+
+    for bias in (False, True):
+        h, y, mask, w, b, plain = _padded(0, bias=bias)
+        hd, yd, md, *_ = _padded(1, bias=bias)
+        hd, yd = hd * 0.5, yd  # a "dev set": other states and targets through the same layer
+        dev = output_gradient(hd, yd, md, plain, chunk_tokens=10)  # 10 tokens: one row per chunk
+        dev_ref = _ref_grad(hd[md], yd[md], w, b)
+        torch.testing.assert_close(dev, dev_ref, rtol=1e-5, atol=1e-5)
+        layer = OutputLayer(w, b, dev_grad=dev.float())
+        for chunk in (1, 20, 1000):  # a Gram matrix never spans two sentences, whatever the chunk
+            out = pair_scores(h, y, mask, layer, chunk, gradient_scores=True)
+            for i in range(h.shape[0]):
+                g = _ref_grad(h[i][mask[i]], y[i][mask[i]], w, b)
+                assert abs(float(out["grand"][i]) - float(g.norm())) <= 1e-5 * float(g.norm()) + 1e-9, (bias, chunk, i)
+                dot = float((g * dev_ref).sum())
+                assert abs(float(out["tracin_dot"][i]) - dot) <= 1e-5 * float(g.norm() * dev_ref.norm()), (bias, i)
+        assert float(out["grand"][1]) < 1e-3  # the confident one-token pair
+
+
+def test_el2n_max_and_eos_are_the_reference_token_el2n() -> None:
+    from mtprune.el2n import pair_scores
+
+    h, y, mask, w, b, layer = _padded(2, bias=True)
+    out = pair_scores(h, y, mask, layer, chunk_tokens=13)
+    for i in range(h.shape[0]):
+        e, n = reference_el2n_nll(h[i][mask[i]].double() @ w.double().T + b.double(), y[i][mask[i]])
+        # float32 logits of size ~100 (the confident pair) carry ~1e-5 relative error into its small EL2N
+        torch.testing.assert_close(out["el2n_max"][i], e.max(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(out["el2n_eos"][i], e[-1], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(out["el2n"][i], e.mean(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(out["nll"][i], n.mean(), rtol=1e-4, atol=1e-7)
+    assert float(out["el2n_max"][0]) > float(out["el2n"][0]) > 0
+    assert "grand" not in out  # the gradient scores only when asked for
+
+
+def test_sketch_is_the_gradient_itself_with_identity_projections_and_keeps_inner_products() -> None:
+    from mtprune.el2n import OutputLayer, pair_scores, sketch_projections
+
+    h, y, mask, w, b, _ = _padded(3, vocab=12, dim=5)
+    exact = OutputLayer(w, b, sketch=(torch.eye(12), torch.eye(5)))  # R_V = I, R_D = I: sketch = vec(G)
+    out = pair_scores(h, y, mask, exact, 7, gradient_scores=True)
+    grads = [_ref_grad(h[i][mask[i]], y[i][mask[i]], w, b) for i in range(h.shape[0])]
+    for i, g in enumerate(grads):
+        torch.testing.assert_close(out["sketch"][i].double(), g.flatten(), rtol=1e-5, atol=1e-6)
+    # the seeded Gaussian sketch (k = 16): inner products of distinct pairs within JL tolerance
+    h, y, mask, w, b, _ = _padded(4, vocab=300, dim=32)
+    layer = OutputLayer(w, b, sketch=sketch_projections(300, 32))
+    out = pair_scores(h, y, mask, layer, 64, gradient_scores=True)
+    grads = [_ref_grad(h[i][mask[i]], y[i][mask[i]], w, b) for i in range(h.shape[0])]
+    for i in (0, 2, 3, 5):
+        for j in (0, 2, 3, 5):
+            approx = float(out["sketch"][i].double() @ out["sketch"][j].double())
+            true = float((grads[i] * grads[j]).sum())
+            assert abs(approx - true) <= 0.35 * float(grads[i].norm() * grads[j].norm()), (i, j, approx, true)
+
+
+def test_projection_runs_in_float32_under_autocast() -> None:
+    from mtprune.el2n import OutputLayer, pair_scores
+
+    h, y, mask, w, b, layer = _padded(5, vocab=300, dim=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pair_scores(h, y, mask, layer, 16)
+    ref = pair_scores(h, y, mask, layer, 16)
+    assert out["tok_el2n"].dtype == torch.float32
+    torch.testing.assert_close(out["tok_el2n"], ref["tok_el2n"], rtol=0, atol=0)
+    bf16 = pair_scores(h.bfloat16().float(), y, mask, OutputLayer(w.bfloat16().float()), 16)
+    assert (bf16["el2n"] - ref["el2n"]).abs().max() > 1e-4  # what a bf16 projection would have cost

@@ -112,6 +112,7 @@ def test_a_pair_scores_the_same_alone_and_inside_a_padded_batch(tiny_run: Path) 
 def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
     L = RunLayout(tiny_copy)
     full = pd.read_parquet(L.scores)
+    full_sketch = np.load(L.grad_sketch)
     shutil.rmtree(L.stage_dir("score"))
     for i in range(3):
         code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--shard", f"{i}/3", "-q")
@@ -120,9 +121,16 @@ def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
     assert code == 0, out
     assert "merging 3 finished shards" in out
     merged = pd.read_parquet(L.scores)
-    # other batch compositions change float32 sums in the last digits only
-    pd.testing.assert_frame_equal(merged.sort_values("index").reset_index(drop=True),
-                                  full.sort_values("index").reset_index(drop=True), check_exact=False, rtol=1e-5, atol=1e-6)
+    assert merged["index"].tolist() == full["index"].tolist()
+    # other batch compositions change float32 sums in the last digits only (proto's k-means included);
+    # a rank combination moves by a rank or two where two pairs' scores tie to that precision
+    ranked = [c for c in full.columns if c == "combined"]
+    pd.testing.assert_frame_equal(merged.drop(columns=ranked), full.drop(columns=ranked),
+                                  check_exact=False, rtol=1e-5, atol=1e-6)
+    for c in ranked:
+        assert (merged[c] - full[c]).abs().max() <= 2 / len(full), c
+    # the gradient sketch: each shard's slice, concatenated in row order
+    np.testing.assert_allclose(np.load(L.grad_sketch), full_sketch, rtol=1e-4, atol=1e-5 * np.abs(full_sketch).max())
 
 
 def test_bad_shard_spec(tiny_run: Path) -> None:
