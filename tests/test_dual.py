@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, cli, read
+from conftest import TINY, cli, error_lines, read
+from mtprune import slurm
 from mtprune.config import load_config
 from mtprune.dual import dual_xent
 from mtprune.el2n import reference_el2n_nll
@@ -101,7 +102,7 @@ def test_without_dual_prepare_writes_no_reverse_bin_and_forward_units_ignore_the
     units_off = {u.folder.name: u.key for u in proxy.units(off, RunLayout(prepared), False)}
     assert sorted(units_on) == ["reverse-seed1", "seed1"] and sorted(units_off) == ["seed1"]
     assert units_on["seed1"] == units_off["seed1"]
-    assert proxy.unit_names(on) == list(units_on)  # what a cluster submits as array tasks
+    assert slurm.unit_names(on, "proxy") == list(units_on)  # a cluster's array tasks: the reverse runs too
     assert "dual" not in units_off["seed1"]["proxy"]
 
 
@@ -141,3 +142,16 @@ def test_dual_columns_from_both_directions_and_prune_on_them(dual_run: Path) -> 
     worst = set(df.nlargest(int(round(0.25 * len(df))), "dual_xent")["sentence_id"])
     assert kept and not kept & worst and len(kept) == len(df) - len(worst)
 
+
+
+def test_dual_on_a_run_prepared_before_the_setting_existed_is_one_line_asking_for_prepare(tiny_copy: Path) -> None:
+    import json
+
+    L = RunLayout(tiny_copy)
+    m = json.loads(L.manifest("prepare").read_text())
+    del m["params"]["proxy.dual"]  # as a prepare finished before proxy.dual existed recorded its reads
+    L.manifest("prepare").write_text(json.dumps(m))
+    code, out = cli("proxy", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "proxy.dual=true")
+    assert code == 2 and len(error_lines(out)) == 1 and "Traceback" not in out, out
+    assert "data-bin-reverse is missing" in out and "mtprune prepare --overwrite" in out
+    assert not list(L.stage_dir("proxy").glob("reverse-*"))  # refused before any unit was touched
