@@ -84,12 +84,16 @@ def test_bf16_autocast_on_a_real_checkpoint_stays_within_the_documented_toleranc
     assert logits.dtype == torch.float64
     ref_e, ref_n = reference_el2n_nll(logits[mask], batch["target"][mask])
     assert (tok_e.double() - fp32_e.double()).abs().max() > 1e-6  # autocast did run the model in bf16
-    # the tolerances score.py documents (measured here: 2.6e-4, 2.7e-3, 3e-5, 5e-4)
+    # the bf16 body with a float32 projection (score.py documents 2.7e-5 and 4.7e-4 per pair on 1,200 pairs)
     assert (tok_e.double() - ref_e).abs().max() <= 1e-3
     assert ((tok_n.double() - ref_n).abs() / ref_n).max() <= 1e-2
-    assert (pair_e - segment_mean(ref_e, rows, n)).abs().max() <= 2e-4
+    assert (pair_e - segment_mean(ref_e, rows, n)).abs().max() <= 1e-4
     ref_pair_n = segment_mean(ref_n, rows, n)
-    assert ((pair_n - ref_pair_n).abs() / ref_pair_n).max() <= 2e-3
+    assert ((pair_n - ref_pair_n).abs() / ref_pair_n).max() <= 1e-3
+    from mtprune.stages.score import spearman
+
+    assert spearman(pair_e.numpy(), segment_mean(ref_e, rows, n).numpy()) >= 0.999
+    assert spearman(pair_n.numpy(), ref_pair_n.numpy()) >= 0.999
 
 
 # ---- output-layer gradient scores (el2n.pair_scores) against float64 autograd ----------------------------

@@ -1,15 +1,41 @@
-"""Stage 4: per-pair EL2N and NLL, averaged over target tokens, checkpoints and seeds.
+"""Stage 4: per-pair scores from every proxy checkpoint, averaged over checkpoints and seeds.
 
-One pass over length-bucketed batches runs every proxy checkpoint on each batch (while they fit
-in memory), projects only non-padding decoder states to the vocabulary, chunk by chunk, and
-reduces each chunk to two numbers per token at once (see ``el2n.py``).
+One pass over length-bucketed batches runs every proxy checkpoint on each batch (while they fit in
+memory) and projects the decoder states to the vocabulary chunk by chunk (whole sentences per chunk,
+see ``el2n.py``). From the same logits and probabilities, per pair and checkpoint:
 
-On a GPU with ``score.precision`` bf16 (or fp16) the model runs under autocast, the vocabulary
-projection included, and the EL2N/NLL reduction in float32. Against a float64 model and reference
-the error stays within 1e-3 (absolute) per token and 2e-4 per pair for EL2N, 1 % per token and
-0.2 % per pair (relative) for NLL; ``tests/test_el2n.py`` checks this under CPU bf16 autocast.
+- ``el2n`` / ``nll``: token means; ``el2n_max``: the largest token EL2N; ``el2n_eos``: EL2N of the
+  end-of-sentence token (the last target token; a truncated target shows there).
+- ``grand``: GraNd on the output layer, ‖∂ Σ_t CE_t / ∂W‖_F for the output projection W (V × D; the
+  shared embedding matrix in its projection use only; the bias too when there is one), exact, from
+  token Gram matrices. Not normalised by length: the literature's per-example gradient norm, so it
+  grows with the number of target tokens (Spearman ≈ 0.9 with ``n_tokens`` on the tiny test run).
+- ``tracin``: TracIn on the output layer, Σ_checkpoints lr_c · ⟨G_pair, G_dev⟩ / n_dev with G_dev the
+  summed output-layer gradient over every pair of the data-bin's valid split (one pass over valid per
+  checkpoint, before train) and lr_c the learning rate fairseq's inverse_sqrt schedule held at that
+  checkpoint (``proxy_lr``). Per checkpoint ``tracin@s<k>u<u>`` = lr_c ⟨G_pair, G_dev⟩ / n_dev; the
+  column sums a seed's checkpoints and averages the seeds. High = the pair's gradient points with the
+  dev set's (helpful), so bad pairs are ``tracin-low``.
+- ``proto``: prototype distance (Sorscher et al. 2022): the encoder output mean-pooled over the real
+  source tokens, k-means per language pair and direction (``score.proto_clusters``, scikit-learn,
+  fixed seed) on the L2-normalised states, cosine distance to the nearest centroid; per checkpoint,
+  then averaged. Computed after the pass (after the merge with shards).
+- ``04_score/grad_sketch.npy``: float32 (rows of scores.parquet, 256), row i = mean over checkpoints
+  of vec(R_Vᵀ G_i R_D) with seeded Gaussian R_V (V × 16) / 4, R_D (D × 16) / 4, so that
+  ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F (Johnson–Lindenstrauss); for the ``group`` prune strategy.
+
+Every score but proto has a ``<name>@s<seed>u<updates>`` column per checkpoint. On the default bench
+model (``scripts/bench_score.py``) the all-scores pass costs 1.3–1.9× the EL2N-only one (tracin's
+extra V × D product per token is one stacked matmul with the projection); see the README note.
+
+On a GPU with ``score.precision`` bf16 (or fp16) the model body runs under autocast; the decoder
+states are cast to float32 and the vocabulary projection and every reduction run in float32 with
+autocast off, and nothing syncs host and device per chunk. Measured with ``scripts/bench_score.py``
+on a trained tiny proxy (CPU autocast, 1,200 pairs), per pair against fp32: bf16 body EL2N max abs
+error 2.7e-5, NLL 2.3e-3 nats (4.7e-4 relative), Spearman 0.99999 for both; fp16 body 2.7e-6 and
+2.9e-4; fp32 against float64 1.1e-7 and 3.8e-7. ``tests/test_el2n.py`` checks the bf16 figures
+against float64 on a real checkpoint.
 """
-
 from __future__ import annotations
 
 import json
