@@ -543,6 +543,9 @@ class LaunchConfig(_Recorded):
     launcher: Annotated[Str, _one_of("local", "slurm", "submitit-local")] = "local"
     # 0: one shard per array task that runs at once (slurm.array_parallelism)
     score_shards: Parallel = 0
+    # a Weights & Biases project that proxy and final training log to (fairseq's --wandb-project; needs
+    # `pip install wandb`); null: none. TensorBoard logs are always written (<unit folder>/tb)
+    wandb_project: Str | None = None
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
@@ -555,9 +558,6 @@ class Config(_Recorded):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    # a Weights & Biases project that proxy and final training log to (fairseq's --wandb-project; needs
-    # `pip install wandb`); null: none. TensorBoard logs are always written (<unit folder>/tb)
-    wandb_project: Str | None = None
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
+from ..curves import plot_curves
 from ..errors import InputError
 from ..layout import RunLayout, run_name
 from ..manifest import atomic_write_bytes, atomic_write_text, stat_key
@@ -437,6 +438,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     atomic_write_text(layout.report_file("results.md"), "".join(md))
     _plot_bleu(rows, layout.report_file("bleu_vs_sparsity.png"))
     _plot_hist(df, layout.report_file("el2n_hist.png"))
+    names.append(plot_curves(layout))  # training_curves.png: proxy and final training loss (mtprune/curves.py)
     atomic_write_text(layout.report_file("examples.md"), _examples(cfg, layout, df))
     log.info("report: wrote %s", ", ".join(str(out / n) for n in names))
     return StageResult([layout.report_file(n) for n in names], stats)
