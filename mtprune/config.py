@@ -356,8 +356,8 @@ class ModelConfig(_Recorded):
     arch: Str = "transformer"
     encoder_layers: Positive = 2
     decoder_layers: Positive = 2
-    embed_dim: Positive = 64
-    ffn_dim: Positive = 256
+    embed_dim: Positive = 128
+    ffn_dim: Positive = 512
     attention_heads: Positive = Field(4, validate_default=True)  # checked against embed_dim
     dropout: LabelSmoothing = 0.1
     share_all_embeddings: Bool = True
@@ -382,11 +382,11 @@ def _checkpoint_problems(v: tuple[int, ...]) -> list[str]:
 
 
 class ProxyConfig(_Recorded):
-    seeds: Annotated[tuple[Int, ...], _entries("seed")] = (1, 2, 3)
+    seeds: Annotated[tuple[Int, ...], _entries("seed")] = (1, 2)
     # update counts whose checkpoints are kept and scored
-    checkpoints: Annotated[tuple[Int, ...], _check(_checkpoint_problems)] = (200, 400)
+    checkpoints: Annotated[tuple[Int, ...], _check(_checkpoint_problems)] = (500, 1000)
     lr: Lr = 0.002
-    warmup_updates: Parallel = Field(80, validate_default=True)  # checked against checkpoints
+    warmup_updates: Parallel = Field(200, validate_default=True)  # checked against checkpoints
     max_tokens: BatchTokens = 2048
     update_freq: Positive = 1
     label_smoothing: LabelSmoothing = 0.1
@@ -424,7 +424,7 @@ class ScoreConfig(_Recorded):
     proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score
     # post-pass columns (mtprune/derived.py): `combined` ranks these columns (-name: low is bad) and takes
     # the max (a pair is as bad as its worst rank) or the mean; [] for none. base_* baselines: on/off
-    combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll", "el2n_eos", "el2n_debiased")
+    combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll_debiased", "el2n_debiased", "el2n_eos")
     combine_how: Annotated[Str, _one_of("max", "mean")] = "max"
     baselines: Bool = True  # base_len_ratio, base_copy, base_langid (lingua: ~4 s per 10k pairs)
 

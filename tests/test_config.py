@@ -68,9 +68,9 @@ def test_range_problems_are_reported_beside_an_unknown_key_of_the_same_section()
         f"prune.sparsity: unknown key ({PRUNE_KEYS})",
         "prune.sparsities: 1.5 is outside [0, 1)",
         "train.max_update: must be >= 1, got -5",
-        "proxy.warmup_updates: 80 is not before the first kept checkpoint (50); "
+        "proxy.warmup_updates: 200 is not before the first kept checkpoint (50); "
         "scores taken inside warm-up barely beat sentence length",
-        "proxy.warmup: unknown key (known: checkpoints, label_smoothing, lr, max_tokens, parallel, precision, "
+        "proxy.warmup: unknown key (known: checkpoints, dual, label_smoothing, lr, max_tokens, parallel, precision, "
         "seeds, update_freq, warmup_updates)",
     }
 
@@ -130,7 +130,7 @@ def test_cli_bad_test_set_is_one_config_line_and_exit_2(tmp_path: Path) -> None:
 def test_relations_between_settings_are_checked_against_defaults_too() -> None:
     assert problems(None, ["model.embed_dim=66", "proxy.checkpoints=[50]"]) == {
         "model.attention_heads: 4 does not divide model.embed_dim (66)",
-        "proxy.warmup_updates: 80 is not before the first kept checkpoint (50); "
+        "proxy.warmup_updates: 200 is not before the first kept checkpoint (50); "
         "scores taken inside warm-up barely beat sentence length",
     }
     # a relation is not judged against a value that is itself wrong
