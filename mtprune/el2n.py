@@ -15,8 +15,8 @@ forming G per pair:
 - ``grand`` = ‖G‖_F, from token Gram matrices: ‖G‖² = Σ_{t,s} (δ_t·δ_s)(h_t·h_s), with
   δ_t·δ_s = q_t·q_s − r_s q_t[y_s] − r_t q_s[y_t] + r_t r_s [y_t = y_s] (small terms only, so a
   confident pair keeps its digits); T² V work per pair of T tokens.
-- ``tracin`` dot = ⟨G, G_dev⟩ = Σ_t δ_tᵀ (G_dev h_t): the logits and G_dev h_t come out of one matmul
-  with the stacked weight [W; G_dev].
+- ``tracin`` dot = ⟨G, G_dev⟩ = Σ_t δ_tᵀ (G_dev h_t): one more V × D product per token, the cost of
+  the projection again (contiguous, so the dot product is a batched BLAS call).
 - a sketch ``vec(R_Vᵀ G R_D) = Σ_t (δ_t R_V) ⊗ (h_t R_D)`` (k × k), Johnson–Lindenstrauss:
   ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F.
 
@@ -97,8 +97,7 @@ class OutputLayer:
             w = torch.cat([w, bias.detach().to(w.dtype).unsqueeze(1)], 1)
         self.weight = w
         self.vocab = w.shape[0]
-        self.dev_grad = None if dev_grad is None else dev_grad.to(w.dtype)
-        self.stacked = w if dev_grad is None else torch.cat([w, self.dev_grad])  # one matmul for both
+        self.dev_grad = None if dev_grad is None else dev_grad.to(w.dtype).contiguous()
         self.sketch = None if sketch is None else (sketch[0].to(w.dtype), sketch[1].to(w.dtype))
 
     @classmethod
@@ -152,9 +151,7 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
             sl = slice(start, start + step)
             m, y = mask[sl], target[sl]
             h = layer.features(feats[sl], m)
-            proj = h @ layer.stacked.T
-            z = proj[..., :layer.vocab]
-            q, r, e, n = _token_terms(z, y)
+            q, r, e, n = _token_terms(h @ layer.weight.T, y)
             fm = m.to(dt)
             tok_e[sl], tok_n[sl] = e * fm, n * fm
             if not gradient_scores:
@@ -166,12 +163,12 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
             hh = h @ h.transpose(1, 2)
             out["grand"][sl] = (dd.double() * hh.double()).sum((1, 2)).clamp(min=0).sqrt()
             if layer.dev_grad is not None:
-                gh = proj[..., layer.vocab:]
+                gh = h @ layer.dev_grad.T  # G_dev h_t for every token: tracin's one extra V × D product
                 d = torch.einsum("stv,stv->st", q, gh) - r * gh.gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 out["tracin_dot"][sl] = (d.double() * fm.double()).sum(1)
             if layer.sketch is not None:
                 r_v, r_d = layer.sketch
-                a = q @ r_v - r.unsqueeze(-1) * r_v[y]
+                a = (q.flatten(0, 1) @ r_v).view(*y.shape, -1) - r.unsqueeze(-1) * r_v[y]
                 out["sketch"][sl] = torch.einsum("stk,stl->skl", a, h @ r_d).flatten(1)
     n_tok = lengths.clamp(min=1).to(torch.float64)
     out["el2n"] = tok_e.double().sum(1) / n_tok

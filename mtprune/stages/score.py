@@ -25,8 +25,9 @@ see ``el2n.py``). From the same logits and probabilities, per pair and checkpoin
   ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F (Johnson–Lindenstrauss); for the ``group`` prune strategy.
 
 Every score but proto has a ``<name>@s<seed>u<updates>`` column per checkpoint. On the default bench
-model (``scripts/bench_score.py``) the all-scores pass costs 1.3–1.9× the EL2N-only one (tracin's
-extra V × D product per token is one stacked matmul with the projection); see the README note.
+model (``scripts/bench_score.py``: dim 64, vocab 8000, where the projection outweighs the body) the
+all-scores pass costs about 2× the EL2N-only one, tracin's extra V × D product per token being most
+of it; with a body as heavy as the projection (transformer-base, 32k vocabulary) that is ≤ 1.4×.
 
 On a GPU with ``score.precision`` bf16 (or fp16) the model body runs under autocast; the decoder
 states are cast to float32 and the vocabulary projection and every reduction run in float32 with
@@ -290,7 +291,8 @@ def _open_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 .npy file of ``shape`` open for writing (a memory map, so corpus size stays on disk)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if 0 in shape:  # numpy cannot map an empty file
-        np.save(open(path, "wb"), np.zeros(shape, dtype=np.float32))
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(shape, dtype=np.float32))
         return np.zeros(shape, dtype=np.float32)
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
