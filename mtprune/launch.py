@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, is_speed_only
+from .cpus import usable_cpus
 from .errors import StageError
 from .faults import crash_point
 from .lock import RunLock, check_free, holding, unit_lock_path
@@ -173,7 +174,7 @@ def _run_one(u: Unit, threads: int) -> dict[str, Any]:
 
 def plan_parallel(n_units: int, parallel: int, use_cuda: bool) -> tuple[int, int]:
     """(processes at once, torch threads each): on CPU one thread per process beats oversubscription."""
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     if parallel <= 0:
         parallel = 1 if use_cuda else max(1, min(n_units, cores))
     parallel = max(1, min(parallel, n_units))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from ..batching import length_batches
 from ..config import Config
+from ..cpus import usable_cpus
 from ..errors import InputError, UsageError
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, file_sha256, stat_key
@@ -159,7 +159,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
 
     from ..fairseq_backend import load_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
     spm_sha = file_sha256(layout.spm_model)

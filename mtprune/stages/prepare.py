@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..cpus import usable_cpus
 from ..fairseq_backend import SRC, TGT, preprocess, write_dictionary
 from ..faults import crash_point
 from ..layout import RunLayout
@@ -148,7 +149,7 @@ def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, st
 
 
 def _workers(cfg: Config) -> int:
-    return cfg.prepare.workers or os.cpu_count() or 1
+    return cfg.prepare.workers or usable_cpus()
 
 
 

@@ -52,6 +52,7 @@ import numpy as np
 
 from ..batching import length_batches
 from ..config import Config
+from ..cpus import usable_cpus
 from ..dual import add_columns as add_dual_columns
 from ..errors import UsageError
 from ..faults import crash_point
@@ -255,7 +256,7 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
     from ..el2n import SKETCH_K, sketch_projections
     from ..fairseq_backend import load_model, load_train_pairs
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     device, dtype = pick_device(cfg)
     src_ds, tgt_ds, dictionary = load_train_pairs(layout.data_bin)
     ckpts = checkpoints(cfg, layout)
