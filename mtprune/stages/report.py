@@ -214,6 +214,67 @@ def score_columns(df: Any) -> list[str]:
             and "@" not in c and c != "index" and not c.startswith("n_")]
 
 
+# score columns whose bad side is low: the report ranks them negated, named "-<column>"
+LOW_IS_BAD = ("tracin",)
+
+
+def oriented_scores(df: Any) -> dict[str, np.ndarray]:
+    """Every score column with higher = more suspicious (``tracin`` as ``-tracin``)."""
+    out = {}
+    for c in score_columns(df):
+        v = df[c].to_numpy(dtype=float)
+        out[f"-{c}" if c in LOW_IS_BAD else c] = -v if c in LOW_IS_BAD else v
+    return out
+
+
+def _between_seeds(df: Any, column: str) -> float:
+    """Mean Spearman between the seeds' per-seed scores (each the mean over that seed's checkpoints)."""
+    import re
+
+    per_seed: dict[str, list[str]] = {}
+    for c in df.columns:
+        m = re.fullmatch(re.escape(column) + r"@s(\d+)u\d+", c)
+        if m:
+            per_seed.setdefault(m.group(1), []).append(c)
+    seeds = sorted(per_seed)
+    if len(seeds) < 2:
+        return float("nan")
+    means = {s: df[per_seed[s]].mean(axis=1).to_numpy() for s in seeds}
+    return float(np.mean([spearman(means[a], means[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]))
+
+
+IN_PASS = ("el2n", "el2n_std", "el2n_max", "el2n_eos", "nll", "grand", "tracin", "proto")
+
+
+def _score_seconds(stats: dict[str, Any], column: str) -> str:
+    """How long a column took, from the score manifest: the pass is shared by every in-pass score."""
+    derived = stats.get("derived_seconds", {})
+    if column in derived:
+        return f"{derived[column]:.1f}"
+    if column in IN_PASS and "seconds" in stats:
+        extra = {"tracin": stats.get("dev_gradient_seconds"), "proto": stats.get("proto_seconds")}.get(column)
+        return f"{stats['seconds']:.0f} (shared pass)" + (f" + {extra:.1f}" if extra else "")
+    return ""
+
+
+def scores_section(df: Any, score_stats: dict[str, Any]) -> str:
+    """Every score column: Spearman with target length, rank agreement between seeds, seconds, spread."""
+    length = df["n_tokens"].to_numpy()
+    rows = []
+    for name, v in oriented_scores(df).items():
+        col = name.lstrip("-")
+        ok = v[~np.isnan(v)]
+        if not len(ok):
+            continue
+        rows.append([name, spearman(v, length), _between_seeds(df, col), _score_seconds(score_stats, col),
+                     float(ok.mean()), *[float(np.percentile(ok, q)) for q in (5, 50, 95)]])
+    return ("\n## Every score\n\nHigher = more suspicious (`-tracin`: TracIn negated). Spearman with the target "
+            "length in tokens; Spearman between the seeds' scores (each seed's mean over its checkpoints, "
+            "averaged over pairs of seeds); seconds from `04_score/manifest.json` (the in-pass scores share "
+            "one pass over the corpus).\n\n"
+            + _md_table(["score", "spearman vs length", "between seeds", "seconds", "mean", "p5", "p50", "p95"], rows))
+
+
 def _expected_hits(v: np.ndarray, pos: np.ndarray, ranked: np.ndarray, n_top: int) -> float:
     """Labelled pairs among the ``n_top`` highest scores, pairs tied at the cut taken at random (expected)."""
     if n_top == 0:
@@ -237,7 +298,7 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float]) -> A
     kind = df["sentence_id"].map(labels).fillna("").to_numpy()
     clean = kind == ""
     kinds = ["all"] + sorted(set(kind[~clean]) - {UNKNOWN_KIND})
-    cands = {c: df[c].to_numpy(dtype=float) for c in score_columns(df)}
+    cands = oriented_scores(df)
     cands["-length"] = -df["n_tokens"].to_numpy(dtype=float)
     rows = []
     for name, v in cands.items():
@@ -419,6 +480,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     md.append(_md_table(["score", "spearman vs length", "mean", "p5", "p50", "p95"],
                         [[c, spearman(df[c].to_numpy(), length), float(df[c].mean()),
                           *[float(np.percentile(df[c], q)) for q in (5, 50, 95)]] for c in score_cols]))
+    score_manifest = Manifest.read(layout.manifest("score"))
+    md.append(scores_section(df, score_manifest.stats if score_manifest else {}))
     stats: dict[str, Any] = {"rows": len(rows), "budget": cfg.train.budget}
     if sig_stats:
         stats["significance"] = sig_stats
