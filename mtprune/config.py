@@ -389,6 +389,9 @@ class ProxyConfig(_Recorded):
     warmup_updates: Parallel = Field(200, validate_default=True)  # checked against checkpoints
     max_tokens: BatchTokens = 2048
     update_freq: Positive = 1
+    # target tokens per optimizer step in all (null: max_tokens x GPUs x update_freq); when set, update_freq is
+    # derived from the GPUs present, so an update means the same data on any machine
+    tokens_per_update: Annotated[Int | None, _at_least(16, or_null=True)] = Field(None, validate_default=True)
     label_smoothing: LabelSmoothing = 0.1
     precision: Precision = "fp32"
     parallel: Parallel = 0  # proxy runs at once on this machine; 0: one per 2 cores (at least 1)
@@ -402,6 +405,14 @@ class ProxyConfig(_Recorded):
         if kept and v >= min(kept):
             _fail([f"{v} is not before the first kept checkpoint ({min(kept)}); "
                    "scores taken inside warm-up barely beat sentence length"])
+        return v
+
+    @field_validator("tokens_per_update")
+    @classmethod
+    def _one_way_to_size_an_update(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("update_freq", 1) != 1:
+            _fail(["set proxy.tokens_per_update or proxy.update_freq, not both "
+                   "(update_freq is derived from tokens_per_update)"])
         return v
 
 
@@ -456,6 +467,9 @@ class TrainConfig(_Recorded):
     warmup_updates: Parallel = 200
     max_tokens: BatchTokens = 2048
     update_freq: Positive = 1
+    # target tokens per optimizer step in all (null: max_tokens x GPUs x update_freq); when set, update_freq is
+    # derived from the GPUs present, so an update means the same data on any machine
+    tokens_per_update: Annotated[Int | None, _at_least(16, or_null=True)] = Field(None, validate_default=True)
     label_smoothing: LabelSmoothing = 0.1
     precision: Precision = "fp32"
     seeds: Annotated[tuple[Int, ...], _entries("seed")] = (1,)  # every model is trained once per seed
@@ -481,6 +495,14 @@ class TrainConfig(_Recorded):
     def _epochs_budget_needs_max_epoch(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is None and info.data.get("budget") == "epochs":
             _fail(["needed with train.budget: epochs (the number of passes over each corpus)"])
+        return v
+
+    @field_validator("tokens_per_update")
+    @classmethod
+    def _one_way_to_size_an_update(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("update_freq", 1) != 1:
+            _fail(["set train.tokens_per_update or train.update_freq, not both "
+                   "(update_freq is derived from tokens_per_update)"])
         return v
 
 

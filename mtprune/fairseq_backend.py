@@ -72,6 +72,31 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def world_size(use_cuda: bool) -> int:
+    """Processes fairseq-train trains on: every GPU it sees (data parallel), one on CPU."""
+    if not use_cuda:
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def update_freq_for(tokens_per_update: int | None, update_freq: int, max_tokens: int, world: int) -> int:
+    """Batches accumulated per optimizer step. With ``tokens_per_update`` set, as many as it takes for
+    ``max_tokens`` x ``world`` x update_freq to reach it, so an update means the same amount of data on
+    1 GPU, 8 GPUs or a CPU (``--max-tokens`` is per GPU); otherwise ``update_freq`` as given."""
+    if tokens_per_update is None:
+        return update_freq
+    return max(1, -(-tokens_per_update // (max_tokens * world)))
+
+
+def batch_record(s: Schedule, use_cuda: bool) -> dict[str, int]:
+    """What an update meant in this run, for the manifest: world size and tokens per update at most."""
+    world = world_size(use_cuda)
+    return {"world_size": world, "update_freq": s.update_freq,
+            "max_tokens_per_update": s.max_tokens * world * s.update_freq}
+
+
 # ---- preprocess ---------------------------------------------------------------------------------
 
 def write_dictionary(spm_vocab: list[str], path: Path) -> None:

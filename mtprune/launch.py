@@ -49,13 +49,16 @@ class Unit:
 
 def unit_settings(cfg: Config, *sections: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """Config sections as plain data less speed-only settings and the dotted keys in ``exclude``
-    (settings that select units rather than change one): what a unit's result depends on."""
+    (settings that select units rather than change one): what a unit's result depends on.
+
+    Settings left at null (off: e.g. ``tokens_per_update``) are left out too, so an optional setting
+    added to mtprune later does not change the key of units trained before it existed."""
 
     def drop(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
         out = {}
         for k, v in tree.items():
             key = prefix + k
-            if is_speed_only(key) or key in exclude:
+            if is_speed_only(key) or key in exclude or v is None:
                 continue
             out[k] = drop(v, key + ".") if isinstance(v, dict) else v
         return out

@@ -71,7 +71,7 @@ def test_range_problems_are_reported_beside_an_unknown_key_of_the_same_section()
         "proxy.warmup_updates: 200 is not before the first kept checkpoint (50); "
         "scores taken inside warm-up barely beat sentence length",
         "proxy.warmup: unknown key (known: checkpoints, dual, label_smoothing, lr, max_tokens, parallel, precision, "
-        "seeds, update_freq, warmup_updates)",
+        "seeds, tokens_per_update, update_freq, warmup_updates)",
     }
 
 

@@ -12,7 +12,18 @@ from typing import Any
 
 from ..config import Config
 from ..errors import StageError, UsageError
-from ..fairseq_backend import SRC, TGT, Schedule, check_training, cuda_available, interval_checkpoint, train
+from ..fairseq_backend import (
+    SRC,
+    TGT,
+    Schedule,
+    batch_record,
+    check_training,
+    cuda_available,
+    interval_checkpoint,
+    train,
+    update_freq_for,
+    world_size,
+)
 from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout
 from ..manifest import file_sha256
@@ -24,10 +35,11 @@ KEEPS_UNITS = True  # finished seeds survive a change that does not concern them
 log = logging.getLogger("mtprune")
 
 
-def schedule(cfg: Config, seed: int) -> Schedule:
+def schedule(cfg: Config, seed: int, use_cuda: bool = False) -> Schedule:
     p = cfg.proxy
+    update_freq = update_freq_for(p.tokens_per_update, p.update_freq, p.max_tokens, world_size(use_cuda))
     return Schedule(max_update=max(p.checkpoints), lr=p.lr, warmup_updates=p.warmup_updates,
-                    max_tokens=p.max_tokens, update_freq=p.update_freq, label_smoothing=p.label_smoothing,
+                    max_tokens=p.max_tokens, update_freq=update_freq, label_smoothing=p.label_smoothing,
                     precision=p.precision, seed=seed,
                     save_interval_updates=reduce(math.gcd, p.checkpoints), wandb_project=cfg.launch.wandb_project)
 
@@ -56,7 +68,8 @@ def _train_work(cfg: Config, data_bin: Path, seed: int, name: str, use_cuda: boo
     """Train one proxy run on ``data_bin`` into the folder given to the work (its own or a staging one)."""
 
     def work(folder: Path, threads: int) -> dict[str, Any]:
-        losses = train(data_bin, folder, cfg.model, schedule(cfg, seed), threads, use_cuda, prefix=f"[proxy {name}] ")
+        s = schedule(cfg, seed, use_cuda)
+        losses = train(data_bin, folder, cfg.model, s, threads, use_cuda, prefix=f"[proxy {name}] ")
         kept = {u: folder / _checkpoint_name(u) for u in cfg.proxy.checkpoints}
         missing = []
         for u, path in kept.items():
@@ -72,7 +85,7 @@ def _train_work(cfg: Config, data_bin: Path, seed: int, name: str, use_cuda: boo
         for f in folder.glob("checkpoint*.pt"):
             if f not in kept.values():
                 f.unlink()
-        return losses
+        return {**losses, **batch_record(s, use_cuda)}
 
     return work
 

@@ -18,7 +18,15 @@ from typing import Any
 
 from ..config import Config
 from ..errors import UsageError
-from ..fairseq_backend import Schedule, check_training, cuda_available, train
+from ..fairseq_backend import (
+    Schedule,
+    batch_record,
+    check_training,
+    cuda_available,
+    train,
+    update_freq_for,
+    world_size,
+)
 from ..launch import Unit, run_units, unit_settings, unit_state
 from ..layout import RunLayout, seed_run_name
 from ..manifest import file_sha256
@@ -64,7 +72,7 @@ def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
 
     from ..fairseq_backend import parse_train_argv, train_argv
 
-    s = schedule(cfg, seed=cfg.train.seeds[0], max_update=1)
+    s = schedule(cfg, seed=cfg.train.seeds[0], max_update=1, use_cuda=use_cuda)
     args = parse_train_argv(train_argv(data_bin, Path("unused"), cfg.model, s, use_cuda))
     task = tasks.setup_task(args)
     task.load_dataset(args.train_subset, epoch=1, combine=True)
@@ -96,13 +104,14 @@ def max_updates(cfg: Config, m: Model, use_cuda: bool) -> int:
     return t.max_epoch * updates_per_epoch(m.data_bin, cfg, use_cuda)
 
 
-def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None) -> Schedule:
+def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None, use_cuda: bool = False) -> Schedule:
     """fairseq-train's schedule for one model (by default: the first seed, ``train.max_update``)."""
     t = cfg.train
     seed = t.seeds[0] if seed is None else seed
     max_update = t.max_update if max_update is None else max_update
+    update_freq = update_freq_for(t.tokens_per_update, t.update_freq, t.max_tokens, world_size(use_cuda))
     return Schedule(max_update=max_update, lr=t.lr, warmup_updates=t.warmup_updates, max_tokens=t.max_tokens,
-                    update_freq=t.update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
+                    update_freq=update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
                     seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project)
 
 
@@ -131,11 +140,11 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     for m in seed_models(cfg, layout):
         def work(folder: Path, threads: int, m: Model = m) -> dict[str, Any]:
             n = max_updates(cfg, m, use_cuda)
-            result = train(m.data_bin, folder, cfg.model, schedule(cfg, m.seed, n), threads, use_cuda,
-                           prefix=f"[train {m.run}] ")
+            s = schedule(cfg, m.seed, n, use_cuda)
+            result = train(m.data_bin, folder, cfg.model, s, threads, use_cuda, prefix=f"[train {m.run}] ")
             for f in folder.glob("checkpoint_*_*.pt"):  # interval checkpoints only served resumption
                 f.unlink()
-            return {**result, "max_update": n}
+            return {**result, "max_update": n, **batch_record(s, use_cuda)}
 
         key = {**settings, "train": {**settings["train"], "seed": m.seed},
                "data": file_sha256(m.data_bin / "train.src-tgt.tgt.bin")}
