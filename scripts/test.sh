@@ -10,7 +10,7 @@ bash scripts/setup.sh
 marker=(-m "slow or not slow")
 if [ "${1:-}" = "--fast" ]; then marker=(-m "not slow"); shift; fi
 set +e
-.venv/bin/python -m pytest "${marker[@]}" "$@"
+.venv/bin/python -m pytest --durations=25 "${marker[@]}" "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then
