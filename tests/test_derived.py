@@ -195,3 +195,17 @@ def test_group_selection_at_scale_uses_the_pool_and_stays_far_below_random() -> 
     assert len(np.unique(got)) == 2400
     assert group_norm(x, got) < 0.05 * group_norm(x, rng.choice(6000, 2400, replace=False))
     assert group_select(x, 0, seed=1).tolist() == [] and len(group_select(x, 6000, seed=1)) == 6000
+
+
+def test_langid_scores_are_the_same_in_every_process() -> None:
+    """lingua's confidences vary in the last bits from one process to the next; the column must not."""
+    import subprocess
+    import sys
+
+    code = ("from mtprune.derived import langid_badness; import sys; "
+            "texts = ['Das ist ein kleines Haus.', 'This is not German at all.', 'Questa è una frase.', "
+            "'Ich weiß nicht, was ich sagen soll.'] * 50; "
+            "sys.stdout.write(langid_badness(texts, ['de'] * len(texts)).tobytes().hex())")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(runs) == 1

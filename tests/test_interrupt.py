@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, TINY
@@ -94,7 +95,10 @@ def test_kill_and_rerun(stage: str, tiny_swept: tuple[Path, str], tmp_path: Path
 
             a = pd.read_parquet(L.scores)
             b = pd.read_parquet(RunLayout(ref).scores)
-            pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-3, atol=1e-4)
+            ranks = ["combined"]  # rank-based: a score moved within the tolerance may swap two neighbours
+            pd.testing.assert_frame_equal(a.drop(columns=ranks), b.drop(columns=ranks), check_exact=False,
+                                          rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(a[ranks], b[ranks], atol=3 / len(a))
     assert tried == len(KILL_POINTS[stage]) >= 2
 
 
