@@ -96,3 +96,20 @@ def test_tables_show_mean_and_std_over_seeds_with_extra_test_sets_as_columns() -
     assert "| random | 0.20 | 80 | 8.50 ± 0.71 | 3.50 ± 0.71 | 8.50 ± 0.71 |" in table
     one_seed = [r for r in rows if r["seed"] == 1]
     assert "| full | 0.00 | 100 | 10.00 | 5.00 | 10.00 |" in report._summary_table(one_seed, "bleu")
+
+
+def test_what_changes_hypotheses_changes_the_decode_key() -> None:
+    """Beam, length penalty, checkpoint, SentencePiece model, sources, target language: each forces a decode;
+    evaluate.max_tokens (batching only) does not."""
+    from mtprune.config import load_config
+    from mtprune.stages.evaluate import decode_key
+
+    ts = {"src": ["a b", "c"], "tgt_lang": "de"}
+    base = decode_key(load_config(None), "ck", "spm", ts)
+    assert decode_key(load_config(None, ["evaluate.max_tokens=100"]), "ck", "spm", ts) == base
+    changed = [decode_key(load_config(None, ["evaluate.beam=1"]), "ck", "spm", ts),
+               decode_key(load_config(None, ["evaluate.lenpen=0.5"]), "ck", "spm", ts),
+               decode_key(load_config(None), "ck2", "spm", ts), decode_key(load_config(None), "ck", "spm2", ts),
+               decode_key(load_config(None), "ck", "spm", {**ts, "src": ["a b", "d"]}),
+               decode_key(load_config(None), "ck", "spm", {**ts, "tgt_lang": "fr"})]
+    assert all(k != base for k in changed)
