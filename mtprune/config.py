@@ -381,6 +381,18 @@ def _checkpoint_problems(v: tuple[int, ...]) -> list[str]:
     return out
 
 
+def _tokens_or_update_freq(section: str) -> Any:
+    """The validator of ``<section>.tokens_per_update``: it and update_freq are two ways to size an update."""
+
+    def check(cls: type, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("update_freq", 1) != 1:
+            _fail([f"set {section}.tokens_per_update or {section}.update_freq, not both "
+                   "(update_freq is derived from tokens_per_update)"])
+        return v
+
+    return field_validator("tokens_per_update")(classmethod(check))
+
+
 class ProxyConfig(_Recorded):
     seeds: Annotated[tuple[Int, ...], _entries("seed")] = (1, 2)
     # update counts whose checkpoints are kept and scored
@@ -407,13 +419,7 @@ class ProxyConfig(_Recorded):
                    "scores taken inside warm-up barely beat sentence length"])
         return v
 
-    @field_validator("tokens_per_update")
-    @classmethod
-    def _one_way_to_size_an_update(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("update_freq", 1) != 1:
-            _fail(["set proxy.tokens_per_update or proxy.update_freq, not both "
-                   "(update_freq is derived from tokens_per_update)"])
-        return v
+    _one_way_to_size_an_update = _tokens_or_update_freq("proxy")
 
 
 def _combine_problems(v: tuple[str, ...]) -> list[str]:
@@ -497,13 +503,7 @@ class TrainConfig(_Recorded):
             _fail(["needed with train.budget: epochs (the number of passes over each corpus)"])
         return v
 
-    @field_validator("tokens_per_update")
-    @classmethod
-    def _one_way_to_size_an_update(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("update_freq", 1) != 1:
-            _fail(["set train.tokens_per_update or train.update_freq, not both "
-                   "(update_freq is derived from tokens_per_update)"])
-        return v
+    _one_way_to_size_an_update = _tokens_or_update_freq("train")
 
 
 Lang = Annotated[Str, _check(lambda v: None if v in _LANGS else
