@@ -568,6 +568,9 @@ class LaunchConfig(_Recorded):
     # a Weights & Biases project that proxy and final training log to (fairseq's --wandb-project; needs
     # `pip install wandb`); null: none. TensorBoard logs are always written (<unit folder>/tb)
     wandb_project: Str | None = None
+    # GPUs each proxy seed and retraining run trains on: 1 spreads the runs one per GPU (the model fits one GPU);
+    # more trains each run data-parallel over that many (DDP). On CPU: ignored
+    gpus_per_run: Positive = 1
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
