@@ -3,6 +3,9 @@
 #   scripts/test.sh              everything (what CI runs)
 #   scripts/test.sh --fast       skip the tests marked slow
 #   scripts/test.sh -k prune     any other arguments go to pytest
+# Tests run on one pytest-xdist worker per usable core (at most 4; MTPRUNE_TEST_WORKERS=1 for one process):
+# most of a test's time is one single-threaded process (a CLI call, a tiny fairseq run), so two workers on
+# two cores nearly halve the wall time. Tests that share a module-scoped fixture stay on one worker.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -10,7 +13,11 @@ bash scripts/setup.sh
 marker=(-m "slow or not slow")
 if [ "${1:-}" = "--fast" ]; then marker=(-m "not slow"); shift; fi
 set +e
-.venv/bin/python -m pytest --durations=25 "${marker[@]}" "$@"
+workers="${MTPRUNE_TEST_WORKERS:-auto}"
+xdist=(-n "$workers" --dist loadgroup)
+[ "$workers" = auto ] && xdist+=(--maxprocesses 4)
+[ "$workers" = 1 ] && xdist=(-p no:xdist)
+.venv/bin/python -m pytest --durations=25 "${xdist[@]}" "${marker[@]}" "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then

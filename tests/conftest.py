@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from filelock import FileLock
 
 from mtprune.cli import main
 
@@ -91,23 +93,47 @@ def local_corpus(tmp_path: Path) -> Path:
     return root
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test session: under pytest-xdist the workers share it (the
+    first one builds it under a file lock, the others wait and reuse it), so a session fixture costs once."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny synthetic run taken through `score` with real fairseq (about half a minute)."""
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    for stage in ("download", "prepare", "proxy", "score"):
-        code, out = cli(stage, "-c", str(TINY), "--run-dir", str(run), "-q")
-        assert code == 0, out
-    return run
+    """A tiny synthetic run taken through `score` with real fairseq (about half a minute). Shared: copy it
+    (``tiny_copy``) before changing anything in it."""
+
+    def build(folder: Path) -> None:
+        for stage in ("download", "prepare", "proxy", "score"):
+            code, out = cli(stage, "-c", str(TINY), "--run-dir", str(folder / "run"), "-q")
+            assert code == 0, out
+
+    return built_once(tmp_path_factory, "tiny", build) / "run"
 
 
 @pytest.fixture(scope="session")
 def tiny_swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The whole tiny sweep, run once through the real command line: (run directory, stdout)."""
-    run = tmp_path_factory.mktemp("sweep") / "run"
-    p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(run), "-q")
-    assert p.returncode == 0, p.stderr[-3000:]
-    return run, p.stdout
+    """The whole tiny sweep, run once through the real command line: (run directory, stdout). Shared."""
+
+    def build(folder: Path) -> None:
+        p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(folder / "run"), "-q")
+        assert p.returncode == 0, p.stderr[-3000:]
+        (folder / "stdout").write_text(p.stdout)
+
+    folder = built_once(tmp_path_factory, "sweep", build)
+    return folder / "run", (folder / "stdout").read_text()
 
 
 @pytest.fixture
@@ -119,3 +145,12 @@ def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``, as scripts/test.sh runs it) the tests that share a
+    module-scoped fixture go to one worker, so that fixture is still built once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
