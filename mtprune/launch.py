@@ -17,17 +17,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from . import gpus
 from .config import Config, is_speed_only
 from .cpus import usable_cpus
 from .errors import StageError
 from .faults import crash_point
+from .layout import RunLayout
 from .lock import RunLock, check_free, holding, unit_lock_path
 from .manifest import atomic_write_text, file_sha256
 
@@ -175,16 +182,35 @@ def _run_one(u: Unit, threads: int) -> dict[str, Any]:
     return result
 
 
-def plan_parallel(n_units: int, parallel: int, use_cuda: bool) -> tuple[int, int]:
-    """(processes at once, torch threads each): on CPU one thread per process beats oversubscription."""
+def plan_parallel(n_units: int, parallel: int, use_cuda: bool, n_groups: int = 1) -> tuple[int, int]:
+    """(processes at once, torch threads each): on CPU one thread per process beats oversubscription;
+    on GPUs one process per GPU group (``n_groups``, see ``plan_gpus``) unless ``parallel`` says otherwise."""
     cores = usable_cpus()
     if parallel <= 0:
-        parallel = 1 if use_cuda else max(1, min(n_units, cores))
+        parallel = max(1, n_groups) if use_cuda else max(1, min(n_units, cores))
     parallel = max(1, min(parallel, n_units))
     return parallel, max(1, cores // parallel)
 
 
-def run_units(units: list[Unit], parallel: int, use_cuda: bool) -> dict[str, dict[str, Any]]:
+def plan_gpus(n_units: int, parallel: int, gpus_per_run: int) -> tuple[list[tuple[str, ...] | None], int]:
+    """(GPU group of each worker slot, torch threads each) for units that train on this machine's GPUs.
+
+    With N GPUs, ``floor(N / gpus_per_run)`` groups of ``gpus_per_run`` GPUs: that many units run at once by
+    default, each fairseq-train seeing its own group only (so it trains on exactly ``gpus_per_run`` GPUs:
+    DDP when more than one). An explicit ``parallel`` above the number of groups puts several units on a
+    group (small models sharing a GPU); slots take the groups in turn."""
+    groups = gpus.plan_groups(gpus.visible(), gpus_per_run)
+    procs, threads = plan_parallel(n_units, parallel, use_cuda=True, n_groups=len(groups))
+    idle = gpus.visible()[len(groups) * gpus_per_run:]
+    if idle:
+        log.info("GPU(s) %s stay idle (launch.gpus_per_run=%d)", ",".join(idle), gpus_per_run)
+    return [groups[k % len(groups)] for k in range(procs)], threads
+
+
+def run_units(units: list[Unit], parallel: int, use_cuda: bool, gpus_per_run: int = 1) -> dict[str, dict[str, Any]]:
+    """Run the units not done yet, ``parallel`` at once (0: as many as the CPUs or GPU groups allow);
+    on GPUs each running unit holds a group of ``gpus_per_run`` GPUs (``gpus.using``) that its
+    fairseq-train subprocess sees as its only GPUs."""
     todo = []
     for u in units:
         result, _ = unit_state(u, u.folder)
@@ -192,19 +218,135 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool) -> dict[str, dic
             log.info("%s: already done, skipping", u.name)
         else:
             todo.append(u)
-    procs, threads = plan_parallel(max(1, len(todo)), parallel, use_cuda)
+    slots: queue.Queue[tuple[str, ...] | None] = queue.Queue()
+    if todo and use_cuda:  # only work still to do needs GPUs (a finished stage stays done on any machine)
+        groups, threads = plan_gpus(len(todo), parallel, gpus_per_run)
+        procs = len(groups)
+    else:
+        procs, threads = plan_parallel(max(1, len(todo)), parallel, use_cuda)
+        groups = [None] * procs
+    for g in groups:
+        slots.put(g)
     if todo:
-        log.info("running %d unit(s), %d at a time with %d thread(s) each", len(todo), procs, threads)
+        where = f" on GPU group(s) {' '.join(','.join(g) for g in dict.fromkeys(groups) if g)}" if use_cuda else ""
+        log.info("running %d unit(s), %d at a time with %d thread(s) each%s", len(todo), procs, threads, where)
 
     def one(u: Unit) -> tuple[str, dict[str, Any]]:
         stage, _, unit = u.name.partition(" ")
         command = holding(u.run_lock) or f"{stage} --unit {unit}"  # the plain command holds the run lock
         with RunLock(unit_lock_path(u.folder), command, subject=u.name):
             check_free(u.run_lock)  # no plain stage command of another process runs now
-            return u.name, _run_one(u, threads)
+            group = slots.get()
+            try:
+                with gpus.using(group):
+                    return u.name, _run_one(u, threads)
+            finally:
+                slots.put(group)
 
     results: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=procs) as pool:
         for name, result in pool.map(one, units):
             results[name] = result
     return results
+
+
+# ---- score shards, one process per GPU ------------------------------------------------------------
+
+# Set by a stage command for the `mtprune score --shard` processes it starts: its own pid, as the holder
+# of the run lock that they would otherwise refuse to run beside (cli.py checks it is their parent).
+PARENT_HOLDS_RUN_LOCK = "MTPRUNE_PARENT_HOLDS_RUN_LOCK"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    index: int
+    count: int
+    argv: list[str]
+    env: dict[str, str]
+    log: Path  # the process's output
+    parquet: Path  # what it writes (04_score/shards/shard-<i>-of-<n>.parquet)
+
+
+def score_shard_jobs(cfg: Config, layout: RunLayout, gpu_ids: list[str]) -> list[ShardJob]:
+    """One `python -m mtprune score --shard i/N` per GPU, with ``CUDA_VISIBLE_DEVICES`` its GPU, on a
+    snapshot of ``cfg`` (so the shards' key is the one this process checks) and the same run directory."""
+    from .config import lookup
+
+    count = len(gpu_ids)
+    folder = layout.score_shard(0, count).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    # a plain copy that records no reads: the score stage must not depend on settings it does not use
+    tree = {name: lookup(cfg, name) for name in type(cfg).__pydantic_fields__}
+    tree["launch"]["launcher"] = "local"  # each shard runs itself, here
+    snapshot = folder / f"config-{count}gpus.yaml"
+    atomic_write_text(snapshot, yaml.safe_dump(tree, sort_keys=False))
+    jobs = []
+    for i, gpu in enumerate(gpu_ids):
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        env[PARENT_HOLDS_RUN_LOCK] = str(os.getpid())
+        argv = [sys.executable, "-m", "mtprune", "score", "-c", str(snapshot), "--run-dir", str(layout.root),
+                "--shard", f"{i}/{count}"]
+        parquet = layout.score_shard(i, count)
+        jobs.append(ShardJob(i, count, argv, env, parquet.with_suffix(".log"), parquet))
+    return jobs
+
+
+def score_on_gpus(cfg: Config, layout: RunLayout) -> list[Path] | None:
+    """With more than one visible GPU: score one shard per GPU at once and return the shards to merge
+    (``stages/score.py`` merges them as it merges shards scored by hand); None where one process scores
+    everything (CPU, one GPU, ``score.device: cpu``, ``score.dump_tokens``).
+
+    A shard that a previous run finished with the same key is kept. When a shard fails the others are
+    still waited for (they are kept for the next run), then a StageError names the shard and its log."""
+    from .stages.score import _shard_key
+
+    gpu_ids = gpus.visible()
+    if len(gpu_ids) < 2 or cfg.score.device == "cpu":
+        return None
+    if cfg.score.dump_tokens:  # token dumps are written by the single pass only
+        log.info("score: score.dump_tokens is on, scoring in one process on one GPU")
+        return None
+    key = _shard_key(cfg, layout)
+    jobs = score_shard_jobs(cfg, layout, gpu_ids)
+    todo = [j for j in jobs if not _shard_done(j, key)]
+    for j in jobs:
+        if j not in todo:
+            log.info("score: shard %d/%d already scored, keeping it", j.index, j.count)
+    if todo:
+        log.info("score: %d shard(s) at once, one process per GPU (logs: %s)", len(todo), todo[0].log.parent)
+    procs: list[tuple[ShardJob, subprocess.Popen[bytes], Any]] = []
+    try:
+        for j in todo:
+            j.log.unlink(missing_ok=True)
+            logf = open(j.log, "w", encoding="utf-8")  # noqa: SIM115  # closed below
+            logf.write(f"$ CUDA_VISIBLE_DEVICES={j.env['CUDA_VISIBLE_DEVICES']} {' '.join(j.argv)}\n")
+            logf.flush()
+            procs.append((j, subprocess.Popen(j.argv, env=j.env, stdout=logf, stderr=subprocess.STDOUT), logf))
+        failed = []
+        for j, p, logf in procs:
+            if p.wait() != 0:
+                failed.append((j, p.returncode))
+            logf.close()
+    except BaseException:
+        for _, p, logf in procs:
+            if p.poll() is None:
+                p.terminate()
+            p.wait()
+            logf.close()
+        raise
+    if failed:
+        j, code = failed[0]
+        lines = [ln.strip() for ln in j.log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        tail = lines[-1][:300] if len(lines) > 1 else "no output"
+        more = f" ({len(failed) - 1} more shard(s) failed)" if len(failed) > 1 else ""
+        raise StageError(f"score shard {j.index}/{j.count} (CUDA_VISIBLE_DEVICES={j.env['CUDA_VISIBLE_DEVICES']}) "
+                         f"exited with {code}: {tail}{more} (full log: {j.log}); rerun to redo the failed shard(s)")
+    return [j.parquet for j in jobs]
+
+
+def _shard_done(j: ShardJob, key: str) -> bool:
+    try:
+        return bool(json.loads(j.parquet.with_suffix(".json").read_text())["key"] == key and j.parquet.is_file())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

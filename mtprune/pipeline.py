@@ -273,4 +273,4 @@ def run_unit(stage: str, cfg: Config, layout: RunLayout, name: str) -> dict[str,
     units = {u.folder.name: u for u in mod.units(cfg, layout, use_cuda)}
     if name not in units:
         raise UsageError(f"{stage} --unit {name!r}: no such unit (units: {', '.join(units)})")
-    return run_units([units[name]], parallel=1, use_cuda=use_cuda)
+    return run_units([units[name]], parallel=1, use_cuda=use_cuda, gpus_per_run=cfg.launch.gpus_per_run)

@@ -118,7 +118,7 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     use_cuda = cuda_available()
     todo = units(cfg, layout, use_cuda)
-    results = run_units(todo, cfg.proxy.parallel, use_cuda)
+    results = run_units(todo, cfg.proxy.parallel, use_cuda, cfg.launch.gpus_per_run)
     wanted = {u.folder.name for u in todo}
     for d in [*layout.stage_dir("proxy").glob("seed*"), *layout.stage_dir("proxy").glob("reverse-seed*")]:
         if d.name not in wanted:

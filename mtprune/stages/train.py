@@ -79,11 +79,7 @@ def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
     # what the model's build_model fills in when the architecture leaves them unset
     model_positions = (getattr(args, "max_source_positions", None) or DEFAULT_MAX_SOURCE_POSITIONS,
                        getattr(args, "max_target_positions", None) or DEFAULT_MAX_TARGET_POSITIONS)
-    world = 1
-    if use_cuda:
-        import torch
-
-        world = max(1, torch.cuda.device_count())  # fairseq-train uses every GPU it sees
+    world = world_size(use_cuda)  # the GPUs this run's fairseq-train trains on (its group, launch.run_units)
     itr = task.get_batch_iterator(
         dataset=task.dataset(args.train_subset), max_tokens=args.max_tokens, max_sentences=args.batch_size,
         max_positions=utils.resolve_max_positions(task.max_positions(), model_positions, args.max_tokens),
@@ -155,7 +151,7 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     use_cuda = cuda_available()
-    results = run_units(units(cfg, layout, use_cuda), cfg.train.parallel, use_cuda)
+    results = run_units(units(cfg, layout, use_cuda), cfg.train.parallel, use_cuda, cfg.launch.gpus_per_run)
     wanted = {layout.train_dir(m.run).name for m in seed_models(cfg, layout)}
     for d in layout.stage_dir("train").iterdir():
         if d.is_dir() and d.name not in wanted:
