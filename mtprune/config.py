@@ -431,7 +431,7 @@ def _combine_problems(v: tuple[str, ...]) -> list[str]:
 
 class ScoreConfig(_Recorded):
     device: Annotated[Str, _one_of("auto", "cpu", "cuda")] = "auto"
-    # auto (bf16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
+    # auto (fp16 on cuda: NLL within 1e-3 of fp32, bf16 is not; fp32 on cpu) | fp32 | fp16 | bf16
     precision: Annotated[Str, _one_of("auto", "fp32", "fp16", "bf16")] = "auto"
     batch_tokens: BatchTokens = 6000  # source+target tokens per forward batch
     # target tokens whose vocabulary-wide softmax is held at once: small enough to stay in CPU cache
@@ -549,8 +549,12 @@ class SlurmConfig(_Recorded):
     partition: Str | None = None
     account: Str | None = None
     qos: Str | None = None
-    # for the GPU stages (proxy, score, train, evaluate); the others get none
+    # GPUs a job may hold per node: evaluate holds them all, a score shard 1, a proxy seed or retraining
+    # run launch.gpus_per_run; the CPU stages and the jobs that finish a stage none
     gpus_per_node: Parallel = 1
+    # nodes each proxy seed and retraining run trains across (launch.gpus_per_run GPUs on each, one fairseq
+    # process per GPU started through srun); more than 1 needs --launcher slurm and GPUs
+    nodes: Positive = 1
     cpus_per_task: Positive = 8
     mem_gb: Positive = 64
     time_min: Positive = 720

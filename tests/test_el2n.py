@@ -189,3 +189,32 @@ def test_projection_runs_in_float32_under_autocast() -> None:
     torch.testing.assert_close(out["tok_el2n"], ref["tok_el2n"], rtol=0, atol=0)
     bf16 = pair_scores(h.bfloat16().float(), y, mask, OutputLayer(w.bfloat16().float()), 16)
     assert (bf16["el2n"] - ref["el2n"]).abs().max() > 1e-4  # what a bf16 projection would have cost
+
+
+def test_a_batch_that_overflows_fp16_is_scored_again_in_float32(tiny_run) -> None:
+    """score.precision fp16 (auto on a GPU): activations beyond fp16's range would give NaN scores; that batch
+    is run again in float32 (CPU autocast stands in for cuda's)."""
+    import numpy as np
+
+    import mtprune.stages.score as score
+    from mtprune.fairseq_backend import load_model, load_train_pairs
+    from mtprune.layout import RunLayout
+
+    L = RunLayout(tiny_run)
+    model = load_model(L.proxy_checkpoint(1, 20), L.data_bin, "cpu")[0]
+    src, tgt, d = load_train_pairs(L.data_bin)
+    batch = score.collate(src, tgt, np.arange(20), d.pad(), d.eos())
+    with torch.inference_mode():
+        fc1 = model.decoder.layers[-1].fc1
+        fc1.weight.mul_(3e4)  # the last decoder layer's FFN now exceeds 65504 in fp16, not in float32
+        with torch.autocast("cpu", dtype=torch.float16):  # what the check guards against
+            enc = model.encoder(batch["src_tokens"], src_lengths=batch["src_lengths"])
+            raw, _ = model.decoder(batch["prev"], encoder_out=enc, features_only=True)
+        assert not torch.isfinite(raw).all()
+        before = score._fp16_overflows
+        out = score.score_batch(model, batch, d.pad(), 13, "cpu", torch.float16)
+        ref = score.score_batch(model, batch, d.pad(), 13, "cpu", None)
+    assert score._fp16_overflows == before + 1
+    assert torch.isfinite(out["el2n"]).all() and torch.isfinite(out["nll"]).all()
+    torch.testing.assert_close(out["el2n"], ref["el2n"], rtol=0, atol=0)
+    torch.testing.assert_close(out["nll"], ref["nll"], rtol=0, atol=0)
