@@ -172,6 +172,9 @@ def _stage_command(stage: str) -> None:
         cfg = _with_launcher(cfg, launcher)
 
         def go() -> None:
+            from .slurm import check_launch
+
+            check_launch(cfg, (stage,))  # launch.slurm.nodes > 1 needs Slurm
             if cfg.launch.launcher != "local":
                 _submit_and_report(cfg, layout, (stage,))
                 return
@@ -251,6 +254,9 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
     cfg = _with_launcher(cfg, launcher)
 
     def go() -> None:
+        from .slurm import check_launch
+
+        check_launch(cfg, STAGES)  # launch.slurm.nodes > 1 needs Slurm
         if cfg.launch.launcher != "local" and not dry_run:
             _submit_and_report(cfg, layout, STAGES)
             if cfg.launch.launcher == "slurm":

@@ -54,7 +54,8 @@ def run_logged(argv: list[str], log_path: Path, threads: int, prefix: str = "") 
         code = proc.wait()
     if code != 0:
         tail = next((ln for ln in reversed(lines) if ln.strip()), "no output")
-        raise StageError(f"{Path(argv[2]).name if len(argv) > 2 else argv[0]} exited with {code}: {tail.strip()[:300]} "
+        name = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else argv[0]
+        raise StageError(f"{name} exited with {code}: {tail.strip()[:300]} "
                          f"(full log: {log_path})")
     return lines
 
@@ -76,6 +77,9 @@ def world_size(use_cuda: bool) -> int:
     """Processes fairseq-train trains on: every GPU it sees (data parallel), one on CPU."""
     if not use_cuda:
         return 1
+    span = slurm_span()
+    if span is not None:  # fairseq-train runs on every task of a multi-node job (launch_argv)
+        return span.world
     import torch
 
     return max(1, torch.cuda.device_count())
@@ -95,6 +99,63 @@ def batch_record(s: Schedule, use_cuda: bool) -> dict[str, int]:
     world = world_size(use_cuda)
     return {"world_size": world, "update_freq": s.update_freq,
             "max_tokens_per_update": s.max_tokens * world * s.update_freq}
+
+
+# ---- training across the nodes of a Slurm job ---------------------------------------------------
+# A multi-node job (launch.slurm.nodes > 1, see slurm.job_resources) runs its mtprune unit once, in the
+# batch script on the first node; that process starts fairseq-train once per task of the allocation
+# through srun. Each task then finds its rank itself, with fairseq's own Slurm init
+# (distributed/utils.py, _infer_slurm_init): the first host of SLURM_STEP_NODELIST (`scontrol show
+# hostnames`) and --distributed-port make the rendezvous, SLURM_PROCID is the rank, SLURM_LOCALID the
+# GPU; --distributed-world-size must be nodes x tasks per node or its check fails (its default is the
+# node's GPU count). fairseq saves checkpoints on rank 0 only, and only the mtprune process writes
+# the unit's done.json.
+
+@dataclass(frozen=True)
+class SlurmSpan:
+    """The Slurm job this process runs in, when it spans several nodes."""
+
+    nodes: int
+    tasks_per_node: int
+    job_id: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def port(self) -> int:
+        """The rendezvous port on the first node: fixed per job (every task must agree on it), spread
+        over jobs so that two array tasks sharing a first node do not collide."""
+        return 20000 + self.job_id % 30000
+
+
+def _leading_int(value: str | None) -> int | None:
+    m = re.match(r"\d+", value or "")  # SLURM_TASKS_PER_NODE reads "2(x2)"
+    return int(m.group()) if m else None
+
+
+def slurm_span(env: dict[str, str] | None = None) -> SlurmSpan | None:
+    """The multi-node Slurm job this process runs in (None: not in a Slurm job, or one of one node)."""
+    env = dict(os.environ) if env is None else env
+    nodes = _leading_int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES"))
+    if not nodes or nodes < 2 or not env.get("SLURM_JOB_ID"):
+        return None
+    tasks = _leading_int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")) or 1
+    return SlurmSpan(nodes, tasks, _leading_int(env["SLURM_JOB_ID"]) or 0)
+
+
+def slurm_train_argv(argv: list[str], span: SlurmSpan) -> list[str]:
+    """``argv`` (train_argv's) started once per task of the job through srun, with what fairseq's Slurm
+    init needs; a task that fails ends the others (--kill-on-bad-exit) instead of leaving them waiting."""
+    srun = ["srun", f"--nodes={span.nodes}", f"--ntasks-per-node={span.tasks_per_node}", "--kill-on-bad-exit=1"]
+    return [*srun, *argv, "--distributed-world-size", str(span.world), "--distributed-port", str(span.port)]
+
+
+def launch_argv(argv: list[str]) -> list[str]:
+    """How to start fairseq-train here: across the job's nodes inside a multi-node Slurm job, else as is."""
+    span = slurm_span()
+    return argv if span is None else slurm_train_argv(argv, span)
 
 
 # ---- preprocess ---------------------------------------------------------------------------------
@@ -267,7 +328,7 @@ def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule
         # finished before a stop; fairseq-train would train one more update past max_update
         log.info("%sfairseq-train already reached update %d", prefix, done)
     else:
-        run_logged(train_argv(data_bin, save_dir, model, schedule, use_cuda), log_path, threads, prefix)
+        run_logged(launch_argv(train_argv(data_bin, save_dir, model, schedule, use_cuda)), log_path, threads, prefix)
     return _losses(log_path.read_text(encoding="utf-8").splitlines())
 
 

@@ -155,23 +155,83 @@ class MtpruneJob:
 
 # ---- resources: the one source for submitit jobs and sbatch scripts ----------------------------
 
-def wants_gpus(stage: str, unit: bool) -> bool:
-    """Unit jobs (a proxy seed, a score shard, a retraining run) and evaluate use GPUs; the CPU
-    stages and the jobs that only finish a stage (merge shards, write the manifest) get none."""
-    return unit or stage == "evaluate"
+@dataclass(frozen=True)
+class Resources:
+    """What one job holds: ``nodes`` x ``tasks_per_node`` tasks, ``gpus_per_node`` GPUs on each node."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+
+    @property
+    def multi_node(self) -> bool:
+        """The job's one mtprune process starts fairseq-train on every task itself, through srun
+        (fairseq_backend.slurm_train_argv); the job's command is not started through srun."""
+        return self.nodes > 1
 
 
-def sbatch_options(cfg: Config, stage: str, *, gpus: bool) -> dict[str, str]:
-    """sbatch long options (without ``--``) of one stage's jobs, from ``launch.slurm``.
+def run_gpus(cfg: Config) -> int:
+    """GPUs a proxy seed or retraining run trains on per node: ``launch.gpus_per_run``, none on a cluster
+    without GPUs (``launch.slurm.gpus_per_node: 0``)."""
+    s, per_run = cfg.launch.slurm, cfg.launch.gpus_per_run
+    if s.nodes > 1 and not s.gpus_per_node:
+        raise UsageError(f"launch.slurm.nodes: training across {s.nodes} nodes needs GPUs (fairseq starts one "
+                         "process per GPU), but launch.slurm.gpus_per_node is 0; set it or launch.slurm.nodes=1")
+    if not s.gpus_per_node:
+        return 0
+    if per_run > s.gpus_per_node:
+        raise UsageError(f"launch.gpus_per_run: {per_run} GPUs per run, but a job may hold "
+                         f"launch.slurm.gpus_per_node={s.gpus_per_node} per node")
+    return per_run
+
+
+def job_resources(cfg: Config, stage: str, unit: bool) -> Resources:
+    """The resources of one job: a score shard scores on one GPU; a proxy seed or retraining run trains on
+    ``launch.gpus_per_run`` GPUs, on each of ``launch.slurm.nodes`` nodes (one task per GPU when there
+    are several nodes: fairseq's Slurm init reads its rank from the task); evaluate decodes on
+    ``launch.slurm.gpus_per_node``; the CPU stages and the jobs that only finish a stage (merge shards,
+    write the manifest) hold none. A single-node job is one task whatever its GPUs: fairseq-train
+    spawns one process per GPU itself there."""
+    s = cfg.launch.slurm
+    if not unit:
+        return Resources(gpus_per_node=s.gpus_per_node if stage == "evaluate" else 0)
+    if stage == "score":
+        return Resources(gpus_per_node=min(1, s.gpus_per_node))
+    gpus = run_gpus(cfg)
+    if s.nodes > 1:
+        return Resources(nodes=s.nodes, tasks_per_node=gpus, gpus_per_node=gpus)
+    return Resources(gpus_per_node=gpus)
+
+
+def check_launch(cfg: Config, stages: tuple[str, ...]) -> None:
+    """UsageError, before anything is touched, for GPU and node settings that training in ``stages``
+    cannot honour: ``launch.slurm.nodes`` > 1 without Slurm (a job of a multi-node submission runs
+    ``--launcher local`` inside its allocation, which is fine) or through submitit's local executor;
+    on Slurm, more GPUs per run than a job may hold, or several nodes without GPUs."""
+    if not set(stages) & {"proxy", "train"}:
+        return
+    s, launcher = cfg.launch.slurm, cfg.launch.launcher
+    if s.nodes > 1 and (launcher == "submitit-local" or (launcher == "local" and "SLURM_JOB_ID" not in os.environ)):
+        raise UsageError(f"launch.slurm.nodes: {s.nodes} nodes need Slurm (--launcher slurm, or the scripts of "
+                         f"`mtprune slurm-script`); --launcher {launcher} trains on this machine only, "
+                         "so set launch.slurm.nodes=1 here")
+    if launcher == "slurm":
+        run_gpus(cfg)
+
+
+def sbatch_options(cfg: Config, stage: str, *, unit: bool) -> dict[str, str]:
+    """sbatch long options (without ``--``) of one stage's jobs (``unit``: a job array task), from
+    ``launch.slurm`` and ``job_resources``.
 
     Both the submitit jobs and ``slurm-script`` take their resources from here, so they cannot
     drift apart; ``launch.slurm.extra`` comes last and wins.
     """
     s = cfg.launch.slurm
-    opts = {"job-name": f"mtprune-{stage}", "nodes": "1", "ntasks-per-node": "1",
+    r = job_resources(cfg, stage, unit)
+    opts = {"job-name": f"mtprune-{stage}", "nodes": str(r.nodes), "ntasks-per-node": str(r.tasks_per_node),
             "cpus-per-task": str(s.cpus_per_task), "mem": f"{s.mem_gb}G", "time": str(s.time_min)}
-    if gpus and s.gpus_per_node:
-        opts["gpus-per-node"] = str(s.gpus_per_node)
+    if r.gpus_per_node:
+        opts["gpus-per-node"] = str(r.gpus_per_node)
     for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos)):
         if value:
             opts[key] = value
@@ -180,6 +240,13 @@ def sbatch_options(cfg: Config, stage: str, *, gpus: bool) -> dict[str, str]:
         key, value = e.split("=", 1)
         opts[key.strip().lstrip("-").replace("_", "-")] = value.strip()
     return opts
+
+
+def through_srun(cfg: Config, stage: str, unit: bool) -> bool:
+    """Whether the job's command starts through srun (submitit's default): not in a multi-node job,
+    whose mtprune process runs once, in the batch script, and starts srun for fairseq-train itself
+    (a step around the command would hold the GPUs that fairseq-train's step needs)."""
+    return not job_resources(cfg, stage, unit).multi_node
 
 
 def array_option(n_tasks: int, parallelism: int) -> str:
@@ -217,13 +284,14 @@ class Submitted:
 
 
 def _submit(cfg: Config, ex: Any, kind: str, stage: str, argvs: list[list[str]], after: list[str],
-            gpus: bool) -> tuple[list[Submitted], list[Any]]:
+            unit: bool) -> tuple[list[Submitted], list[Any]]:
     if kind == "slurm":
         # every sbatch option comes from sbatch_options (submitit's own names are the same with '_')
-        opts = sbatch_options(cfg, stage, gpus=gpus)
+        opts = sbatch_options(cfg, stage, unit=unit)
         if after:
             opts["dependency"] = "afterok:" + ":".join(after)
-        ex.update_parameters(slurm_additional_parameters={k.replace("-", "_"): v for k, v in opts.items()})
+        ex.update_parameters(slurm_additional_parameters={k.replace("-", "_"): v for k, v in opts.items()},
+                             slurm_use_srun=through_srun(cfg, stage, unit))
     with ex.batch():  # several jobs: one job array
         jobs = [ex.submit(MtpruneJob(tuple(a))) for a in argvs]
     return [Submitted(stage, a, str(j.job_id), str(ex.folder), kind) for a, j in zip(argvs, jobs, strict=True)], jobs
@@ -240,6 +308,7 @@ def submit(cfg: Config, layout: RunLayout, kind: str, stages: tuple[str, ...] = 
     if kind == "slurm" and shutil.which("sbatch") is None:
         raise UsageError("--launcher slurm needs Slurm's sbatch on PATH; on a machine without Slurm use "
                          "--launcher local, or `mtprune slurm-script STAGE` to write scripts to submit elsewhere")
+    check_launch(cfg, stages)
     fresh = Freshness(cfg, layout)
     todo = list(stages)
     while todo and fresh(todo[0]).fresh:
@@ -255,9 +324,9 @@ def submit(cfg: Config, layout: RunLayout, kind: str, stages: tuple[str, ...] = 
         ex = _executor(cfg, layout, stage, kind)
         units = unit_names(cfg, stage)
         groups = [([job_argv(stage, config_file, layout, u) for u in units], True)] if units else []
-        groups.append(([job_argv(stage, config_file, layout)], wants_gpus(stage, unit=False)))
-        for argvs, gpus in groups:
-            recs, jobs = _submit(cfg, ex, kind, stage, argvs, after, gpus)
+        groups.append(([job_argv(stage, config_file, layout)], False))
+        for argvs, unit in groups:
+            recs, jobs = _submit(cfg, ex, kind, stage, argvs, after, unit)
             submitted += recs
             _record(layout, recs)
             if kind == "submitit-local":
@@ -336,7 +405,8 @@ def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path,
         raise UsageError(f"slurm-script {stage}: --finish is for the stages with a job array "
                          f"({', '.join(UNIT_STAGES)}); `slurm-script {stage}` is the whole stage")
     folder = job_folder(layout, stage).resolve()
-    opts = sbatch_options(cfg, stage, gpus=wants_gpus(stage, unit=bool(units)))
+    opts = sbatch_options(cfg, stage, unit=bool(units))
+    srun = "srun " if through_srun(cfg, stage, bool(units)) else ""
     if units:
         opts["array"] = array_option(len(units), cfg.launch.slurm.array_parallelism)
     opts["output"] = f"{folder}/%A_%a.out" if units else f"{folder}/%j.out"
@@ -346,9 +416,12 @@ def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path,
         quoted = " ".join(shlex.quote(u) for u in units)
         flag = "--shard" if stage == "score" else "--unit"
         cmd = shlex.join(job_command(job_argv(stage, config_file, layout)))
-        lines += [f"UNITS=({quoted})", f"srun {cmd} {flag} \"${{UNITS[$SLURM_ARRAY_TASK_ID]}}\"",
+        if not srun:
+            lines.append(f"# one mtprune process; it starts fairseq-train on all {opts['nodes']} nodes x "
+                         f"{opts['ntasks-per-node']} tasks through srun")
+        lines += [f"UNITS=({quoted})", f"{srun}{cmd} {flag} \"${{UNITS[$SLURM_ARRAY_TASK_ID]}}\"",
                   f"# when every array task has finished, `mtprune slurm-script {stage} --finish` is the job "
                   "that writes the stage's manifest"]
     else:
-        lines.append(f"srun {shlex.join(job_command(job_argv(stage, config_file, layout)))}")
+        lines.append(f"{srun}{shlex.join(job_command(job_argv(stage, config_file, layout)))}")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import yaml
 
 from conftest import TINY, cli, error_lines
 from mtprune.layout import STAGES, RunLayout
+from mtprune.slurm import short_command
 
 FAKE_SACCT = """#!/bin/bash
 # stands in for Slurm's sacct: answers from a file of JobID|State|NodeList lines
@@ -61,6 +62,7 @@ def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path
     run = tmp_path / "run"
     code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--launcher", "slurm",
                     "--set", "launch.slurm.partition=gpu", "--set", "launch.slurm.gpus_per_node=4",
+                    "--set", "launch.gpus_per_run=2",
                     "--set", "launch.score_shards=3", "--set", "launch.slurm.extra=[constraint=a100]")
     assert code == 0, out
     scripts = {int(p.stem[3:]): p.read_text() for p in fake_sbatch.glob("job*.sh")}
@@ -76,12 +78,13 @@ def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path
     assert "#SBATCH --array=0-1%2" in proxy_array[1] and "#SBATCH --dependency=afterok:102" in proxy_array[1]
     assert f"#SBATCH --dependency=afterok:{proxy_array[0]}_0:{proxy_array[0]}_1" in proxy_final[1]
     assert "#SBATCH --array=0-2%3" in by_stage["score"][0][1]
-    assert "#SBATCH --gpus-per-node=4" in proxy_array[1] and "gpus-per-node" not in by_stage["prune"][0][1]
-    # jobs that only finish a stage (manifest, merging shards) hold no GPUs; evaluate does
-    for stage in ("proxy", "score", "train"):
-        array, final = by_stage[stage]
-        assert "#SBATCH --gpus-per-node=4" in array[1] and "gpus-per-node" not in final[1], stage
-    assert "#SBATCH --gpus-per-node=4" in by_stage["evaluate"][0][1]
+    # each job holds the GPUs it uses: a proxy seed / retraining run launch.gpus_per_run, a score shard one,
+    # evaluate the node's; the jobs that only finish a stage (manifest, merging shards) and CPU stages none
+    gpus = {stage: [sbatch_options_of(text).get("gpus-per-node") for _, text in jobs] for stage, jobs in by_stage.items()}
+    assert gpus == {"download": [None], "prepare": [None], "proxy": ["2", None], "score": ["1", None],
+                    "prune": [None], "train": ["2", None], "evaluate": ["4"], "report": [None]}
+    for _, text in scripts.items():  # all on one node, one task (fairseq-train spawns a process per GPU itself)
+        assert "#SBATCH --nodes=1" in text and "#SBATCH --ntasks-per-node=1" in text
     assert "#SBATCH --partition=gpu" in by_stage["report"][0][1]
     assert "#SBATCH --constraint=a100" in by_stage["train"][0][1]
     assert "#SBATCH --kill-on-invalid-dep=yes" in by_stage["evaluate"][0][1]
@@ -216,11 +219,193 @@ def test_a_failed_submitit_local_job_is_one_line_and_shows_as_failed(tmp_path: P
     assert [line.split()[1] for line in out.splitlines() if "prepare" in line and "jobs" not in line][-1] == "failed"
 
 
+MULTI_NODE = ["--set", "launch.slurm.nodes=2", "--set", "launch.slurm.gpus_per_node=4", "--set", "launch.gpus_per_run=4"]
+
+
+def command_line(script: str) -> str:
+    """The line of a submitted (submitit) or written (slurm-script) script that runs the job's python."""
+    return next(line for line in script.splitlines() if "-m submitit" in line or " -m mtprune " in line)
+
+
+def test_multi_node_runs_hold_every_node_and_start_mtprune_once(fake_sbatch: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["-c", str(TINY), "--run-dir", str(run), *MULTI_NODE, "--set", "launch.score_shards=2"]
+    code, out = cli("sweep", *sets, "--launcher", "slurm")
+    assert code == 0, out
+    by_stage: dict[str, list[str]] = {}
+    for text in submitted_scripts(fake_sbatch):
+        by_stage.setdefault(next(s for s in STAGES if f"--job-name=mtprune-{s}" in text), []).append(text)
+    resources = {stage: [tuple(sbatch_options_of(t).get(k) for k in ("nodes", "ntasks-per-node", "gpus-per-node"))
+                         for t in texts] for stage, texts in by_stage.items()}
+    run_job, finish = ("2", "4", "4"), ("1", "1", None)  # a run: 2 nodes x 4 tasks, one per GPU
+    assert resources == {"download": [finish], "prepare": [finish], "proxy": [run_job, finish],
+                         "score": [("1", "1", "1"), finish], "prune": [finish], "train": [run_job, finish],
+                         "evaluate": [("1", "1", "4")], "report": [finish]}
+    # the multi-node job runs its python once (no srun around it: mtprune starts fairseq-train's srun itself)
+    for stage in ("proxy", "train"):
+        assert not command_line(by_stage[stage][0]).startswith("srun"), stage
+        assert command_line(by_stage[stage][1]).startswith("srun --unbuffered"), stage
+    assert command_line(by_stage["score"][0]).startswith("srun --unbuffered")
+
+    # the hand-submitted script: the same resources and the same single start
+    code, script = cli("slurm-script", "train", *sets)
+    assert code == 0, script
+    opts = sbatch_options_of(script)
+    assert (opts["nodes"], opts["ntasks-per-node"], opts["gpus-per-node"]) == run_job
+    assert command_line(script).startswith(f"{sys.executable} -m mtprune train ")
+    code, script = cli("slurm-script", "train", "--finish", *sets)
+    assert command_line(script).startswith("srun ") and "gpus-per-node" not in sbatch_options_of(script)
+    script_file = tmp_path / "train.sbatch"
+    script_file.write_text(script)
+    assert subprocess.run(["bash", "-n", str(script_file)]).returncode == 0
+
+
+@pytest.mark.parametrize(("sets", "launcher", "key"), [
+    (["launch.slurm.nodes=2"], "local", "launch.slurm.nodes"),
+    (["launch.slurm.nodes=2"], "submitit-local", "launch.slurm.nodes"),
+    (["launch.slurm.nodes=2", "launch.slurm.gpus_per_node=0"], "slurm", "launch.slurm.nodes"),
+    (["launch.gpus_per_run=8", "launch.slurm.gpus_per_node=4"], "slurm", "launch.gpus_per_run"),
+])
+def test_multi_node_settings_that_cannot_work_are_one_line(sets: list[str], launcher: str, key: str,
+                                                             fake_sbatch: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # not inside a Slurm job
+    run = tmp_path / "run"
+    common = ["-c", str(TINY), "--run-dir", str(run), *[a for x in sets for a in ("--set", x)]]
+    for command in (["proxy"], ["sweep"]):
+        code, out = cli(*command, *common, "--launcher", launcher)
+        assert code == 2 and len(out.strip().splitlines()) == 1 and key in out, (command, out)
+    assert not submitted_scripts(fake_sbatch) and not list(run.glob("*"))  # refused before anything was touched
+    if launcher == "slurm":
+        code, out = cli("slurm-script", "proxy", *common)
+        assert code == 2 and len(out.strip().splitlines()) == 1 and key in out, out
+    # the CPU stages and the jobs that finish a stage do not train: they are not refused
+    code, out = cli("slurm-script", "prune", *common)
+    assert code == 0, out
+    code, out = cli("slurm-script", "proxy", "--finish", *common)
+    assert code == 0, out
+
+
+FAKE_SCONTROL = """#!/bin/bash
+# stands in for `scontrol show hostnames LIST`, which fairseq's Slurm init calls
+echo "$*" >> "$SCONTROL_LOG"
+[ "$1 $2" = "show hostnames" ] && printf 'gpu-a17\\ngpu-a18\\n'
+"""
+
+
+@pytest.mark.parametrize(("tasks_per_node", "gpus_visible"), [(2, 2), (1, 1)])
+def test_fairseq_finds_rank_world_and_device_of_each_task_from_the_slurm_environment(
+        tasks_per_node: int, gpus_visible: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The srun line mtprune builds in a 2-node job, and what fairseq's own Slurm init (infer_init_method)
+    derives from the environment srun gives each task. No GPU here: the GPU count and the device choice
+    are stood in for."""
+    import torch
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as dist_utils
+
+    from mtprune.config import ModelConfig
+    from mtprune.fairseq_backend import Schedule, launch_argv, parse_train_argv, train_argv, world_size
+
+    job = {"SLURM_JOB_ID": "73105", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+           "SLURM_NTASKS_PER_NODE": str(tasks_per_node), "SLURM_JOB_NODELIST": "gpu-a[17-18]"}
+    for k, v in job.items():
+        monkeypatch.setenv(k, v)
+    s = Schedule(max_update=10, lr=1e-3, warmup_updates=2, max_tokens=1024, update_freq=1, label_smoothing=0.1,
+                 precision="fp16", seed=1, save_interval_updates=5)
+    argv = launch_argv(train_argv(tmp_path / "data-bin", tmp_path / "save", ModelConfig(), s, use_cuda=True))
+    world = 2 * tasks_per_node
+    assert world_size(use_cuda=True) == world  # what update_freq and done.json are computed with
+    start = argv.index(sys.executable)
+    assert argv[:start] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1"]
+    assert argv[start:start + 3] == [sys.executable, "-m", "mtprune.fairseq_backend"]
+    port = int(argv[argv.index("--distributed-port") + 1])
+    assert 1024 < port < 65536 and argv[argv.index("--distributed-world-size") + 1] == str(world)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SCONTROL_LOG", str(tmp_path / "scontrol.log"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus_visible)
+    devices: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    derived = []
+    for rank in range(2 * tasks_per_node):  # the environment srun gives each task of the step
+        node, local = divmod(rank, tasks_per_node)
+        task_env = {"SLURM_STEP_NODELIST": "gpu-a[17-18]", "SLURM_NODEID": str(node), "SLURM_PROCID": str(rank),
+                    "SLURM_LOCALID": str(local), "SLURM_STEP_NUM_NODES": "2", "SLURM_NTASKS": str(world)}
+        for k, v in task_env.items():
+            monkeypatch.setenv(k, v)
+        cfg = convert_namespace_to_omegaconf(parse_train_argv(argv[start:])).distributed_training
+        dist_utils.infer_init_method(cfg)
+        derived.append((cfg.distributed_init_method, cfg.distributed_rank, cfg.distributed_world_size,
+                        cfg.device_id, cfg.distributed_no_spawn))
+    init = f"tcp://gpu-a17:{port}"  # the first node of the step, the port every task was given
+    if tasks_per_node > 1:  # one process per task: rank = SLURM_PROCID, GPU = SLURM_LOCALID
+        assert derived == [(init, r, world, r % 2, True) for r in range(world)]
+        assert devices == [1, 1]  # fairseq picks the task's GPU itself (device 0 is the default)
+    else:  # one task per node: fairseq spawns one process per visible GPU, ranks from SLURM_NODEID
+        assert derived == [(init, n, world, 0, False) for n in range(2)]
+    assert (tmp_path / "scontrol.log").read_text().splitlines()[0] == "show hostnames gpu-a[17-18]"
+
+
+def test_outside_a_multi_node_job_fairseq_train_starts_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtprune.fairseq_backend import launch_argv, slurm_span
+
+    argv = [sys.executable, "-m", "mtprune.fairseq_backend", "data-bin"]
+    for k in ("SLURM_JOB_ID", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        monkeypatch.delenv(k, raising=False)
+    assert launch_argv(argv) == argv
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")  # a one-node job: fairseq-train spawns per GPU itself
+    assert launch_argv(argv) == argv
+    span = slurm_span({"SLURM_JOB_ID": "9_3", "SLURM_NNODES": "3", "SLURM_TASKS_PER_NODE": "8(x3)"})
+    assert span is not None and (span.nodes, span.tasks_per_node, span.world) == (3, 8, 24)
+
+
+@pytest.mark.slow
+def test_two_fairseq_processes_train_one_model_over_gloo_on_cpu(tiny_run: Path, tmp_path: Path) -> None:
+    """What each srun task of a 2-node job runs, for real on CPU: two processes of the fairseq-train
+    command line mtprune builds, meeting at the address fairseq's Slurm init would derive (on CPU its
+    Slurm init cannot run: it picks devices by CUDA index). pytorch's DDP takes no CPU device id, so
+    fairseq's own legacy_ddp all-reduces the gradients here."""
+    import socket
+
+    from mtprune.config import ModelConfig
+    from mtprune.fairseq_backend import Schedule, SlurmSpan, slurm_train_argv, subprocess_env, train_argv
+
+    model = ModelConfig(**yaml.safe_load(TINY.read_text())["model"])
+    s = Schedule(max_update=6, lr=1e-3, warmup_updates=2, max_tokens=512, update_freq=1, label_smoothing=0.1,
+                 precision="fp32", seed=1, save_interval_updates=3)
+    save = tmp_path / "save"
+    argv = slurm_train_argv(train_argv(RunLayout(tiny_run).data_bin, save, model, s, use_cuda=False),
+                            SlurmSpan(nodes=2, tasks_per_node=1, job_id=1))
+    task_argv = argv[argv.index(sys.executable):]  # what srun starts on every task
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    init = ["--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+            "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    procs = [subprocess.Popen([*task_argv, *init, "--distributed-rank", str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=subprocess_env(1)) for rank in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "training on 2 devices" in outs[0] and "initialized host" in outs[1]
+    # the logged words per batch add both processes' batches: more than one process can hold (max_tokens)
+    epoch = next(line for line in outs[0].splitlines() if "| train | epoch 001" in line)
+    assert float(epoch.split("| wpb ")[1].split()[0]) > s.max_tokens, epoch
+    assert "Saving checkpoint" not in outs[1]  # only rank 0 writes
+    assert {p.name for p in save.glob("*.pt")} >= {"checkpoint_1_3.pt", "checkpoint_1_6.pt", "checkpoint_last.pt"}
+
+
 @pytest.mark.slow
 def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_unit(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # the tiny sweep made smaller still (one seed, two short retraining runs): every job still runs
-    small = ["proxy.seeds=[1]", "prune.strategies=[random]", "train.max_update=10", "train.warmup_updates=2",
+    # the tiny sweep made smaller still (one language pair, one proxy seed of 4 updates, two retraining runs
+    # of 4 updates, 10 test sentences): every kind of job still runs, each in a process of its own
+    small = ["download.pairs=[de-en]", "download.max_test_per_pair=10", "proxy.seeds=[1]", "proxy.checkpoints=[2,4]",
+             "proxy.warmup_updates=1", "prune.strategies=[random]", "train.max_update=4", "train.warmup_updates=1",
              "launch.score_shards=2"]
     sets = ["-c", str(TINY), "--run-dir", str(run), *[a for s in small for a in ("--set", s)]]
     code, out = cli("sweep", *sets, "--launcher", "submitit-local")
@@ -235,15 +420,21 @@ def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_un
     code, out = cli("status", *sets)
     assert out.count(" done ") == len(jobs)
 
-    # a unit killed before it finished: its folder lost done.json, the stage has no manifest
+    # a unit killed before it finished: its folder lost done.json, the stage has no manifest; resubmitting
+    # the stage redoes that unit only (the jobs of the other stages were checked above)
     (L.train_dir("random-0.2") / "done.json").unlink()
-    for s in ("train", "evaluate", "report"):
-        L.manifest(s).unlink()
-    code, out = cli("sweep", *sets, "--launcher", "submitit-local")
+    L.manifest("train").unlink()
+    code, out = cli("train", *sets, "--launcher", "submitit-local")
     assert code == 0, out
-    logs = {p.name: p.read_text() for p in (run / "slurm" / "train").glob("*_log.err")}
-    redone = [t for t in logs.values() if "train random-0.2" in t and "running 1 unit" in t]
-    skipped = [t for t in logs.values() if "train full: already done, skipping" in t]
-    assert redone and skipped
-    assert all(json.loads(L.manifest(s).read_text()) for s in STAGES)
+    import submitit
+
+    again = json.loads((run / "slurm" / "jobs.json").read_text())[len(jobs):]
+    logs = {short_command(j["argv"]): submitit.LocalJob(j["folder"], j["job_id"]).paths.stderr.read_text()
+            for j in again}
+    assert set(logs) == {"train --unit full", "train --unit random-0.2", "train"}
+    assert "running 1 unit" in logs["train --unit random-0.2"]
+    assert "train full: already done, skipping" in logs["train --unit full"]
+    assert "unit(s)" not in logs["train --unit full"] and "unit(s)" not in logs["train"]  # "running 1 unit(s)"
+    assert json.loads(L.manifest("train").read_text())["stage"] == "train"
+    assert (L.train_dir("random-0.2") / "done.json").is_file()
     shutil.rmtree(run / "slurm")
