@@ -118,6 +118,7 @@ class SlurmSpan:
     nodes: int
     tasks_per_node: int
     job_id: int
+    cpus_per_task: int | None = None
 
     @property
     def world(self) -> int:
@@ -142,13 +143,16 @@ def slurm_span(env: dict[str, str] | None = None) -> SlurmSpan | None:
     if not nodes or nodes < 2 or not env.get("SLURM_JOB_ID"):
         return None
     tasks = _leading_int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")) or 1
-    return SlurmSpan(nodes, tasks, _leading_int(env["SLURM_JOB_ID"]) or 0)
+    return SlurmSpan(nodes, tasks, _leading_int(env["SLURM_JOB_ID"]) or 0, _leading_int(env.get("SLURM_CPUS_PER_TASK")))
 
 
 def slurm_train_argv(argv: list[str], span: SlurmSpan) -> list[str]:
     """``argv`` (train_argv's) started once per task of the job through srun, with what fairseq's Slurm
-    init needs; a task that fails ends the others (--kill-on-bad-exit) instead of leaving them waiting."""
+    init needs; a task that fails ends the others (--kill-on-bad-exit) instead of leaving them waiting.
+    The job's CPUs per task are asked again: srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)."""
     srun = ["srun", f"--nodes={span.nodes}", f"--ntasks-per-node={span.tasks_per_node}", "--kill-on-bad-exit=1"]
+    if span.cpus_per_task:
+        srun.insert(3, f"--cpus-per-task={span.cpus_per_task}")
     return [*srun, *argv, "--distributed-world-size", str(span.world), "--distributed-port", str(span.port)]
 
 

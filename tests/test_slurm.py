@@ -306,7 +306,7 @@ def test_fairseq_finds_rank_world_and_device_of_each_task_from_the_slurm_environ
     from mtprune.config import ModelConfig
     from mtprune.fairseq_backend import Schedule, launch_argv, parse_train_argv, train_argv, world_size
 
-    job = {"SLURM_JOB_ID": "73105", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+    job = {"SLURM_JOB_ID": "73105", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "6",
            "SLURM_NTASKS_PER_NODE": str(tasks_per_node), "SLURM_JOB_NODELIST": "gpu-a[17-18]"}
     for k, v in job.items():
         monkeypatch.setenv(k, v)
@@ -316,7 +316,8 @@ def test_fairseq_finds_rank_world_and_device_of_each_task_from_the_slurm_environ
     world = 2 * tasks_per_node
     assert world_size(use_cuda=True) == world  # what update_freq and done.json are computed with
     start = argv.index(sys.executable)
-    assert argv[:start] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1"]
+    assert argv[:start] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=6",
+                            "--kill-on-bad-exit=1"]
     assert argv[start:start + 3] == [sys.executable, "-m", "mtprune.fairseq_backend"]
     port = int(argv[argv.index("--distributed-port") + 1])
     assert 1024 < port < 65536 and argv[argv.index("--distributed-world-size") + 1] == str(world)
