@@ -4,6 +4,7 @@ per GPU, evaluate's models spread over the GPUs. There is no GPU here: only the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import threading
@@ -164,3 +165,54 @@ def test_score_runs_one_shard_process_per_gpu(tiny_copy: Path, monkeypatch: pyte
     assert _score_files(layout) == by_hand
     for j in jobs:
         assert j.log.read_text().startswith(f"$ CUDA_VISIBLE_DEVICES={j.index} ")
+
+
+def test_evaluate_uses_every_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtprune.stages import evaluate
+
+    _gpus(monkeypatch, 2)
+    assert evaluate.devices() == ["cuda:0", "cuda:1"]
+    _gpus(monkeypatch, 0)
+    assert evaluate.devices() == ["cpu"]
+
+
+@pytest.mark.slow  # tiny_swept trains the models
+def test_evaluate_spread_over_two_workers_writes_what_one_writes(
+        tiny_swept: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtprune.stages import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_swept[0], run, symlinks=True)
+    layout = RunLayout(run)
+    folder = layout.stage_dir("evaluate")
+    one_device = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+                  if p.is_file() and p.parent != folder}  # every model's files, decoded on one device
+    # two decoding workers as on two GPUs (torch here has no CUDA: both decode on the CPU); each
+    # model's worker thread and time are recorded around the real work
+    monkeypatch.setattr(evaluate, "devices", lambda: ["cpu", "cpu"])
+    spans: list[tuple[int, float, float]] = []
+    real = evaluate._evaluate_model
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return real(*a, **kw)
+        finally:
+            spans.append((threading.get_ident(), t0, time.monotonic()))
+
+    monkeypatch.setattr(evaluate, "_evaluate_model", spy)
+    code, out = cli("evaluate", "-c", str(TINY), "--run-dir", str(run), "--overwrite", "-q")
+    assert code == 0, out
+    two = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.parent != folder}
+    assert two == one_device
+    assert len({t for t, _, _ in spans}) == 2
+    assert any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in spans for b in spans)  # overlapping
+    # an unchanged checkpoint is not decoded again
+    models = len(spans)
+    layout.manifest("evaluate").unlink()
+    code, out = cli("evaluate", "-c", str(TINY), "--run-dir", str(run), "-q")
+    assert code == 0, out
+    stats = json.loads(layout.manifest("evaluate").read_text())["stats"]
+    assert stats["n_decoded"] == 0 and stats["n_reused"] == models * len(stats["test_sets"])
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.parent != folder} == one_device

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import queue
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import gpus
 from ..batching import length_batches
 from ..config import Config
 from ..cpus import usable_cpus
@@ -151,16 +155,80 @@ def hyp_path(layout: RunLayout, run: str, test_set: str) -> Path:
     return layout.eval_dir(run) / f"{test_set.replace(':', '.')}.hyp"
 
 
+def devices() -> list[str]:
+    """The devices models are decoded on: every visible GPU (``cuda:0`` .. ``cuda:N-1``), else the CPU."""
+    n = len(gpus.visible())
+    return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+
+
+def _evaluate_model(cfg: Config, layout: RunLayout, m: Any, sets: list[dict[str, Any]], sp: Any, spm_sha: str,
+                    prepare_stats: dict[str, Any], prune_stats: dict[str, Any],
+                    device: str) -> tuple[list[Path], list[str], list[str]]:
+    """Decode (or reuse) and score every test set with one model on ``device``; write its metrics.json.
+    Returns (outputs, test sets decoded, test sets reused)."""
+    from ..fairseq_backend import load_model
+
+    ckpt = layout.train_dir(m.run) / f"checkpoint_{cfg.evaluate.checkpoint}.pt"
+    if not ckpt.is_file():
+        raise UsageError(f"{ckpt}: checkpoint not found")
+    ckpt_sha = checkpoint_sha256(ckpt)
+    folder = layout.eval_dir(m.run)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        record = json.loads((folder / DECODED).read_text())
+        record = record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        record = {}
+    current = {hyp_path(layout, m.run, ts["name"]) for ts in sets}
+    for f in folder.glob("*.hyp"):  # test sets no longer evaluated
+        if f not in current:
+            f.unlink()
+    model = task = None
+    results: dict[str, Any] = {}
+    outputs: list[Path] = []
+    decoded: list[str] = []
+    reused: list[str] = []
+    for ts in sets:
+        hyp_file = hyp_path(layout, m.run, ts["name"])
+        key = decode_key(cfg, ckpt_sha, spm_sha, ts)
+        if _reusable(folder, ts["name"], key, hyp_file):
+            hyps = read_lines(hyp_file)
+            reused.append(ts["name"])
+        else:
+            if model is None:
+                model, task = load_model(ckpt, layout.data_bin, device)
+            hyps = translate(model, task, sp, ts["src"], ts["tgt_lang"], cfg, device, f"{m.run} {ts['name']}")
+            atomic_write_text(hyp_file, "".join(h + "\n" for h in hyps))
+            record[ts["name"]] = {"key": key, "hyp_sha256": file_sha256(hyp_file)}
+            atomic_write_text(folder / DECODED, json.dumps(record, indent=2, sort_keys=True) + "\n")
+            decoded.append(ts["name"])
+        outputs.append(hyp_file)
+        results[ts["name"]] = {"pair": ts["pair"], "direction": f"{ts['src_lang']}-{ts['tgt_lang']}",
+                               **score_hyps(hyps, ts["ref"], ts["tgt_lang"])}
+        log.info("evaluate: %s on %s: BLEU %.2f chrF %.2f", m.run, ts["name"], results[ts["name"]]["bleu"],
+                 results[ts["name"]]["chrf"])
+    if reused:
+        log.info("evaluate: %s: checkpoint unchanged, reused the hypotheses of %d test set(s) (%s)", m.run,
+                 len(reused), ", ".join(reused))
+    n_train, per_pair = _n_train(m.strategy, m.name, prepare_stats, prune_stats)
+    metrics = {"name": m.name, "run": m.run, "strategy": m.strategy, "sparsity": m.sparsity, "seed": m.seed,
+               "checkpoint": str(ckpt.name), "checkpoint_sha256": ckpt_sha,
+               "n_train": n_train, "n_train_per_pair": per_pair, "results": results}
+    atomic_write_text(layout.metrics(m.run), json.dumps(metrics, indent=2) + "\n")
+    outputs += [layout.metrics(m.run), folder / DECODED]
+    return outputs, decoded, reused
+
+
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     """Decode every test set with every model, except those whose hypotheses were already decoded
-    from the same checkpoint (sha256) with the same settings; score all of them with sacrebleu."""
+    from the same checkpoint (sha256) with the same settings; score all of them with sacrebleu.
+
+    With several GPUs the models are spread over them: one worker thread per GPU takes the next model
+    and decodes it on its own device (``cuda:i``); each model's files are written as with one GPU."""
     import sentencepiece as spm
     import torch
 
-    from ..fairseq_backend import load_model
-
     torch.set_num_threads(usable_cpus())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
     spm_sha = file_sha256(layout.spm_model)
     sets = test_sets(cfg, layout)
@@ -171,57 +239,41 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     for d in layout.stage_dir("evaluate").iterdir():  # models no longer in the sweep
         if d.is_dir() and d.name not in names:
             shutil.rmtree(d)
+    free: queue.Queue[str] = queue.Queue()
+    on = devices()
+    for dev in on:
+        free.put(dev)
+    ran_on: dict[str, str] = {}
+
+    def one(m: Any) -> tuple[list[Path], list[str], list[str]]:
+        device = free.get()
+        try:
+            ran_on[m.run] = device
+            with torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext():
+                return _evaluate_model(cfg, layout, m, sets, sp, spm_sha, prepare_stats, prune_stats, device)
+        finally:
+            free.put(device)
+
+    if len(on) > 1:
+        log.info("evaluate: %d model(s) spread over %s", len(wanted), ", ".join(on))
+    pool = ThreadPoolExecutor(max_workers=len(on))
+    try:
+        done = list(pool.map(one, wanted))  # in the models' order, however the devices finish
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure, start no further model
     outputs: list[Path] = []
     decoded: dict[str, list[str]] = {}
     reused: dict[str, list[str]] = {}
-    for m in wanted:
-        ckpt = layout.train_dir(m.run) / f"checkpoint_{cfg.evaluate.checkpoint}.pt"
-        if not ckpt.is_file():
-            raise UsageError(f"{ckpt}: checkpoint not found")
-        ckpt_sha = checkpoint_sha256(ckpt)
-        folder = layout.eval_dir(m.run)
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            record = json.loads((folder / DECODED).read_text())
-            record = record if isinstance(record, dict) else {}
-        except (OSError, ValueError):
-            record = {}
-        current = {hyp_path(layout, m.run, ts["name"]) for ts in sets}
-        for f in folder.glob("*.hyp"):  # test sets no longer evaluated
-            if f not in current:
-                f.unlink()
-        model = task = None
-        results: dict[str, Any] = {}
-        for ts in sets:
-            hyp_file = hyp_path(layout, m.run, ts["name"])
-            key = decode_key(cfg, ckpt_sha, spm_sha, ts)
-            if _reusable(folder, ts["name"], key, hyp_file):
-                hyps = read_lines(hyp_file)
-                reused.setdefault(m.run, []).append(ts["name"])
-            else:
-                if model is None:
-                    model, task = load_model(ckpt, layout.data_bin, device)
-                hyps = translate(model, task, sp, ts["src"], ts["tgt_lang"], cfg, device, f"{m.run} {ts['name']}")
-                atomic_write_text(hyp_file, "".join(h + "\n" for h in hyps))
-                record[ts["name"]] = {"key": key, "hyp_sha256": file_sha256(hyp_file)}
-                atomic_write_text(folder / DECODED, json.dumps(record, indent=2, sort_keys=True) + "\n")
-                decoded.setdefault(m.run, []).append(ts["name"])
-            outputs.append(hyp_file)
-            results[ts["name"]] = {"pair": ts["pair"], "direction": f"{ts['src_lang']}-{ts['tgt_lang']}",
-                                   **score_hyps(hyps, ts["ref"], ts["tgt_lang"])}
-            log.info("evaluate: %s on %s: BLEU %.2f chrF %.2f", m.run, ts["name"], results[ts["name"]]["bleu"],
-                     results[ts["name"]]["chrf"])
-        if m.run in reused:
-            log.info("evaluate: %s: checkpoint unchanged, reused the hypotheses of %d test set(s) (%s)", m.run,
-                     len(reused[m.run]), ", ".join(reused[m.run]))
-        n_train, per_pair = _n_train(m.strategy, m.name, prepare_stats, prune_stats)
-        metrics = {"name": m.name, "run": m.run, "strategy": m.strategy, "sparsity": m.sparsity, "seed": m.seed,
-                   "checkpoint": str(ckpt.name), "checkpoint_sha256": ckpt_sha,
-                   "n_train": n_train, "n_train_per_pair": per_pair, "results": results}
-        atomic_write_text(layout.metrics(m.run), json.dumps(metrics, indent=2) + "\n")
-        outputs += [layout.metrics(m.run), folder / DECODED]
-        del model
+    for m, (outs, dec, reu) in zip(wanted, done, strict=True):
+        outputs += outs
+        if dec:
+            decoded[m.run] = dec
+        if reu:
+            reused[m.run] = reu
     n_dec, n_reused = sum(map(len, decoded.values())), sum(map(len, reused.values()))
     log.info("evaluate: decoded %d test set(s), reused %d decoded before", n_dec, n_reused)
-    return StageResult(outputs, {"models": len(wanted), "test_sets": [s["name"] for s in sets],
-                                 "decoded": decoded, "reused": reused, "n_decoded": n_dec, "n_reused": n_reused})
+    stats = {"models": len(wanted), "test_sets": [s["name"] for s in sets],
+             "decoded": decoded, "reused": reused, "n_decoded": n_dec, "n_reused": n_reused}
+    if len(on) > 1:
+        stats["devices"] = {m.run: ran_on[m.run] for m in wanted}
+    return StageResult(outputs, stats)
