@@ -190,7 +190,10 @@ def _stage_command(stage: str) -> None:
                 shard = opts["shard"]
                 lock = unit_lock_path(layout.stage_dir(stage) / shard.replace("/", "-of-"))
                 with RunLock(lock, f"score --shard {shard}", subject=f"score shard {shard}"):
-                    check_free(layout.lock)
+                    from .launch import PARENT_HOLDS_RUN_LOCK
+
+                    if os.environ.get(PARENT_HOLDS_RUN_LOCK) != str(os.getppid()):  # not started by `mtprune score`
+                        check_free(layout.lock)
                     run_shard(cfg, layout, shard)
             else:
                 with RunLock(layout.lock, stage):

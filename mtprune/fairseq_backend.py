@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import gpus
 from .config import ModelConfig
 from .errors import StageError, UsageError
 
@@ -33,6 +34,9 @@ def subprocess_env(threads: int) -> dict[str, str]:
     env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("PYTHONWARNINGS", "ignore")
+    group = gpus.assigned()
+    if group is not None:  # a work unit's own GPUs (launch.run_units): fairseq-train sees only these
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
     return env
 
 
@@ -74,15 +78,15 @@ def cuda_available() -> bool:
 
 
 def world_size(use_cuda: bool) -> int:
-    """Processes fairseq-train trains on: every GPU it sees (data parallel), one on CPU."""
+    """Processes fairseq-train trains on: every GPU it sees (data parallel), one on CPU. Inside a work
+    unit that sees its own GPU group only (launch.run_units): that group's size, not the node's count."""
     if not use_cuda:
         return 1
     span = slurm_span()
     if span is not None:  # fairseq-train runs on every task of a multi-node job (launch_argv)
         return span.world
-    import torch
-
-    return max(1, torch.cuda.device_count())
+    group = gpus.assigned()
+    return len(group) if group is not None else max(1, gpus.device_count())
 
 
 def update_freq_for(tokens_per_update: int | None, update_freq: int, max_tokens: int, world: int) -> int:
