@@ -35,7 +35,9 @@ def subprocess_env(threads: int) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("PYTHONWARNINGS", "ignore")
     group = gpus.assigned()
-    if group is not None:  # a work unit's own GPUs (launch.run_units): fairseq-train sees only these
+    # a work unit's own GPUs (launch.run_units): fairseq-train sees only these; not across the nodes of a
+    # multi-node job, whose tasks get their own node's GPUs from Slurm (these ids are the first node's)
+    if group is not None and slurm_span() is None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
     return env
 

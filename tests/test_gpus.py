@@ -216,3 +216,17 @@ def test_evaluate_spread_over_two_workers_writes_what_one_writes(
     assert stats["n_decoded"] == 0 and stats["n_reused"] == models * len(stats["test_sets"])
     assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
             if p.is_file() and p.parent != folder} == one_device
+
+
+def test_a_multi_node_job_leaves_gpu_choice_to_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtprune.fairseq_backend import subprocess_env
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for k in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    with gpus.using(("1",)):
+        assert subprocess_env(1)["CUDA_VISIBLE_DEVICES"] == "1"
+        # srun starts fairseq-train on every node: the first node's GPU ids must not travel with it
+        monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        assert "CUDA_VISIBLE_DEVICES" not in subprocess_env(1)
