@@ -10,6 +10,9 @@ An unfinished unit with the same key resumes in its own folder.
 
 Whoever runs a unit holds its lock (see ``lock.py``) and makes sure that no plain stage command
 holds the run lock, unless that is this very process.
+
+On GPUs each running unit holds a group of ``launch.gpus_per_run`` GPUs (``gpus.py``), and as many
+units run at once as there are groups; ``score_on_gpus`` scores one shard per GPU in child processes.
 """
 
 from __future__ import annotations
