@@ -155,10 +155,12 @@ def slurm_span(env: dict[str, str] | None = None) -> SlurmSpan | None:
 def slurm_train_argv(argv: list[str], span: SlurmSpan) -> list[str]:
     """``argv`` (train_argv's) started once per task of the job through srun, with what fairseq's Slurm
     init needs; a task that fails ends the others (--kill-on-bad-exit) instead of leaving them waiting.
-    The job's CPUs per task are asked again: srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)."""
+    The job's CPUs per task are asked again (srun does not inherit sbatch's --cpus-per-task since Slurm
+    22.05), and each task's torch threads are those CPUs, not the first node's count this process sees."""
     srun = ["srun", f"--nodes={span.nodes}", f"--ntasks-per-node={span.tasks_per_node}", "--kill-on-bad-exit=1"]
     if span.cpus_per_task:
-        srun.insert(3, f"--cpus-per-task={span.cpus_per_task}")
+        c = span.cpus_per_task
+        srun[3:3] = [f"--cpus-per-task={c}", f"--export=ALL,OMP_NUM_THREADS={c},MKL_NUM_THREADS={c}"]
     return [*srun, *argv, "--distributed-world-size", str(span.world), "--distributed-port", str(span.port)]
 
 

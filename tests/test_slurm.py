@@ -317,7 +317,7 @@ def test_fairseq_finds_rank_world_and_device_of_each_task_from_the_slurm_environ
     assert world_size(use_cuda=True) == world  # what update_freq and done.json are computed with
     start = argv.index(sys.executable)
     assert argv[:start] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=6",
-                            "--kill-on-bad-exit=1"]
+                            "--export=ALL,OMP_NUM_THREADS=6,MKL_NUM_THREADS=6", "--kill-on-bad-exit=1"]
     assert argv[start:start + 3] == [sys.executable, "-m", "mtprune.fairseq_backend"]
     port = int(argv[argv.index("--distributed-port") + 1])
     assert 1024 < port < 65536 and argv[argv.index("--distributed-world-size") + 1] == str(world)
