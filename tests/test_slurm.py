@@ -252,6 +252,9 @@ def test_multi_node_runs_hold_every_node_and_start_mtprune_once(fake_sbatch: Pat
     assert code == 0, script
     opts = sbatch_options_of(script)
     assert (opts["nodes"], opts["ntasks-per-node"], opts["gpus-per-node"]) == run_job
+    submitted = {k: v for k, v in sbatch_options_of(by_stage["train"][0]).items()
+                 if k not in {"error", "open-mode", "signal", "wckey", "output", "dependency"}}
+    assert submitted == {k: v for k, v in opts.items() if k != "output"}
     assert command_line(script).startswith(f"{sys.executable} -m mtprune train ")
     code, script = cli("slurm-script", "train", "--finish", *sets)
     assert command_line(script).startswith("srun ") and "gpus-per-node" not in sbatch_options_of(script)
