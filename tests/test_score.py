@@ -131,6 +131,16 @@ def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
         assert (merged[c] - full[c]).abs().max() <= 2 / len(full), c
     # the gradient sketch: each shard's slice, concatenated in row order
     np.testing.assert_allclose(np.load(L.grad_sketch), full_sketch, rtol=1e-4, atol=1e-5 * np.abs(full_sketch).max())
+    # per-token values: each shard keeps its own, the merge joins them (a merge with them on raised NameError)
+    tokens = ["--set", "score.dump_tokens=true"]
+    for i in range(2):
+        assert cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--shard", f"{i}/2", *tokens, "-q")[0] == 0
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), *tokens)
+    assert code == 0 and "merging 2 finished shards" in out, out
+    tok = pd.read_parquet(L.token_scores)
+    assert len(tok) == int(merged["n_tokens"].sum())
+    means = tok.groupby("sentence_id")["el2n"].mean()
+    np.testing.assert_allclose(means[merged["sentence_id"]].to_numpy(), merged["el2n"].to_numpy(), rtol=1e-5)
 
 
 def test_bad_shard_spec(tiny_run: Path) -> None:

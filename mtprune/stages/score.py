@@ -452,6 +452,10 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
         tmp_sketch.unlink(missing_ok=True)
         tmp_pooled.unlink(missing_ok=True)
     _write_parquet(add_dual_columns(cfg, layout, _table(cfg, layout, indices, res)), path)
+    if cfg.score.dump_tokens:  # before the key file: a shard counts as finished only once that is written
+        import pyarrow as pa
+
+        _write_parquet(pa.Table.from_pylist(res["tokens"]), _shard_tokens(path))
     atomic_write_text(path.with_suffix(".json"), json.dumps({"key": _shard_key(cfg, layout), "rows": len(indices)}))
     log.info("score: shard %d/%d: %d pairs in %.1fs -> %s", i, count, len(indices), res["seconds"], path)
     return path
@@ -459,6 +463,19 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
 
 def _shard_sketch(shard: Path) -> Path:
     return shard.with_suffix(".sketch.npy")
+
+
+def _shard_tokens(shard: Path) -> Path:
+    """Per-token values of a shard (score.dump_tokens), without sentence ids: those are added at the merge."""
+    return shard.with_suffix(".tokens.parquet")
+
+
+def _with_sentence_ids(tok: Any, table: Any) -> Any:
+    """The per-token table with each token's ``sentence_id``, looked up by training index in the score table."""
+    import pyarrow as pa
+
+    ids = dict(zip(table.column("index").to_pylist(), table.column("sentence_id").to_pylist(), strict=True))
+    return tok.append_column("sentence_id", pa.array([ids[i] for i in tok.column("index").to_pylist()]))
 
 
 def _shard_pooled(shard: Path) -> Path:
@@ -540,6 +557,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         if shards is not None:
             log.info("score: merging %d finished shards", len(shards))
             table = pa.concat_tables([pq.read_table(s) for s in shards])
+            if cfg.score.dump_tokens:
+                tok = pa.concat_tables([pq.read_table(_shard_tokens(s)) for s in shards])
+                _write_parquet(_with_sentence_ids(tok, table), layout.token_scores)
             stats["merged_shards"] = len(shards)
             _concat_npy([_shard_sketch(s) for s in shards], tmp_sketch)
             _concat_npy([_shard_pooled(s) for s in shards], tmp_pooled)
@@ -548,6 +568,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
             indices = np.arange(n)
             res = score_indices(cfg, layout, indices, "score", tmp_sketch, tmp_pooled)
             table = add_dual_columns(cfg, layout, _table(cfg, layout, indices, res))
+            if cfg.score.dump_tokens:
+                _write_parquet(_with_sentence_ids(pa.Table.from_pylist(res["tokens"]), table), layout.token_scores)
             secs = max(res["seconds"], 1e-9)
             stats.update(seconds=round(res["seconds"], 2), device=res["device"], checkpoints_scored=len(ckpts),
                          sentences_per_second=round(n / secs, 1),
@@ -562,11 +584,6 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     finally:
         tmp_sketch.unlink(missing_ok=True)
         tmp_pooled.unlink(missing_ok=True)
-        if cfg.score.dump_tokens:
-            ids = table.column("sentence_id").to_pylist()
-            tok = pa.Table.from_pylist(res["tokens"])
-            tok = tok.append_column("sentence_id", pa.array([ids[i] for i in tok.column("index").to_pylist()]))
-            _write_parquet(tok, layout.token_scores)
     n_rows = table.num_rows
     if len(set(table.column("index").to_pylist())) != n_rows:
         raise UsageError("score: shards overlap; delete 04_score/shards and score again")
@@ -581,5 +598,5 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     log.info("score: %d pairs; el2n mean %.3f (p5 %.3f, p50 %.3f, p95 %.3f); spearman with length %.2f; "
              "between seeds %s", n_rows, e["mean"], e["p5"], e["p50"], e["p95"], e["spearman_vs_length"],
              ", ".join(f"{k} {v:.2f}" for k, v in stats["el2n_spearman_between_seeds"].items()) or "n/a")
-    outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens and shards is None else [])
+    outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens else [])
     return StageResult(outputs, stats)
