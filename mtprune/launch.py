@@ -298,7 +298,7 @@ def score_shard_jobs(cfg: Config, layout: RunLayout, gpu_ids: list[str]) -> list
 def score_on_gpus(cfg: Config, layout: RunLayout) -> list[Path] | None:
     """With more than one visible GPU: score one shard per GPU at once and return the shards to merge
     (``stages/score.py`` merges them as it merges shards scored by hand); None where one process scores
-    everything (CPU, one GPU, ``score.device: cpu``, ``score.dump_tokens``).
+    everything (CPU, one GPU, ``score.device: cpu``).
 
     A shard that a previous run finished with the same key is kept. When a shard fails the others are
     still waited for (they are kept for the next run), then a StageError names the shard and its log."""
@@ -306,9 +306,6 @@ def score_on_gpus(cfg: Config, layout: RunLayout) -> list[Path] | None:
 
     gpu_ids = gpus.visible()
     if len(gpu_ids) < 2 or cfg.score.device == "cpu":
-        return None
-    if cfg.score.dump_tokens:  # token dumps are written by the single pass only
-        log.info("score: score.dump_tokens is on, scoring in one process on one GPU")
         return None
     key = _shard_key(cfg, layout)
     jobs = score_shard_jobs(cfg, layout, gpu_ids)
