@@ -44,6 +44,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # other libraries' warnings still reach stderr; and with a handler in place, logging.basicConfig is a no-op:
+    # fairseq's model registry imports a module that calls basicConfig(level=DEBUG), which flooded our output
+    # with filelock's DEBUG lines once fairseq was loaded in-process
+    other = logging.StreamHandler(sys.stderr)
+    other.setFormatter(logging.Formatter("%(asctime)s | %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().handlers[:] = [other]
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def _fail(label: str, err: MtpruneError) -> None:
