@@ -101,11 +101,18 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
         build(folder)
         return folder
     folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    failed = folder.with_name(f"{folder.name}.failed")
     with FileLock(f"{folder}.lock"):
+        if failed.exists():  # as pytest does for a failed fixture: the error again, not a second attempt
+            pytest.fail(f"shared fixture {name!r} failed to build in another worker: {failed.read_text()[-2000:]}")
         if not (folder / ".built").exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}")
+                raise
             (folder / ".built").touch()
     return folder
 
