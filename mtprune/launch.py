@@ -346,7 +346,6 @@ def score_on_gpus(cfg: Config, layout: RunLayout) -> list[Path] | None:
 
 
 def _shard_done(j: ShardJob, key: str) -> bool:
-    try:
-        return bool(json.loads(j.parquet.with_suffix(".json").read_text())["key"] == key and j.parquet.is_file())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    from .stages.score import shard_key_matches
+
+    return shard_key_matches(j.parquet, key) and j.parquet.is_file()

@@ -503,13 +503,15 @@ def _finished_shards(cfg: Config, layout: RunLayout) -> list[Path] | None:
     count = int(files[0].stem.split("-of-")[1])
     key = _shard_key(cfg, layout)
     wanted = [layout.score_shard(i, count) for i in range(count)]
-    for w in wanted:
-        try:
-            if json.loads(w.with_suffix(".json").read_text())["key"] != key:
-                return None
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            return None
-    return wanted
+    return wanted if all(shard_key_matches(w, key) for w in wanted) else None
+
+
+def shard_key_matches(shard: Path, key: str) -> bool:
+    """Whether ``shard`` was finished (its key file written last) with the settings of ``key``."""
+    try:
+        return json.loads(shard.with_suffix(".json").read_text())["key"] == key
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
