@@ -15,10 +15,12 @@ forming G per pair:
 - ``grand`` = ‖G‖_F, from token Gram matrices: ‖G‖² = Σ_{t,s} (δ_t·δ_s)(h_t·h_s), with
   δ_t·δ_s = q_t·q_s − r_s q_t[y_s] − r_t q_s[y_t] + r_t r_s [y_t = y_s] (small terms only, so a
   confident pair keeps its digits); T² V work per pair of T tokens.
-- ``tracin`` dot = ⟨G, G_dev⟩ = Σ_t δ_tᵀ (G_dev h_t): one more V × D product per token, the cost of
-  the projection again (contiguous, so the dot product is a batched BLAS call).
+- ``tracin`` dot = ⟨G, G_dev⟩ = Σ_t (δ_tᵀ G_dev)·h_t: one more V × D product per token, the cost of
+  the projection again. It is taken as q_t G_dev (then a D-long dot with h_t) rather than G_dev h_t
+  (then a V-long dot with q_t): the same multiply-adds, but no second pass over V values per token.
 - a sketch ``vec(R_Vᵀ G R_D) = Σ_t (δ_t R_V) ⊗ (h_t R_D)`` (k × k), Johnson–Lindenstrauss:
-  ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F.
+  ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F. Its q_t R_V shares tracin's product: q_t [G_dev | R_V] is one
+  matrix multiply.
 
 The vocabulary projection and every reduction run in float32 (float64 inputs stay float64) whatever
 autocast the model body ran under. Work is split into chunks of whole sentences, so memory stays at
@@ -99,6 +101,9 @@ class OutputLayer:
         self.vocab = w.shape[0]
         self.dev_grad = None if dev_grad is None else dev_grad.to(w.dtype).contiguous()
         self.sketch = None if sketch is None else (sketch[0].to(w.dtype), sketch[1].to(w.dtype))
+        # what q (softmax with the target zeroed) is multiplied by for tracin and the sketch, side by side
+        parts = [x for x in (self.dev_grad, None if self.sketch is None else self.sketch[0]) if x is not None]
+        self.q_right = torch.cat(parts, 1).contiguous() if parts else None
 
     @classmethod
     def of(cls, projection: torch.nn.Module, **kw: object) -> OutputLayer:
@@ -162,13 +167,17 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
                   + (r.unsqueeze(2) * r.unsqueeze(1)) * (y.unsqueeze(2) == y.unsqueeze(1)))
             hh = h @ h.transpose(1, 2)
             out["grand"][sl] = (dd.double() * hh.double()).sum((1, 2)).clamp(min=0).sqrt()
+            if layer.q_right is None:
+                continue
+            qr = (q.flatten(0, 1) @ layer.q_right).view(*y.shape, -1)  # tracin's one extra V × D product (+ sketch's V × k)
+            split = 0
             if layer.dev_grad is not None:
-                gh = h @ layer.dev_grad.T  # G_dev h_t for every token: tracin's one extra V × D product
-                d = torch.einsum("stv,stv->st", q, gh) - r * gh.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                split = layer.dev_grad.shape[1]
+                d = ((qr[..., :split] - r.unsqueeze(-1) * layer.dev_grad[y]) * h).sum(-1)  # δ_tᵀ G_dev h_t
                 out["tracin_dot"][sl] = (d.double() * fm.double()).sum(1)
             if layer.sketch is not None:
                 r_v, r_d = layer.sketch
-                a = (q.flatten(0, 1) @ r_v).view(*y.shape, -1) - r.unsqueeze(-1) * r_v[y]
+                a = qr[..., split:] - r.unsqueeze(-1) * r_v[y]
                 out["sketch"][sl] = torch.einsum("stk,stl->skl", a, h @ r_d).flatten(1)
     n_tok = lengths.clamp(min=1).to(torch.float64)
     out["el2n"] = tok_e.double().sum(1) / n_tok

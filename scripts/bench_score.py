@@ -19,8 +19,11 @@ weights) and the corpus random token ids in fairseq's mmap format, so the benchm
 run; precision figures want a trained model: ``--checkpoint`` with ``--data-bin`` scores its train
 split (and takes its valid split as the dev set) instead.
 
-    .venv/bin/python scripts/bench_score.py [--sentences 1000] [--vocab 8000] [--dim 64] [--layers 2]
+    .venv/bin/python scripts/bench_score.py [--sentences 1000] [--vocab V] [--dim D] [--layers L]
     .venv/bin/python scripts/bench_score.py --checkpoint RUN/03_proxy/seed1/checkpoint_u20.pt --data-bin RUN/02_prepare/data-bin
+
+Vocabulary, dimension, depth, batch and chunk sizes default to the default config's (``mtprune.config``),
+so the figures describe what ``mtprune score`` runs unless told otherwise.
 """
 
 from __future__ import annotations
@@ -274,15 +277,21 @@ def main() -> None:
     ap.add_argument("--dev-sentences", type=int, default=100)
     ap.add_argument("--precision-sentences", type=int, default=300)
     ap.add_argument("--naive-sentences", type=int, default=100)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch-tokens", type=int, default=6000)
-    ap.add_argument("--chunk-tokens", type=int, default=128)
+    from mtprune.config import ModelConfig, PrepareConfig, ScoreConfig
+
+    model_cfg, score_cfg = ModelConfig(), ScoreConfig()  # defaults: the model and settings `mtprune score` runs
+    if model_cfg.encoder_layers != model_cfg.decoder_layers:
+        raise SystemExit("bench_score.py builds equal encoder and decoder depths; the default config does not")
+    ap.add_argument("--vocab", type=int, default=PrepareConfig().vocab_size)
+    ap.add_argument("--dim", type=int, default=model_cfg.embed_dim)
+    ap.add_argument("--layers", type=int, default=model_cfg.encoder_layers)
+    ap.add_argument("--batch-tokens", type=int, default=score_cfg.batch_tokens)
+    ap.add_argument("--chunk-tokens", type=int, default=score_cfg.chunk_tokens)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--checkpoint", help="a trained proxy checkpoint (with --data-bin) instead of random weights")
     ap.add_argument("--data-bin")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
     ap.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -290,7 +299,7 @@ def main() -> None:
         return
     if bool(args.checkpoint) != bool(args.data_bin):
         ap.error("--checkpoint and --data-bin go together")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model, d, train, dev, what = setup(args, Path(tmp))
         n = min(args.sentences, len(train[1]))
