@@ -113,3 +113,46 @@ def test_what_changes_hypotheses_changes_the_decode_key() -> None:
                decode_key(load_config(None), "ck", "spm", {**ts, "src": ["a b", "d"]}),
                decode_key(load_config(None), "ck", "spm", {**ts, "tgt_lang": "fr"})]
     assert all(k != base for k in changed)
+
+
+ZH = ["我们明天去北京看朋友。", "他每天早上喝一杯咖啡。", "这本书非常有意思。", "今天的天气很好，我们去公园吧。",
+      "她在大学学习中文和历史。", "请把门关上。", "我不知道他为什么没有来。", "火车站离这里不远。"]
+
+
+def _damaged(lines: list[str], seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(c if rng.random() > 0.3 else "的" for c in ln) for ln in lines]
+
+
+def _bleu_summed_per_line(hyps: list[str], refs: list[str], langs: list[str]) -> float:
+    """Corpus BLEU from each line's n-gram statistics under its own language's tokenizer."""
+    from sacrebleu.metrics import BLEU
+
+    correct, total, sys_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for h, r, lang in zip(hyps, refs, langs, strict=True):
+        s = BLEU(trg_lang=lang).corpus_score([h], [[r]])
+        correct = [a + b for a, b in zip(correct, s.counts, strict=True)]
+        total = [a + b for a, b in zip(total, s.totals, strict=True)]
+        sys_len, ref_len = sys_len + s.sys_len, ref_len + s.ref_len
+    return BLEU.compute_bleu(correct, total, sys_len, ref_len, smooth_method="exp").score
+
+
+def test_paired_tests_tokenize_by_target_language_as_the_bleu_table_does() -> None:
+    from sacrebleu.metrics import BLEU
+
+    from mtprune.significance import paired_test
+
+    refs = ZH * 3
+    base, other = _damaged(refs, 1), _damaged(refs, 2)
+    found, sig = paired_test(("a", base), [("b", other)], refs, "bs", 100, ["zh"] * len(refs))
+    assert found[0].baseline_bleu == pytest.approx(BLEU(trg_lang="zh").corpus_score(base, [refs]).score)
+    assert found[0].bleu == pytest.approx(BLEU(trg_lang="zh").corpus_score(other, [refs]).score)
+    assert "tok:zh" in sig and found[0].bleu > 1.0  # 13a would see one "word" per sentence: BLEU ≈ 0
+    assert BLEU().corpus_score(other, [refs]).score < 1.0
+    # a German and a Chinese test set pooled: each line keeps its own tokenizer's n-grams
+    de = [sentence(2000 + i, "de") for i in range(len(refs))]
+    mixed_refs, langs = de + refs, ["de"] * len(de) + ["zh"] * len(refs)
+    mixed_base, mixed_other = corrupt(de, 0.2, "x") + base, corrupt(de, 0.3, "y") + other
+    found, _ = paired_test(("a", mixed_base), [("b", mixed_other)], mixed_refs, "bs", 100, langs)
+    assert found[0].baseline_bleu == pytest.approx(_bleu_summed_per_line(mixed_base, mixed_refs, langs))
+    assert found[0].bleu == pytest.approx(_bleu_summed_per_line(mixed_other, mixed_refs, langs))

@@ -119,6 +119,7 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
     sets = opus_test_sets(cfg, layout)
     seeds = list(cfg.train.seeds)
     refs = [r for _ in seeds for ts in sets for r in ts["ref"]]
+    langs = [ts["tgt_lang"] for _ in seeds for ts in sets for _r in ts["ref"]]
     pooled: dict[str, list[str]] = {}
     corpus: dict[str, tuple[str, float]] = {}
     for m in seed_models(cfg, layout):
@@ -131,12 +132,12 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
     for sp in sorted({sp for st, sp in corpus.values() if st == "random"}):
         base = run_name("random", sp)
         others = [(n, pooled[n]) for n, (st, s) in corpus.items() if s == sp and st not in ("random", "full")]
-        found, sig = paired_test((base, pooled[base]), others, refs, test, samples)
+        found, sig = paired_test((base, pooled[base]), others, refs, test, samples, langs)
         vs["random"].update({c.system: c for c in found})
         signature = sig or signature
     if "full" in corpus:
         others = [(n, h) for n, h in pooled.items() if n != "full"]
-        found, sig = paired_test(("full", pooled["full"]), others, refs, test, samples)
+        found, sig = paired_test(("full", pooled["full"]), others, refs, test, samples, langs)
         vs["full"].update({c.system: c for c in found})
         signature = sig or signature
     if not vs["random"] and not vs["full"]:
