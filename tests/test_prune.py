@@ -95,6 +95,16 @@ def test_random_is_seeded_and_nested() -> None:
     assert set(dropped("random", 0.2, seed=5)) <= set(dropped("random", 0.5, seed=5))
 
 
+def test_random_per_pair_stays_nested_when_a_small_pair_drops_nothing() -> None:
+    # de-en has 3 pairs (none dropped at 0.1, one at 0.2); en-fr 1,000
+    n_small, n_big = 3, 1000
+    df = pd.DataFrame({"sentence_id": [f"de-en/{i}" for i in range(n_small)] + [f"en-fr/{i}" for i in range(n_big)],
+                       "pair": ["de-en"] * n_small + ["en-fr"] * n_big})
+    low, high = (drop_mask(df, "random", s, "per-pair", 3) for s in (0.1, 0.2))
+    assert low[:n_small].sum() == 0 and high[:n_small].sum() == 1 and low.sum() == 100 and high.sum() == 201
+    assert not (low & ~high).any()  # every pair dropped at 0.1 is dropped at 0.2
+
+
 def test_unknown_score_column_names_the_available_ones() -> None:
     with pytest.raises(UsageError, match="needs a score column 'bleu'.*el2n"):
         dropped("bleu-high", 0.1)

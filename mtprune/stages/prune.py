@@ -105,10 +105,13 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
     rng = np.random.default_rng(seed)
     for g in groups:
         k = n_dropped(sparsity, len(g))
+        # drawn even where nothing is dropped, so every sparsity sees the same permutation of every
+        # group and a larger sparsity drops a superset (per-pair scope with a pair too small for k > 0)
+        perm = rng.permutation(len(g)) if strategy == "random" else None
         if k == 0:
             continue
-        if strategy == "random":
-            order = g[rng.permutation(len(g))]
+        if perm is not None:
+            order = g[perm]
         elif strategy == "group":
             # rows in sentence-id order, so that the set does not depend on the table's row order
             g = g[np.lexsort((dirs[g], nums[g], pairs[g]))]
