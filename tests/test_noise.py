@@ -294,6 +294,24 @@ def test_report_auroc_per_kind_on_a_hand_made_table() -> None:
     assert t.loc[("el2n", "all"), "n_noisy"] == 4 and t.loc[("el2n", "misaligned"), "n_clean"] == 6
 
 
+def test_per_pair_scope_precision_is_of_what_per_pair_pruning_drops() -> None:
+    # pair A's scores all exceed pair B's; the labelled pairs are B's two highest
+    df = pd.DataFrame({"sentence_id": [f"de-en/{i}" for i in range(4)] + [f"en-fr/{i}" for i in range(4)],
+                       "pair": ["de-en"] * 4 + ["en-fr"] * 4, "n_tokens": [5] * 8,
+                       "el2n": [0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1]})
+    labels = {"en-fr/0": "misaligned", "en-fr/1": "misaligned"}
+    glob = noise_finding(df, labels, [0.5]).set_index(["score", "kind"])
+    per = noise_finding(df, labels, [0.5], "per-pair").set_index(["score", "kind"])
+    assert glob.loc[("el2n", "all"), "precision@0.5"] == 0.0  # the global top half is all of de-en
+    # per pair, the top half of each: de-en/0, de-en/1, en-fr/0, en-fr/1 (as prune drops them)
+    assert per.loc[("el2n", "all"), "precision@0.5"] == 0.5 and per.loc[("el2n", "all"), "recall@0.5"] == 1.0
+    assert per.loc[("el2n", "all"), "auroc"] == glob.loc[("el2n", "all"), "auroc"]  # AUROC does not depend on scope
+    from mtprune.stages.prune import drop_mask
+
+    dropped = drop_mask(df, "el2n-high", 0.5, "per-pair", 1)
+    assert df["sentence_id"][dropped].map(labels).notna().mean() == per.loc[("el2n", "all"), "precision@0.5"]
+
+
 def test_report_reads_two_and_one_column_labels(tmp_path: Path) -> None:
     from mtprune.config import load_config
 

@@ -285,17 +285,22 @@ def _expected_hits(v: np.ndarray, pos: np.ndarray, ranked: np.ndarray, n_top: in
     return float(pos[above].sum() + (n_top - above.sum()) * pos[tied].mean())
 
 
-def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float]) -> Any:
+def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float], scope: str = "global") -> Any:
     """One row per (score, kind): how well each score finds the labelled pairs.
 
     Higher score = more suspicious; ``-length`` (shorter target first) is the baseline. Kind ``all``
     takes every labelled pair; a kind's AUROC sets its pairs against all clean pairs. ``precision@s``
-    is the share of the top-s fraction of all pairs (what pruning at sparsity s drops) that is of that
-    kind (the kinds' precisions add up to ``all``'s), ``recall@s`` the share of the kind's pairs in it;
-    pairs tied at the cut count by their expected share, so a constant score gets the base rate.
+    is the share of what pruning at sparsity s drops (the top-s fraction of all pairs, or of each
+    pair's rows under ``scope`` per-pair, as ``prune.scope`` does) that is of that kind (the kinds'
+    precisions add up to ``all``'s), ``recall@s`` the share of the kind's pairs in it; pairs tied at
+    the cut count by their expected share, so a constant score gets the base rate.
     """
     import pandas as pd
 
+    from .prune import n_dropped
+
+    groups = ([np.arange(len(df))] if scope == "global"
+              else [np.flatnonzero(df["pair"].to_numpy() == p) for p in sorted(df["pair"].unique())])
     kind = df["sentence_id"].map(labels).fillna("").to_numpy()
     clean = kind == ""
     kinds = ["all"] + sorted(set(kind[~clean]) - {UNKNOWN_KIND})
@@ -305,15 +310,16 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float]) -> A
     for name, v in cands.items():
         if np.isnan(v).any():  # a pair without a score is the least suspicious
             v = np.where(np.isnan(v), np.nanmin(v) - 1 if (~np.isnan(v)).any() else 0.0, v)
-        ranked = np.sort(v)[::-1]
+        ranked = [np.sort(v[g])[::-1] for g in groups]
         for k in kinds:
             pos = ~clean if k == "all" else kind == k
             keep = pos | clean
             row: dict[str, Any] = {"score": name, "kind": k, "n_noisy": int(pos.sum()), "n_clean": int(clean.sum()),
                                    "auroc": auroc(v[keep], pos[keep])}
             for s in sparsities:
-                n_top = int(round(s * len(v)))
-                hits = _expected_hits(v, pos, ranked, n_top)
+                tops = [n_dropped(s, len(g)) for g in groups]
+                n_top = sum(tops)
+                hits = sum(_expected_hits(v[g], pos[g], r, t) for g, r, t in zip(groups, ranked, tops, strict=True))
                 row[f"precision@{s:g}"] = hits / n_top if n_top else float("nan")
                 row[f"recall@{s:g}"] = hits / pos.sum() if pos.any() else float("nan")
             rows.append(row)
@@ -492,7 +498,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     if labels is not None:
         known, source = labels
         fractions = [s for s in cfg.prune.sparsities if s > 0]
-        table = noise_finding(df, known, fractions)
+        table = noise_finding(df, known, fractions, cfg.prune.scope)
         n_noisy = int(df["sentence_id"].isin(known.keys()).sum())
         stats["noise_pairs"] = n_noisy
         md.append(_noise_section(table, fractions, n_noisy, len(df), source))
