@@ -265,8 +265,10 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
 
     def go() -> None:
         from .slurm import check_launch
+        from .stages.evaluate import check_bleu_tokenizers, target_languages
 
         check_launch(cfg, STAGES)  # launch.slurm.nodes > 1 needs Slurm
+        check_bleu_tokenizers(target_languages(cfg))  # before hours of training, not after
         if cfg.launch.launcher != "local" and not dry_run:
             _submit_and_report(cfg, layout, STAGES)
             if cfg.launch.launcher == "slurm":

@@ -196,3 +196,17 @@ def test_truncated_parquet_source(tmp_path: Path) -> None:
                     "--run-dir", str(tmp_path / "run"))
     assert code == 2, out
     assert len(error_lines(out)) == 1 and "not a readable parquet file" in out
+
+
+def test_a_target_language_without_its_bleu_tokenizer_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("MeCab") is not None:
+        pytest.skip("MeCab is installed here: sacrebleu can tokenize Japanese")
+    run = tmp_path / "run"
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", "download.source=hub",
+                    "--set", "download.pairs=[en-ja]")
+    assert code == 2, out
+    assert error_lines(out) == ["mtprune sweep: error: BLEU for target language 'ja' needs a tokenizer sacrebleu "
+                                "cannot load here (RuntimeError); install it with: pip install 'sacrebleu[ja]'"]
+    assert not any(run.iterdir())  # no stage started

@@ -39,6 +39,29 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def target_languages(cfg: Config) -> list[str]:
+    """Every language a model is scored in: each direction's target, then the extra test sets'."""
+    langs = [t for _, _, t in tasks(cfg.download.pairs, cfg.download.direction)]
+    return list(dict.fromkeys(langs + [x.tgt_lang for x in cfg.evaluate.extra_test_sets]))
+
+
+def check_bleu_tokenizers(langs: list[str]) -> None:
+    """Refuse, before anything trains, a target language whose BLEU tokenizer sacrebleu cannot load
+    here (ja and ko need MeCab, installed with ``sacrebleu[ja]`` / ``sacrebleu[ko]``)."""
+    from sacrebleu.metrics import BLEU
+
+    for lang in langs:
+        try:
+            BLEU(trg_lang=lang)
+        except (ImportError, RuntimeError) as e:
+            raise UsageError(f"BLEU for target language {lang!r} needs a tokenizer sacrebleu cannot load here "
+                             f"({type(e).__name__}); install it with: pip install 'sacrebleu[{lang}]'") from None
+
+
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    check_bleu_tokenizers(target_languages(cfg))
+
+
 def opus_test_sets(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
     """The test split of each pair and direction (``name``, ``pair``, ``src_lang``, ``tgt_lang``, ``src``, ``ref``)."""
     out = []
