@@ -124,3 +124,22 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path: Path, where: 
         want = "cannot be created"
     code, out = cli("download", *SYN, "--run-dir", str(run))
     assert code == 2 and want in out and "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_a_changed_test_split_makes_evaluate_stale_and_reaches_the_metrics(tiny_swept, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_swept[0], run, symlinks=True)
+    args = ["-c", str(TINY), "--run-dir", str(run), "--set", "download.max_test_per_pair=25"]
+    for stage in ("download", "prepare"):  # prepare does not read the test split: same outputs as before
+        code, out = cli(stage, *args, "-q")
+        assert code == 0, out
+    states = _states(cli("status", *args)[1])
+    assert all(states[s].startswith("fresh") for s in ("prepare", "proxy", "score", "prune", "train")), states
+    assert states["evaluate"].startswith("stale upstream download was rerun since"), states
+    code, out = cli("evaluate", *args, "-q")
+    assert code == 0, out
+    metrics = json.loads((run / "07_evaluate" / "full" / "metrics.json").read_text())
+    assert {r["sentences"] for r in metrics["results"].values()} == {25}

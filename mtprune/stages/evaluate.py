@@ -26,7 +26,7 @@ from .prepare import read_lines, tag, tasks
 from .train import seed_models
 
 SECTIONS = ("evaluate",)
-UPSTREAM = ("prepare", "train")
+UPSTREAM = ("download", "prepare", "train")  # download: the test split is read from it
 KEEPS_UNITS = True  # hypotheses decoded from an unchanged checkpoint with the same settings are reused
 log = logging.getLogger("mtprune")
 
