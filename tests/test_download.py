@@ -303,3 +303,14 @@ def test_wrong_language_noise_without_a_third_language(tmp_path: Path, source: s
         code, out = download(run, f"download.source={src}", "download.pairs=[de-en]", "download.noise.rate=0.1",
                              "download.noise.kinds=[truncated]")
         assert code == 0, out
+
+
+def test_a_local_copy_under_home_is_an_input_of_the_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtprune.config import load_config
+    from mtprune.stages.download import external_inputs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_release(tmp_path / "opus", "de-en")
+    cfg = load_config(None, ["download.source=local:~/opus", "download.pairs=[de-en]"])
+    files = external_inputs(cfg)  # editing the copy makes download stale, as for an absolute path
+    assert str(tmp_path / "opus" / "de-en" / "opus.de-en-train.de") in files and len(files) == 6

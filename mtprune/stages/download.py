@@ -27,6 +27,11 @@ SYNTHETIC_EVAL_SIZE = 500  # valid and test pairs generated per synthetic pair
 log = logging.getLogger("mtprune")
 
 
+def local_root(source: str) -> Path:
+    """The folder of a ``local:DIR`` source, ``~`` expanded."""
+    return Path(source.removeprefix("local:")).expanduser()
+
+
 def external_inputs(cfg: Config) -> dict[str, Any]:
     """Size and mtime of local source files, so editing the copy on disk makes the stage stale."""
     src = cfg.download.source
@@ -34,7 +39,7 @@ def external_inputs(cfg: Config) -> dict[str, Any]:
         return {str(f): stat_key(f) for f in _listed_files(cfg) if f.is_file()}
     if not src.startswith("local:"):
         return {}
-    root = Path(src[6:])
+    root = local_root(src)
     out = {}
     for pair in cfg.download.pairs + tuple(_outside_donors(cfg)):
         d = root / pair
@@ -74,7 +79,7 @@ def _split_reader(cfg: Config, pair: str) -> tuple[Callable[[str], Iterable[tupl
         files = cfg.download.files[pair]
         return (lambda split: read_files(getattr(files, split))), {}
     if src.startswith("local:"):
-        root = Path(src[6:]).expanduser()
+        root = local_root(src)
         return (lambda split: read_local(root, pair, split)), {}
     d = cfg.download
     data = make_pair(pair, d.synthetic_train_per_pair, SYNTHETIC_EVAL_SIZE, SYNTHETIC_EVAL_SIZE,
@@ -123,7 +128,7 @@ def _outside_donors(cfg: Config) -> list[str]:
     if d.source == "synthetic":
         return [p for p in OPUS_PAIRS if p != d.pairs[0]]
     if d.source.startswith("local:"):
-        return noise_mod.local_donor_pairs(Path(d.source[6:]).expanduser(), d.pairs[0])
+        return noise_mod.local_donor_pairs(local_root(d.source), d.pairs[0])
     return []
 
 
