@@ -90,12 +90,22 @@ def test_reverse_bin_row_i_is_pair_i_swapped_with_the_source_language_tag(prepar
 
 
 def test_without_dual_prepare_writes_no_reverse_bin_and_forward_units_ignore_the_switch(prepared: Path,
-                                                                                    tiny_run: Path) -> None:
+                                                                                    tiny_run: Path,
+                                                                                    tmp_path: Path) -> None:
     L = RunLayout(tiny_run)  # tiny.yaml: proxy.dual is off
     assert not L.data_bin_reverse.exists() and not L.spm_reverse_dir.exists()
     assert not list(L.stage_dir("proxy").glob("reverse-*"))
-    assert "<2en> 1" not in (L.data_bin / "dict.tgt.txt").read_text()  # no tag that only the reverse needs
     assert "dual_xent" not in pd.read_parquet(L.scores).columns
+    # prepared with proxy.dual off, the forward data is byte for byte the dual run's (the reverse tag is
+    # reserved either way), so switching dual on or off leaves every forward model's data as it was
+    off = tmp_path / "off"
+    for stage in ("download", "prepare"):
+        code, out = cli(stage, *_args(off, "proxy.dual=false"))
+        assert code == 0, out
+    assert not RunLayout(off).data_bin_reverse.exists()
+    for name in ("dict.src.txt", "dict.tgt.txt", "train.src-tgt.src.bin", "train.src-tgt.tgt.bin", "valid.src-tgt.tgt.bin"):
+        assert (RunLayout(off).data_bin / name).read_bytes() == (RunLayout(prepared).data_bin / name).read_bytes(), name
+    assert RunLayout(off).spm_model.read_bytes() == RunLayout(prepared).spm_model.read_bytes()
     # a forward seed's unit key is the same whether proxy.dual is on or off (finished seeds stay done)
     on, off = (load_config(TINY, [*SETS, f"proxy.dual={v}"], run_dir=str(prepared)) for v in ("true", "false"))
     units_on = {u.folder.name: u.key for u in proxy.units(on, RunLayout(prepared), False)}

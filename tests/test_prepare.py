@@ -80,6 +80,22 @@ def test_rerun_is_a_no_op_and_a_config_change_makes_it_stale(tmp_path: Path, loc
     assert "proxy     missing" in out
 
 
+def test_the_sentencepiece_model_does_not_depend_on_prepare_workers(tmp_path: Path) -> None:
+    """prepare.workers only changes speed: another core count must write the same model and data."""
+    models = []
+    for workers in (1, 3):
+        run = tmp_path / f"w{workers}"
+        sets = ["--set", "download.source=synthetic", "--set", "download.pairs=[de-en]",
+                "--set", "download.synthetic_train_per_pair=600", "--set", "prepare.vocab_size=300",
+                "--set", f"prepare.workers={workers}", "--run-dir", str(run), "-q"]
+        assert cli("download", *sets)[0] == 0
+        code, out = cli("prepare", *sets)
+        assert code == 0, out
+        L = RunLayout(run)
+        models.append((L.spm_model.read_bytes(), (L.data_bin / "train.src-tgt.tgt.bin").read_bytes()))
+    assert models[0] == models[1]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "tatoeba-opus100-layout").is_dir(), reason="shared data not present")
 def test_download_and_prepare_on_tatoeba_in_opus_layout(tmp_path: Path) -> None:

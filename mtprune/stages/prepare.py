@@ -135,17 +135,23 @@ def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, st
                     sentences.append(line)
                 elif (j := rng.randrange(seen)) < p.spm_sample:
                     sentences[j] = line
-    tags = sorted({tag(t) for _, _, t in all_tasks})
-    if cfg.proxy.dual:  # the reversed pairs (data-bin-reverse) are tagged with their source language
-        tags = sorted(set(tags) | {tag(s) for _, s, _ in all_tasks})
+    # every language's tag, source sides' too (the reversed pairs of proxy.dual are tagged with their
+    # source language), whatever proxy.dual says: switching it on must not change the dictionary and
+    # with it every forward model's data
+    tags = sorted({tag(x) for _, s, t in all_tasks for x in (s, t)})
     log.info("prepare: training SentencePiece (%s, vocab %d) on %d sentences", p.model_type, p.vocab_size,
              len(sentences))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=p.vocab_size, model_type=p.model_type,
         character_coverage=p.character_coverage, user_defined_symbols=tags, hard_vocab_limit=False,
-        num_threads=_workers(cfg), input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+        num_threads=SPM_THREADS, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
     atomic_write_bytes(layout.spm_model, model.getvalue())
+
+
+# SentencePiece's EM sums over one chunk of sentences per thread, so its piece scores (the model's bytes)
+# depend on the thread count: fixed, not prepare.workers, so that every machine trains the same model
+SPM_THREADS = 16
 
 
 def _workers(cfg: Config) -> int:
