@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,29 @@ def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
     assert len(tok) == int(merged["n_tokens"].sum())
     means = tok.groupby("sentence_id")["el2n"].mean()
     np.testing.assert_allclose(means[merged["sentence_id"]].to_numpy(), merged["el2n"].to_numpy(), rtol=1e-5)
+
+
+def test_a_merge_only_setting_re_merges_the_kept_pass_without_scoring_again(tiny_copy: Path) -> None:
+    L = RunLayout(tiny_copy)
+    before = pd.read_parquet(L.scores)
+    seconds = json.loads(L.manifest("score").read_text())["stats"]["seconds"]
+    # a stale set of another shard count beside the pass: ignored, not a reason to score again
+    stale = L.score_shard(0, 2)
+    shutil.copy(L.score_shard(0, 1), stale)
+    stale.with_suffix(".json").write_text(json.dumps({"key": "older settings", "rows": 1}))
+    change = ["--set", "score.combine_how=mean", "--set", "score.proto_clusters=3"]
+    assert "score     stale" in cli("status", "-c", str(TINY), "--run-dir", str(tiny_copy), *change)[1]
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), *change)
+    assert code == 0, out
+    assert "merging 1 finished shard" in out and "shard 0/1" not in out  # no scoring pass
+    after = pd.read_parquet(L.scores)
+    assert json.loads(L.manifest("score").read_text())["stats"]["seconds"] == seconds  # the pass's own time
+    same = [c for c in before.columns if c not in ("combined", "proto") and not c.startswith("proto@")]
+    pd.testing.assert_frame_equal(after[same], before[same])
+    assert not np.allclose(after["combined"], before["combined"])  # rank mean, not rank max
+    # a setting the pass reads does score again
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), *change, "--set", "score.dump_tokens=true")
+    assert code == 0 and "shard 0/1" in out, out
 
 
 def test_bad_shard_spec(tiny_run: Path) -> None:

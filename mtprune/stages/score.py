@@ -417,8 +417,14 @@ def _write_parquet(table: Any, path: Path) -> None:
         raise
 
 
+# read only when the finished pass is merged into scores.parquet: changing one re-merges, it does not rescore
+MERGE_ONLY = ("combine", "combine_how", "baselines", "proto_clusters")
+
+
 def _shard_key(cfg: Config, layout: RunLayout) -> str:
-    return json_hash({"config": stage_config(cfg, "score"), "inputs": upstream_digests("score", layout)})
+    conf = stage_config(cfg, "score")
+    conf["score"] = {k: v for k, v in conf["score"].items() if k not in MERGE_ONLY}
+    return json_hash({"config": conf, "inputs": upstream_digests("score", layout)})
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -456,7 +462,10 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
         import pyarrow as pa
 
         _write_parquet(pa.Table.from_pylist(res["tokens"]), _shard_tokens(path))
-    atomic_write_text(path.with_suffix(".json"), json.dumps({"key": _shard_key(cfg, layout), "rows": len(indices)}))
+    n_tok = float(res["n_tokens"].sum())
+    atomic_write_text(path.with_suffix(".json"), json.dumps({
+        "key": _shard_key(cfg, layout), "rows": len(indices), "seconds": res["seconds"], "device": str(res["device"]),
+        "target_tokens": n_tok, "dev_seconds": res["dev_seconds"], "dev_pairs": res["n_dev"]}))
     log.info("score: shard %d/%d: %d pairs in %.1fs -> %s", i, count, len(indices), res["seconds"], path)
     return path
 
@@ -496,14 +505,31 @@ def _concat_npy(parts: list[Path], out: Path) -> None:
 
 
 def _finished_shards(cfg: Config, layout: RunLayout) -> list[Path] | None:
+    """A complete set of shards (one per slice of some count N) finished with the current settings, or None.
+    Sets of other counts or older settings lying beside it are ignored."""
     folder = layout.stage_dir("score") / "shards"
-    files = sorted(folder.glob("shard-*-of-*.parquet"))
-    if not files:
-        return None
-    count = int(files[0].stem.split("-of-")[1])
+    counts = sorted({int(m.group(1)) for f in folder.glob("shard-*-of-*.parquet")
+                     if (m := re.fullmatch(r"shard-\d+-of-(\d+)\.parquet", f.name))})
     key = _shard_key(cfg, layout)
-    wanted = [layout.score_shard(i, count) for i in range(count)]
-    return wanted if all(shard_key_matches(w, key) for w in wanted) else None
+    for count in counts:
+        wanted = [layout.score_shard(i, count) for i in range(count)]
+        if all(w.is_file() and shard_key_matches(w, key) for w in wanted):
+            return wanted
+    return None
+
+
+def _pass_stats(shards: list[Path], n_ckpts: int) -> dict[str, Any]:
+    """The scoring pass's figures summed over its shards (each shard's seconds are its own process's)."""
+    recs = [json.loads(s.with_suffix(".json").read_text()) for s in shards]
+    out: dict[str, Any] = {"shards": len(shards)}
+    if all("seconds" in r for r in recs):  # shards written before these were recorded lack them
+        secs = max(sum(r["seconds"] for r in recs), 1e-9)
+        rows = sum(r["rows"] for r in recs)
+        out.update(seconds=round(secs, 2), device=", ".join(dict.fromkeys(r["device"] for r in recs)),
+                   checkpoints_scored=n_ckpts, sentences_per_second=round(rows / secs, 1),
+                   target_tokens_per_second=round(sum(r["target_tokens"] for r in recs) * n_ckpts / secs, 1),
+                   dev_gradient_seconds=round(sum(r["dev_seconds"] for r in recs), 2), dev_pairs=recs[0]["dev_pairs"])
+    return out
 
 
 def shard_key_matches(shard: Path, key: str) -> bool:
@@ -545,8 +571,6 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..fairseq_backend import load_train_pairs
-
     ckpts = checkpoints(cfg, layout)
     shards = _finished_shards(cfg, layout)
     stats: dict[str, Any] = {}
@@ -554,29 +578,19 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         from ..launch import score_on_gpus
 
         shards = score_on_gpus(cfg, layout)
+    if shards is None:  # one device: the whole pass as the one shard of one, kept so that a change of a
+        shards = [run_shard(cfg, layout, "0/1")]  # merge-only setting (score.combine, ...) only re-merges
+    else:
+        log.info("score: merging %d finished shard%s", len(shards), "s" if len(shards) > 1 else "")
     tmp_sketch, tmp_pooled = temp_path(layout.grad_sketch), layout.stage_dir("score") / f".pooled.{os.getpid()}.tmp"
     try:
-        if shards is not None:
-            log.info("score: merging %d finished shards", len(shards))
-            table = pa.concat_tables([pq.read_table(s) for s in shards])
-            if cfg.score.dump_tokens:
-                tok = pa.concat_tables([pq.read_table(_shard_tokens(s)) for s in shards])
-                _write_parquet(_with_sentence_ids(tok, table), layout.token_scores)
-            stats["merged_shards"] = len(shards)
-            _concat_npy([_shard_sketch(s) for s in shards], tmp_sketch)
-            _concat_npy([_shard_pooled(s) for s in shards], tmp_pooled)
-        else:
-            n = len(load_train_pairs(layout.data_bin)[1])
-            indices = np.arange(n)
-            res = score_indices(cfg, layout, indices, "score", tmp_sketch, tmp_pooled)
-            table = add_dual_columns(cfg, layout, _table(cfg, layout, indices, res))
-            if cfg.score.dump_tokens:
-                _write_parquet(_with_sentence_ids(pa.Table.from_pylist(res["tokens"]), table), layout.token_scores)
-            secs = max(res["seconds"], 1e-9)
-            stats.update(seconds=round(res["seconds"], 2), device=res["device"], checkpoints_scored=len(ckpts),
-                         sentences_per_second=round(n / secs, 1),
-                         target_tokens_per_second=round(float(res["n_tokens"].sum()) * len(ckpts) / secs, 1),
-                         dev_gradient_seconds=round(res["dev_seconds"], 2), dev_pairs=res["n_dev"])
+        table = pa.concat_tables([pq.read_table(s) for s in shards])
+        if cfg.score.dump_tokens:
+            tok = pa.concat_tables([pq.read_table(_shard_tokens(s)) for s in shards])
+            _write_parquet(_with_sentence_ids(tok, table), layout.token_scores)
+        stats.update(_pass_stats(shards, len(ckpts)))
+        _concat_npy([_shard_sketch(s) for s in shards], tmp_sketch)
+        _concat_npy([_shard_pooled(s) for s in shards], tmp_pooled)
         t0 = time.time()
         table = _with_proto(table, np.load(tmp_pooled, mmap_mode="r"), ckpts, cfg.score.proto_clusters)
         stats["proto_seconds"] = round(time.time() - t0, 2)
