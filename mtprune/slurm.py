@@ -260,6 +260,21 @@ def sbatch_line(key: str, value: str) -> str:
 
 # ---- submitting --------------------------------------------------------------------------------
 
+def local_gpu_parameters() -> dict[str, Any]:
+    """submitit's LocalExecutor gives its jobs ``CUDA_VISIBLE_DEVICES`` of ``gpus_per_node`` GPUs, none
+    by default: without these, every submitit-local job would train on CPU. Its jobs see the GPUs this
+    process sees (and share them out among their units as a local run does)."""
+    from . import gpus
+
+    vis = gpus.visible()
+    if not vis:
+        return {}
+    if all(v.isdigit() for v in vis):
+        return {"gpus_per_node": len(vis), "visible_gpus": tuple(int(v) for v in vis)}
+    # GPU UUIDs (CUDA_VISIBLE_DEVICES=GPU-...): submitit takes integers only, so set them in the job's shell
+    return {"setup": [f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(vis))}"]}
+
+
 def _executor(cfg: Config, layout: RunLayout, stage: str, kind: str) -> Any:
     import submitit
 
@@ -267,7 +282,7 @@ def _executor(cfg: Config, layout: RunLayout, stage: str, kind: str) -> Any:
     s = cfg.launch.slurm
     if kind == "submitit-local":
         ex = submitit.LocalExecutor(folder=str(folder))
-        ex.update_parameters(timeout_min=s.time_min)
+        ex.update_parameters(timeout_min=s.time_min, **local_gpu_parameters())
         return ex
     ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     ex.update_parameters(timeout_min=s.time_min, slurm_array_parallelism=s.array_parallelism)

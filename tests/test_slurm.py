@@ -442,3 +442,21 @@ def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_un
     assert json.loads(L.manifest("train").read_text())["stage"] == "train"
     assert (L.train_dir("random-0.2") / "done.json").is_file()
     shutil.rmtree(run / "slurm")
+
+
+@pytest.mark.parametrize("parent,expected", [("3,5", "3,5"), ("GPU-1a,GPU-2b", "GPU-1a,GPU-2b")])
+def test_submitit_local_jobs_see_the_gpus_this_process_sees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             parent: str, expected: str) -> None:
+    import submitit
+
+    from mtprune import gpus
+    from mtprune.slurm import local_gpu_parameters
+
+    monkeypatch.setattr(gpus, "device_count", lambda: 2)  # the one thing a CPU machine cannot have
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    ex = submitit.LocalExecutor(folder=str(tmp_path / "jobs"))
+    ex.update_parameters(timeout_min=2, **local_gpu_parameters())
+    job = ex.submit(os.getenv, "CUDA_VISIBLE_DEVICES", "<unset>")  # a real submitit-local job: what it is given
+    assert job.result() == expected
+    monkeypatch.setattr(gpus, "device_count", lambda: 0)
+    assert local_gpu_parameters() == {}  # no GPU: submitit's default (none) stands
