@@ -9,6 +9,10 @@ after shards are merged), all with higher = worse:
   this keeps what a pair has beyond its length. Lengths with fewer than ``MIN_BIN`` pairs are merged
   with their longer neighbours until a bin has ``MIN_BIN`` pairs (a short last bin joins the one before),
   so a median is never taken over a handful of pairs.
+- ``el2n_worst``: the EL2N aggregations side by side, as percentile ranks, and their maximum: a pair
+  is as suspect as the worst of its length-debiased token mean (``el2n_debiased``), its end-of-sentence
+  token (``el2n_eos``: a truncated target) and its hardest token (``el2n_max``). Fixed, label-free,
+  EL2N only (no NLL), so it answers "what does EL2N alone find"; ``combined`` is the configurable one.
 - ``combined``: a label-free rank combination of proxy columns (``score.combine``, ``-name`` for a
   column whose bad side is low, e.g. ``-tracin``): each column's percentile rank (ties averaged), then
   the maximum (``score.combine_how: max``, a pair is as bad as its worst rank) or the mean. Baseline
@@ -44,6 +48,7 @@ log = logging.getLogger("mtprune")
 
 MIN_BIN = 50
 DEBIASED = ("el2n", "nll")
+EL2N_WORST = ("el2n_debiased", "el2n_eos", "el2n_max")
 # besides the run's own languages, so that a target in another common language is recognised as such
 EXTRA_LANGS = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "nb", "pl", "cs", "ro", "hu", "fi", "tr",
                "ru", "el", "ca", "eo", "zh", "ja", "ar")
@@ -53,7 +58,7 @@ _COMBINE_ENTRY = re.compile(r"^-?[A-Za-z0-9_@]+$")
 def is_derived(column: str) -> bool:
     """Columns ``add_columns`` writes (and replaces when run again)."""
     base = column.split("@", 1)[0]
-    return base in {f"{f}_debiased" for f in DEBIASED} | {"combined"} or column.startswith("base_")
+    return base in {f"{f}_debiased" for f in DEBIASED} | {"combined", "el2n_worst"} or column.startswith("base_")
 
 
 # ---- length debiasing ---------------------------------------------------------------------------
@@ -238,6 +243,10 @@ def add_columns(df: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None
         new["base_langid"] = langid_badness(tgt, tgt_lang, run_langs)
         seconds["base_langid"] = round(time.time() - t0, 3)
     df = df.assign(**new)
+    if all(c in df.columns for c in EL2N_WORST) and len(df):
+        t0 = time.time()
+        df = df.assign(el2n_worst=combined(df, EL2N_WORST, "max"))
+        seconds["el2n_worst"] = round(time.time() - t0, 3)
     if cfg.score.combine:
         t0 = time.time()
         df = df.assign(combined=combined(df, cfg.score.combine, cfg.score.combine_how))

@@ -121,7 +121,7 @@ def fake_run(root: Path) -> tuple[RunLayout, pd.DataFrame]:
                        "pair": ["de-en"] * 4, "direction": ["en-de", "en-de", "en-de", "de-en"],
                        "n_tokens": [12, 11, 6, 10], "el2n": [0.5, 0.4, 0.3, 0.2], "nll": [3.0, 2.0, 1.0, 4.0],
                        "el2n@s1u10": [0.5, 0.4, 0.3, 0.2], "nll@s1u10": [3.0, 2.0, 1.0, 4.0],
-                       "el2n_eos": [0.9, 0.1, 0.2, 0.3]})
+                       "el2n_eos": [0.9, 0.1, 0.2, 0.3], "el2n_max": [0.6, 0.9, 0.35, 0.25]})
     return layout, df
 
 
@@ -144,6 +144,9 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     # four rows make one length bin: el2n median 0.35, nll median 2.5
     np.testing.assert_allclose(out["el2n_debiased"], [0.15, 0.05, -0.05, -0.15])
     np.testing.assert_allclose(out["combined"], derived.combined(out, ["nll", "el2n_eos", "el2n_debiased"]))
+    # el2n_worst by hand: percentile ranks of el2n_debiased [4,3,2,1]/4, el2n_eos [4,1,2,3]/4,
+    # el2n_max [3,4,2,1]/4; the largest of each row
+    np.testing.assert_allclose(out["el2n_worst"], [1.0, 1.0, 0.5, 0.75])
     # the table read back from parquet: derived columns are replaced, not duplicated, same values
     path = tmp_path / "scores.parquet"
     out.to_parquet(path)
