@@ -441,7 +441,8 @@ class ScoreConfig(_Recorded):
     proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score
     # post-pass columns (mtprune/derived.py): `combined` ranks these columns (-name: low is bad) and takes
     # the max (a pair is as bad as its worst rank) or the mean; [] for none. base_* baselines: on/off
-    combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll_debiased", "el2n_debiased", "el2n_eos")
+    combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll_debiased", "el2n_debiased", "el2n_eos",
+                                                                      "el2n_max")
     combine_how: Annotated[Str, _one_of("max", "mean")] = "max"
     baselines: Bool = True  # base_len_ratio, base_copy, base_langid (lingua: ~4 s per 10k pairs)
 

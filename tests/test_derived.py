@@ -143,7 +143,8 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     assert out["base_langid"][3] < 0.2
     # four rows make one length bin: el2n median 0.35, nll median 2.5
     np.testing.assert_allclose(out["el2n_debiased"], [0.15, 0.05, -0.05, -0.15])
-    np.testing.assert_allclose(out["combined"], derived.combined(out, ["nll", "el2n_eos", "el2n_debiased"]))
+    assert cfg.score.combine == ("nll_debiased", "el2n_debiased", "el2n_eos", "el2n_max")  # the default
+    np.testing.assert_allclose(out["combined"], derived.combined(out, ["nll", "el2n_eos", "el2n_debiased", "el2n_max"]))
     # el2n_worst by hand: percentile ranks of el2n_debiased [4,3,2,1]/4, el2n_eos [4,1,2,3]/4,
     # el2n_max [3,4,2,1]/4; the largest of each row
     np.testing.assert_allclose(out["el2n_worst"], [1.0, 1.0, 0.5, 0.75])
@@ -153,7 +154,8 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     again = derived.add_columns(pd.read_parquet(path), load_config(None, ["score.combine_how=mean"]), layout)
     assert list(again.columns) == list(out.columns)
     np.testing.assert_allclose(again["base_langid"], out["base_langid"])
-    np.testing.assert_allclose(again["combined"], derived.combined(out, ["nll", "el2n_eos", "el2n_debiased"], "mean"))
+    np.testing.assert_allclose(again["combined"], derived.combined(out, ["nll", "el2n_eos", "el2n_debiased", "el2n_max"],
+                                                                   "mean"))
     # baselines off: no base_* columns, and no raw text is read
     off = derived.add_columns(df, load_config(None, ["score.baselines=false", "score.combine=[]"]), RunLayout(tmp_path / "x"))
     assert not [c for c in off.columns if c.startswith("base_") or c == "combined"]
