@@ -335,7 +335,7 @@ def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule
     save_dir.mkdir(parents=True, exist_ok=True)
     record_dictionary(data_bin, save_dir)
     log_path = save_dir / "train.log"
-    done = checkpoint_updates(save_dir / "checkpoint_last.pt")
+    done = _resumable_updates(save_dir, prefix)
     if done is not None and done >= schedule.max_update:
         # finished before a stop; fairseq-train would train one more update past max_update
         log.info("%sfairseq-train already reached update %d", prefix, done)
@@ -353,6 +353,35 @@ def _losses(lines: list[str]) -> dict[str, Any]:
             out[kind] = float(m.group(1))
             out[f"{kind}_updates"] = int(u.group(1))
     return out
+
+
+def _resumable_updates(save_dir: Path, prefix: str) -> int | None:
+    """The update count fairseq-train will resume from (None: from the start).
+
+    fairseq writes ``checkpoint_last.pt`` in place (and as a plain copy of the interval checkpoint it
+    just saved), so a kill mid-write leaves it truncated while the interval checkpoints beside it are
+    whole: then the newest readable one becomes ``checkpoint_last.pt`` and training resumes there,
+    instead of the whole run being lost. Only with no readable checkpoint at all is it an error."""
+    last = save_dir / "checkpoint_last.pt"
+    try:
+        return checkpoint_updates(last)
+    except StageError as e:
+        damaged = e
+    kept = sorted(((int(m.group(1)), p) for p in save_dir.glob("checkpoint_*_*.pt")
+                   if (m := re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", p.name))), reverse=True)
+    for updates, path in kept:
+        try:
+            if checkpoint_updates(path) != updates:
+                continue
+        except StageError:
+            continue
+        tmp = last.with_name(f".{last.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, last)
+        log.warning("%s%s was damaged (a run stopped while writing it?): resuming from %s, update %d",
+                    prefix, last, path.name, updates)
+        return updates
+    raise damaged
 
 
 def interval_checkpoint(save_dir: Path, updates: int) -> Path | None:

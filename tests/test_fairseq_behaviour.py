@@ -18,7 +18,7 @@ import pytest
 
 from conftest import TINY, cli, error_lines
 from mtprune.config import ModelConfig, load_config
-from mtprune.errors import UsageError
+from mtprune.errors import StageError, UsageError
 from mtprune.fairseq_backend import (
     DICT_RECORD,
     Schedule,
@@ -312,3 +312,28 @@ def test_resume_from_checkpoint_last(fairseq_run: tuple[Path, Path, int], tmp_pa
     log = (save / "train.log").read_text().split("\n$ ")[-1]
     assert re.search(rf"Loaded checkpoint \S+checkpoint_last\.pt \(epoch 3 @ {2 * per_epoch} updates\)", log), log
     assert checkpoint_updates(save / "checkpoint_last.pt") == 2 * per_epoch + 2
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_last_resumes_from_the_newest_whole_interval_checkpoint(
+        fairseq_run: tuple[Path, Path, int], tmp_path: Path) -> None:
+    data_bin, src, per_epoch = fairseq_run
+    save = tmp_path / "save"
+    shutil.copytree(src, save)
+    max_tokens = int(re.search(r"--max-tokens (\d+)", (save / "train.log").read_text()).group(1))
+    last = save / "checkpoint_last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # killed while fairseq copied it
+    newest = save / f"checkpoint_2_{2 * per_epoch}.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # and the newest interval checkpoint damaged too
+    train(data_bin, save, TINY_MODEL, _schedule(2 * per_epoch + 2, per_epoch // 2, max_tokens), threads=2,
+          use_cuda=False, prefix="")
+    log = (save / "train.log").read_text().split("\n$ ")[-1]
+    resumed = per_epoch + per_epoch // 2  # the newest whole one
+    assert re.search(rf"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ {resumed} updates\)", log), log
+    assert checkpoint_updates(last) == 2 * per_epoch + 2
+    # nothing readable at all: the one-line error that names the file
+    for p in save.glob("checkpoint_*.pt"):
+        p.write_bytes(b"damaged")
+    with pytest.raises(StageError, match="checkpoint_last.pt: corrupt or unreadable checkpoint"):
+        train(data_bin, save, TINY_MODEL, _schedule(2 * per_epoch + 4, per_epoch // 2, max_tokens), threads=2,
+              use_cuda=False, prefix="")
