@@ -344,6 +344,11 @@ def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule
     return _losses(log_path.read_text(encoding="utf-8").splitlines())
 
 
+def logged_losses(save_dir: Path) -> dict[str, Any]:
+    """The last training and validation losses in ``save_dir/train.log``, as ``train`` returns them."""
+    return _losses((save_dir / "train.log").read_text(encoding="utf-8").splitlines())
+
+
 def _losses(lines: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ln in lines:

@@ -72,6 +72,21 @@ def test_a_truncated_proxy_checkpoint_is_redone_not_accepted(run: Path) -> None:
     assert stage_status(run, "proxy") == "fresh"
 
 
+def test_a_proxy_stopped_after_keeping_its_checkpoints_is_not_trained_again(run: Path) -> None:
+    """Killed after the kept checkpoints were named and the others removed, before done.json."""
+    folder = RunLayout(run).proxy_checkpoint(1, 2).parent
+    (folder / "done.json").unlink()
+    RunLayout(run).manifest("proxy").unlink()  # the stage had not finished either
+    kept = files(folder)
+    runs = (folder / "train.log").read_text().count("\n$ ")
+    code, out = cli("proxy", *args(run))
+    assert code == 0, out
+    assert "every kept checkpoint is there" in out
+    assert (folder / "train.log").read_text().count("\n$ ") == runs  # no fairseq-train started
+    assert {n: b for n, b in files(folder).items() if n.endswith(".pt")} == {n: b for n, b in kept.items() if n.endswith(".pt")}
+    assert stage_status(run, "proxy") == "fresh"
+
+
 def test_a_deleted_final_checkpoint_is_redone_not_a_traceback(run: Path) -> None:
     best = RunLayout(run).train_dir("random-0.2") / "checkpoint_best.pt"
     best.unlink()

@@ -18,8 +18,10 @@ from ..fairseq_backend import (
     Schedule,
     batch_record,
     check_training,
+    checkpoint_updates,
     cuda_available,
     interval_checkpoint,
+    logged_losses,
     train,
     update_freq_for,
     world_size,
@@ -60,6 +62,14 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
             raise
 
 
+def _holds(path: Path, updates: int) -> bool:
+    """Whether ``path`` is a readable checkpoint saved at ``updates``."""
+    try:
+        return checkpoint_updates(path) == updates
+    except StageError:
+        return False
+
+
 def _checkpoint_name(updates: int) -> str:
     return RunLayout(Path()).proxy_checkpoint(0, updates).name
 
@@ -69,8 +79,12 @@ def _train_work(cfg: Config, data_bin: Path, seed: int, name: str, use_cuda: boo
 
     def work(folder: Path, threads: int) -> dict[str, Any]:
         s = schedule(cfg, seed, use_cuda)
-        losses = train(data_bin, folder, cfg.model, s, threads, use_cuda, prefix=f"[proxy {name}] ")
         kept = {u: folder / _checkpoint_name(u) for u in cfg.proxy.checkpoints}
+        if not (folder / "checkpoint_last.pt").exists() and all(_holds(p, u) for u, p in kept.items()):
+            # stopped after its checkpoints were kept and the others removed, before done.json: finished
+            log.info("[proxy %s] every kept checkpoint is there: training had finished", name)
+            return {**logged_losses(folder), **batch_record(s, use_cuda)}
+        losses = train(data_bin, folder, cfg.model, s, threads, use_cuda, prefix=f"[proxy {name}] ")
         missing = []
         for u, path in kept.items():
             found = interval_checkpoint(folder, u)
