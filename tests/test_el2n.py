@@ -206,7 +206,7 @@ def test_a_batch_that_overflows_fp16_is_scored_again_in_float32(tiny_run) -> Non
     batch = score.collate(src, tgt, np.arange(20), d.pad(), d.eos())
     with torch.inference_mode():
         fc1 = model.decoder.layers[-1].fc1
-        fc1.weight.mul_(3e4)  # the last decoder layer's FFN now exceeds 65504 in fp16, not in float32
+        fc1.weight.mul_(1e6)  # the last decoder layer's FFN now far exceeds 65504 in fp16, not float32's range
         with torch.autocast("cpu", dtype=torch.float16):  # what the check guards against
             enc = model.encoder(batch["src_tokens"], src_lengths=batch["src_lengths"])
             raw, _ = model.decoder(batch["prev"], encoder_out=enc, features_only=True)

@@ -418,7 +418,7 @@ def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_un
     manifests = [json.loads(L.manifest(s).read_text()) for s in STAGES]
     for before, after in zip(manifests, manifests[1:], strict=False):
         assert after["started"] >= before["finished"], (before["stage"], after["stage"])
-    assert manifests[STAGES.index("score")]["stats"]["merged_shards"] == 2
+    assert manifests[STAGES.index("score")]["stats"]["shards"] == 2
     jobs = json.loads((run / "slurm" / "jobs.json").read_text())
     assert len({j["folder"] for j in jobs}) == len(STAGES)  # real submitit job folders, one per stage
     code, out = cli("status", *sets)
