@@ -348,4 +348,4 @@ def score_on_gpus(cfg: Config, layout: RunLayout) -> list[Path] | None:
 def _shard_done(j: ShardJob, key: str) -> bool:
     from .stages.score import shard_key_matches
 
-    return shard_key_matches(j.parquet, key) and j.parquet.is_file()
+    return shard_key_matches(j.parquet, key)

@@ -513,7 +513,7 @@ def _finished_shards(cfg: Config, layout: RunLayout) -> list[Path] | None:
     key = _shard_key(cfg, layout)
     for count in counts:
         wanted = [layout.score_shard(i, count) for i in range(count)]
-        if all(w.is_file() and shard_key_matches(w, key) for w in wanted):
+        if all(shard_key_matches(w, key) for w in wanted):
             return wanted
     return None
 
@@ -533,7 +533,9 @@ def _pass_stats(shards: list[Path], n_ckpts: int) -> dict[str, Any]:
 
 
 def shard_key_matches(shard: Path, key: str) -> bool:
-    """Whether ``shard`` was finished (its key file written last) with the settings of ``key``."""
+    """Whether ``shard`` was finished (its key file written last, the shard still there) with the settings of ``key``."""
+    if not shard.is_file():
+        return False
     try:
         return json.loads(shard.with_suffix(".json").read_text())["key"] == key
     except (OSError, ValueError, KeyError, TypeError):
