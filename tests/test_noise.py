@@ -14,7 +14,7 @@ import pytest
 from conftest import SHARED_DATA, cli, download, read, write_release
 from mtprune.config import NOISE_KINDS, OPUS_PAIRS
 from mtprune.layout import RunLayout
-from mtprune.stages.report import noise_finding, noise_labels
+from mtprune.stages.report import labelled_noise_table, noise_finding, noise_labels
 from mtprune.synthetic import make_pair
 
 TATOEBA = SHARED_DATA / "tatoeba-opus100-layout"
@@ -292,6 +292,34 @@ def test_report_auroc_per_kind_on_a_hand_made_table() -> None:
     assert t.loc[("-length", "all"), "precision@0.5"] == pytest.approx((2 + 3 * 2 / 8) / 5)
     assert t.loc[("-length", "misaligned"), "recall@0.5"] == pytest.approx(3 * 2 / 8 / 2)
     assert t.loc[("el2n", "all"), "n_noisy"] == 4 and t.loc[("el2n", "misaligned"), "n_clean"] == 6
+
+
+def test_score_stage_table_ranks_scores_by_auroc_with_precision_at_the_labelled_fraction() -> None:
+    df, labels = hand_made_scores()
+    md, long, summary = labelled_noise_table(df, labels, "01_download/noise.ids")
+    assert list(summary["auroc"]) == ["dual_xent", "-length", "el2n", "nll"]  # best first
+    assert summary["labelled"] == 4 and summary["auroc"]["el2n"] == pytest.approx(15 / 24, abs=1e-4)
+    assert "| score | all | misaligned | truncated | precision@labelled | worst kind | spearman vs length |" in md
+    # 4 of 10 labelled: el2n's top 4 are 0.9, 0.8 (truncated), 0.6, 0.5 (clean); worst kind misaligned 3/12
+    assert "| el2n | 0.62 | 0.25 | 1.00 | 0.50 | 0.25 |" in md
+    assert "| dual_xent | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in md
+    t = long.set_index(["score", "kind"])
+    assert t.loc[("el2n", "truncated"), "recall@labelled"] == 1.0
+
+
+@pytest.mark.slow
+def test_score_writes_the_noise_table_and_drops_it_without_labels(tiny_copy: Path) -> None:
+    from mtprune.stages.score import _noise_files
+
+    L = RunLayout(tiny_copy)
+    md = (L.stage_dir("score") / "noise.md").read_text()
+    assert "| score | all |" in md and "| -length |" in md and "| el2n |" in md
+    m = json.loads(L.manifest("score").read_text())
+    assert any(Path(k).name == "noise.md" for k in m["outputs"]), m["outputs"]
+    assert m["stats"]["noise"]["labelled"] == len(L.noise_ids.read_text().splitlines())
+    L.noise_ids.unlink()
+    assert _noise_files(pd.read_parquet(L.scores), L, {}) == []
+    assert not (L.stage_dir("score") / "noise.md").exists() and not (L.stage_dir("score") / "noise.csv").exists()
 
 
 def test_per_pair_scope_precision_is_of_what_per_pair_pruning_drops() -> None:

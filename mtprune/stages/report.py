@@ -199,12 +199,17 @@ def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] |
         path, source = layout.noise_ids, "01_download/noise.ids"
     else:
         return None
+    return read_noise_ids(path), source
+
+
+def read_noise_ids(path: Path) -> dict[str, str]:
+    """``<sentence id>[TAB <kind>]`` lines: sentence id -> kind of noise."""
     labels = {}
     for ln in read_lines(path):
         if ln.strip():
             sid, _, kind = ln.partition("\t")
             labels[sid.strip()] = kind.strip() or UNKNOWN_KIND
-    return labels, source
+    return labels
 
 
 def score_columns(df: Any) -> list[str]:
@@ -355,6 +360,40 @@ def _noise_section(table: Any, sparsities: list[float], n_noisy: int, n_all: int
     rows.append(["random (expected)"] + [n_noisy / n_all if n_all else float("nan")] * len(sparsities))
     md.append(_md_table(["score"] + [f"precision@{s:g}" for s in sparsities], rows))
     return "".join(md)
+
+
+def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[str, Any, dict[str, Any]]:
+    """What ``mtprune score`` writes when the download labelled its noise: every score column ranked by
+    AUROC, one column per kind, the precision among the highest-scoring pairs at the labelled fraction
+    (global ranking; the report gives precision at each prune sparsity), the worst kind and the
+    Spearman with the target length. Depends on nothing but the scores and the labels, so that it
+    stays true whatever the prune settings. Returns markdown, the long table and a summary."""
+    n_all = len(df)
+    n_noisy = int(df["sentence_id"].isin(labels.keys()).sum())
+    rate = n_noisy / n_all if n_all else 0.0
+    table = noise_finding(df, labels, [rate])
+    table = table.rename(columns={f"precision@{rate:g}": "precision@labelled",
+                                  f"recall@{rate:g}": "recall@labelled"})
+    at = table.set_index(["score", "kind"])
+    kinds = [k for k in dict.fromkeys(table["kind"]) if k != "all"]
+    length = df["n_tokens"].to_numpy(dtype=float)
+    cands = oriented_scores(df)
+    cands["-length"] = -length
+    rows = []
+    for name in dict.fromkeys(table["score"]):
+        by_kind = [float(at.loc[(name, k), "auroc"]) for k in kinds]
+        rows.append([name, float(at.loc[(name, "all"), "auroc"]), *by_kind,
+                     float(at.loc[(name, "all"), "precision@labelled"]),
+                     min(by_kind) if by_kind else float("nan"), spearman(cands[name], length)])
+    rows.sort(key=lambda r: -1.0 if math.isnan(r[1]) else -r[1])
+    md = (f"# Finding the labelled noise\n\n{n_noisy} of {n_all} pairs labelled ({source}). AUROC of each score "
+          "(higher = more suspicious; `-length`: shorter target first; 0.5 is chance), for all labelled pairs "
+          "and for each kind against the clean pairs; the share of noise among the "
+          f"{rate:.1%} highest-scoring pairs (random: {rate:.2f}); the worst kind; Spearman with the target "
+          "length. Per kind precision and recall in `noise.csv`.\n\n"
+          + _md_table(["score", "all", *kinds, "precision@labelled", "worst kind", "spearman vs length"], rows))
+    summary = {"labelled": n_noisy, "auroc": {r[0]: None if math.isnan(r[1]) else round(r[1], 4) for r in rows}}
+    return md, table, summary
 
 
 def _fmt(x: Any) -> str:

@@ -617,4 +617,28 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
              "between seeds %s", n_rows, e["mean"], e["p5"], e["p50"], e["p95"], e["spearman_vs_length"],
              ", ".join(f"{k} {v:.2f}" for k, v in stats["el2n_spearman_between_seeds"].items()) or "n/a")
     outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens else [])
+    outputs += _noise_files(table.to_pandas(), layout, stats)
     return StageResult(outputs, stats)
+
+
+def _noise_files(df: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path]:
+    """With labelled noise from the download (``download.noise`` or the synthetic corpus), how well each
+    score finds it: ``04_score/noise.md`` and ``noise.csv``, so a scorer is judged without training any final
+    model. Without labels, files of an earlier labelled run are removed."""
+    from .report import labelled_noise_table, read_noise_ids
+
+    md_path, csv_path = layout.stage_dir("score") / "noise.md", layout.stage_dir("score") / "noise.csv"
+    if not layout.noise_ids.is_file():
+        md_path.unlink(missing_ok=True)
+        csv_path.unlink(missing_ok=True)
+        return []
+    labels = read_noise_ids(layout.noise_ids)
+    md, long, summary = labelled_noise_table(df, labels, "01_download/noise.ids")
+    atomic_write_text(md_path, md)
+    atomic_write_text(csv_path, long.to_csv(index=False, lineterminator="\n"))
+    stats["noise"] = summary
+    best = [f"{k} {v:.2f}" for k, v in summary["auroc"].items() if v is not None][:4]
+    base = summary["auroc"].get("-length")
+    log.info("score: finding the %d labelled pairs, best AUROC: %s; -length %s (table: %s)", summary["labelled"],
+             ", ".join(best) or "n/a", "n/a" if base is None else f"{base:.2f}", md_path)
+    return [md_path, csv_path]
