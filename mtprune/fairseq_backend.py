@@ -91,6 +91,16 @@ def world_size(use_cuda: bool) -> int:
     return len(group) if group is not None else max(1, gpus.device_count())
 
 
+def data_inputs(data_bin: Path, valid: bool) -> dict[str, str]:
+    """Digests of what a training run reads beyond its target side (which unit keys hold): the source side,
+    and with ``valid`` the validation set (it picks checkpoint_best). A unit recorded with other digests
+    trains again."""
+    from .manifest import file_sha256
+
+    names = [f"train.{SRC}-{TGT}.{SRC}.bin"] + ([f"valid.{SRC}-{TGT}.{x}.bin" for x in (SRC, TGT)] if valid else [])
+    return {n: file_sha256(data_bin / n) for n in names}
+
+
 def update_freq_for(tokens_per_update: int | None, update_freq: int, max_tokens: int, world: int) -> int:
     """Batches accumulated per optimizer step. With ``tokens_per_update`` set, as many as it takes for
     ``max_tokens`` x ``world`` x update_freq to reach it, so an update means the same amount of data on

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ log = logging.getLogger("mtprune")
 
 DONE = "done.json"
 KEY = "unit.json"
+INPUTS = "inputs.json"
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Unit:
     work: Callable[[Path, int], dict[str, Any]]  # (folder to write in, threads) -> result recorded in done.json
     outputs: list[str]  # files the work leaves in its folder; the unit is done only while they are intact
     run_lock: Path  # the run directory's lock: a unit never runs beside a plain stage command of another process
+    # digests of input files the result depends on beyond ``key`` (the training source side, the validation
+    # set). Kept apart from the key so that units finished before they were recorded stay done
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def unit_settings(cfg: Config, *sections: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def unit_state(u: Unit, folder: Path) -> tuple[dict[str, Any] | None, str | None
     (None, problem) when it was finished with this key but an output is missing or damaged;
     (None, None) when it holds no finished work for this key."""
     done = _read_json(folder / DONE)
-    if not isinstance(done, dict) or done.get("key") != u.key:
+    if not isinstance(done, dict) or done.get("key") != u.key or _inputs_changed(u, done.get("inputs")):
         return None, None
     recorded = done.get("outputs")
     if not isinstance(recorded, dict):
@@ -120,6 +124,12 @@ def unit_state(u: Unit, folder: Path) -> tuple[dict[str, Any] | None, str | None
             return None, f"{name} is damaged (its content changed since it was written)"
     result = done.get("result")
     return (result if isinstance(result, dict) else {}), None
+
+
+def _inputs_changed(u: Unit, recorded: Any) -> bool:
+    """Whether work recorded with ``recorded`` input digests was done on other inputs than ``u``'s. Work that
+    recorded none (an mtprune from before they were recorded) is judged by its key alone, as it was then."""
+    return recorded is not None and recorded != u.inputs
 
 
 def _swap_in(u: Unit, staged: Path) -> None:
@@ -157,8 +167,12 @@ def _work_folder(u: Unit, redo: bool) -> Path:
         if target == u.folder:
             log.info("%s: settings changed, starting over", u.name)
         shutil.rmtree(target)
+    elif target.exists() and _inputs_changed(u, _read_json(target / INPUTS) if (target / INPUTS).exists() else None):
+        log.info("%s: its training data changed, starting over", u.name)
+        shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target / KEY, json.dumps(u.key, sort_keys=True))
+    atomic_write_text(target / INPUTS, json.dumps(u.inputs, sort_keys=True))
     return target
 
 
@@ -169,6 +183,11 @@ def _run_one(u: Unit, threads: int) -> dict[str, Any]:
         return result
     if problem:
         log.warning("%s: %s, redoing it", u.name, problem)
+    done = _read_json(u.folder / DONE)
+    if isinstance(done, dict) and done.get("key") == u.key and _inputs_changed(u, done.get("inputs")):
+        was = done["inputs"] if isinstance(done["inputs"], dict) else {}
+        log.info("%s: finished on other training or validation data (%s changed), training again", u.name,
+                 ", ".join(k for k in u.inputs if was.get(k) != u.inputs[k]) or "its input files")
     folder = _work_folder(u, redo=problem is not None)
     if folder != u.folder:
         log.info("%s: running in %s; %s stays as it is until this run is complete",
@@ -178,7 +197,8 @@ def _run_one(u: Unit, threads: int) -> dict[str, Any]:
     if missing:
         raise StageError(f"{u.name}: finished without writing {', '.join(missing)} (see {folder / 'train.log'})")
     crash_point(f"unit-done:{u.name}")
-    done = {"key": u.key, "result": result, "outputs": {n: fingerprint(folder / n) for n in u.outputs}}
+    done = {"key": u.key, "inputs": u.inputs, "result": result,
+            "outputs": {n: fingerprint(folder / n) for n in u.outputs}}
     atomic_write_text(folder / DONE, json.dumps(done, sort_keys=True))
     if folder != u.folder:
         _swap_in(u, folder)

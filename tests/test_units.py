@@ -5,6 +5,7 @@ that change only speed leave finished units done."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -164,3 +165,44 @@ def test_a_gpu_less_finishing_job_is_not_refused_for_fp16_when_every_unit_is_don
     shutil.rmtree(RunLayout(run).proxy_seed_dir(1))
     code, out = cli("proxy", *args(run, *fp16))
     assert code == 2 and "proxy.precision" in out, out
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 1  # the low byte of the last token id (end of sentence): another id within the vocabulary
+    path.write_bytes(bytes(data))
+
+
+def test_a_unit_trained_on_another_source_side_or_validation_set_trains_again(
+        run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # unit keys hold the target side's digest; the source side (a local copy edited on that side only) and the
+    # validation set (it picks checkpoint_best) are recorded beside the key
+    from mtprune.config import load_config
+    from mtprune.launch import DONE, run_units, unit_state
+    from mtprune.stages import proxy, train
+
+    L = RunLayout(run)
+    cfg = load_config(TINY, SETS, str(run))
+
+    def finished() -> dict[str, bool]:
+        return {u.name: unit_state(u, u.folder)[0] is not None
+                for u in [*proxy.units(cfg, L, False), *train.units(cfg, L, False)]}
+
+    assert finished() == {"proxy seed1": True, "train random-0.2": True}
+    (model,) = train.seed_models(cfg, L)
+    _flip_last_byte(model.data_bin / "valid.src-tgt.tgt.bin")  # the final model's copy of the validation set
+    assert finished() == {"proxy seed1": True, "train random-0.2": False}
+    _flip_last_byte(L.data_bin / "train.src-tgt.src.bin")
+    assert finished() == {"proxy seed1": False, "train random-0.2": False}
+    # work finished by an mtprune that recorded no input digests is judged by its key alone, as it was then
+    (u,) = proxy.units(cfg, L, False)
+    done = json.loads((u.folder / DONE).read_text())
+    (u.folder / DONE).write_text(json.dumps({k: v for k, v in done.items() if k != "inputs"}))
+    assert finished()["proxy seed1"]
+    (u.folder / DONE).write_text(json.dumps(done))
+    # run as the stage runs it (the stage itself first refuses: prepare's outputs changed behind its back)
+    before = L.proxy_checkpoint(1, 4).read_bytes()
+    with caplog.at_level(logging.INFO, logger="mtprune"):
+        run_units(proxy.units(cfg, L, False), 1, False)
+    assert "proxy seed1: finished on other training or validation data (train.src-tgt.src.bin changed)" in caplog.text
+    assert finished()["proxy seed1"] and L.proxy_checkpoint(1, 4).read_bytes() != before

@@ -20,6 +20,7 @@ from ..fairseq_backend import (
     check_training,
     checkpoint_updates,
     cuda_available,
+    data_inputs,
     interval_checkpoint,
     logged_losses,
     train,
@@ -125,7 +126,8 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
             name = f"{prefix}seed{seed}"
             outputs = [_checkpoint_name(u) for u in cfg.proxy.checkpoints]
             out.append(Unit(f"proxy {name}", seed_dir(seed), {**settings, "seed": seed, "data": data_key},
-                            _train_work(cfg, data_bin, seed, name, use_cuda), outputs, layout.lock))
+                            _train_work(cfg, data_bin, seed, name, use_cuda), outputs, layout.lock,
+                            inputs=data_inputs(data_bin, valid=False)))  # kept checkpoints: fixed updates
     return out
 
 

@@ -23,6 +23,7 @@ from ..fairseq_backend import (
     batch_record,
     check_training,
     cuda_available,
+    data_inputs,
     train,
     update_freq_for,
     world_size,
@@ -145,7 +146,8 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
         key = {**settings, "train": {**settings["train"], "seed": m.seed},
                "data": file_sha256(m.data_bin / "train.src-tgt.tgt.bin")}
         out.append(Unit(f"train {m.run}", layout.train_dir(m.run), key, work,
-                        ["checkpoint_best.pt", "checkpoint_last.pt"], layout.lock))
+                        ["checkpoint_best.pt", "checkpoint_last.pt"], layout.lock,
+                        inputs=data_inputs(m.data_bin, valid=True)))
     return out
 
 
