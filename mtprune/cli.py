@@ -28,7 +28,10 @@ STAGE_HELP = {
     "download": "Fetch OPUS-100 pairs (hub, local:DIR or synthetic), clean, subsample; write 01_download/.",
     "prepare": "Train the joint SentencePiece model, tag sources, binarize with fairseq; write 02_prepare/.",
     "proxy": "Train one short proxy model per seed, keeping the checkpoints listed in proxy.checkpoints.",
-    "score": "Score every training pair: token-level EL2N and NLL averaged over checkpoints and seeds.",
+    "score": ("Score every training pair with the proxy checkpoints: EL2N (token mean, max, end of sentence, "
+              "length-debiased), NLL, GraNd, TracIn, prototype distance, a combined rank and free base_* baselines, "
+              "averaged over checkpoints and seeds; write 04_score/. With noise labelled by the download, "
+              "04_score/noise.md ranks every score by AUROC per kind of noise beside -length."),
     "prune": "Drop a fraction of the training pairs per strategy and sparsity; binarize what is kept.",
     "train": "Train the final model on each pruned corpus and on the full one (strategy 'full').",
     "evaluate": "Translate each pair's test split with beam search; BLEU and chrF with sacrebleu.",
