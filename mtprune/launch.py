@@ -102,11 +102,14 @@ def fingerprint(path: Path) -> dict[str, Any]:
 
 def unit_state(u: Unit, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(result, None) when ``folder`` holds ``u`` finished with its current key and intact outputs;
-    (None, problem) when it was finished with this key but an output is missing or damaged;
-    (None, None) when it holds no finished work for this key."""
+    (None, problem) when it was finished with this key but on other input data, or an output is missing or
+    damaged; (None, None) when it holds no finished work for this key."""
     done = _read_json(folder / DONE)
-    if not isinstance(done, dict) or done.get("key") != u.key or _inputs_changed(u, done.get("inputs")):
+    if not isinstance(done, dict) or done.get("key") != u.key:
         return None, None
+    changed = _changed_inputs(u, done.get("inputs"))
+    if changed:
+        return None, f"finished on other training or validation data ({', '.join(changed)} changed)"
     recorded = done.get("outputs")
     if not isinstance(recorded, dict):
         return None, f"{DONE} does not record its outputs (written by an older mtprune)"
@@ -126,10 +129,13 @@ def unit_state(u: Unit, folder: Path) -> tuple[dict[str, Any] | None, str | None
     return (result if isinstance(result, dict) else {}), None
 
 
-def _inputs_changed(u: Unit, recorded: Any) -> bool:
-    """Whether work recorded with ``recorded`` input digests was done on other inputs than ``u``'s. Work that
-    recorded none (an mtprune from before they were recorded) is judged by its key alone, as it was then."""
-    return recorded is not None and recorded != u.inputs
+def _changed_inputs(u: Unit, recorded: Any) -> list[str]:
+    """The inputs of ``u`` whose digests differ from ``recorded``, those of the work done. Work that recorded
+    none (an mtprune from before they were recorded) is judged by its key alone, as it was then."""
+    if recorded is None or recorded == u.inputs:
+        return []
+    was = recorded if isinstance(recorded, dict) else {}
+    return [k for k in u.inputs if was.get(k) != u.inputs[k]] or ["its input files"]
 
 
 def _swap_in(u: Unit, staged: Path) -> None:
@@ -167,7 +173,7 @@ def _work_folder(u: Unit, redo: bool) -> Path:
         if target == u.folder:
             log.info("%s: settings changed, starting over", u.name)
         shutil.rmtree(target)
-    elif target.exists() and _inputs_changed(u, _read_json(target / INPUTS) if (target / INPUTS).exists() else None):
+    elif target.exists() and _changed_inputs(u, _read_json(target / INPUTS) if (target / INPUTS).exists() else None):
         log.info("%s: its training data changed, starting over", u.name)
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
@@ -183,11 +189,6 @@ def _run_one(u: Unit, threads: int) -> dict[str, Any]:
         return result
     if problem:
         log.warning("%s: %s, redoing it", u.name, problem)
-    done = _read_json(u.folder / DONE)
-    if isinstance(done, dict) and done.get("key") == u.key and _inputs_changed(u, done.get("inputs")):
-        was = done["inputs"] if isinstance(done["inputs"], dict) else {}
-        log.info("%s: finished on other training or validation data (%s changed), training again", u.name,
-                 ", ".join(k for k in u.inputs if was.get(k) != u.inputs[k]) or "its input files")
     folder = _work_folder(u, redo=problem is not None)
     if folder != u.folder:
         log.info("%s: running in %s; %s stays as it is until this run is complete",

@@ -122,6 +122,11 @@ class RunLayout:
         return self.stage_dir("score") / "tokens.parquet"
 
     @property
+    def score_noise(self) -> tuple[Path, Path]:
+        """noise.md and noise.csv: how well each score finds the download's labelled noise (score.py)."""
+        return self.stage_dir("score") / "noise.md", self.stage_dir("score") / "noise.csv"
+
+    @property
     def grad_sketch(self) -> Path:
         """float32 (rows of scores.parquet, 256): each pair's output-layer gradient sketch (score.py)."""
         return self.stage_dir("score") / "grad_sketch.npy"

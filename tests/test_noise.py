@@ -312,14 +312,15 @@ def test_score_writes_the_noise_table_and_drops_it_without_labels(tiny_copy: Pat
     from mtprune.stages.score import _noise_files
 
     L = RunLayout(tiny_copy)
-    md = (L.stage_dir("score") / "noise.md").read_text()
+    md_path, csv_path = L.score_noise
+    md = md_path.read_text()
     assert "| score | all |" in md and "| -length |" in md and "| el2n |" in md
     m = json.loads(L.manifest("score").read_text())
     assert any(Path(k).name == "noise.md" for k in m["outputs"]), m["outputs"]
     assert m["stats"]["noise"]["labelled"] == len(L.noise_ids.read_text().splitlines())
     L.noise_ids.unlink()
     assert _noise_files(pd.read_parquet(L.scores), L, {}) == []
-    assert not (L.stage_dir("score") / "noise.md").exists() and not (L.stage_dir("score") / "noise.csv").exists()
+    assert not md_path.exists() and not csv_path.exists()
 
 
 def test_per_pair_scope_precision_is_of_what_per_pair_pruning_drops() -> None:

@@ -553,8 +553,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 NOT_SCORES = ("index", "sentence_id", "pair", "direction", "n_tokens", "el2n_std")
 
 
-def diagnostics(table: Any, ckpts: list[Checkpoint]) -> dict[str, Any]:
-    df = table.to_pandas()
+def diagnostics(df: Any, ckpts: list[Checkpoint]) -> dict[str, Any]:
     out: dict[str, Any] = {"per_score": {}}
     score_cols = [c for c in df.columns if c not in NOT_SCORES and np.issubdtype(df[c].dtype, np.number)]
     for col in score_cols:
@@ -611,13 +610,14 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     _write_parquet(table, layout.scores)
     stats["rows"] = n_rows
     stats["checkpoints"] = [c.tag for c in ckpts]
-    stats.update(diagnostics(table, ckpts))
+    df = table.to_pandas()
+    stats.update(diagnostics(df, ckpts))
     e = stats["per_score"]["el2n"]
     log.info("score: %d pairs; el2n mean %.3f (p5 %.3f, p50 %.3f, p95 %.3f); spearman with length %.2f; "
              "between seeds %s", n_rows, e["mean"], e["p5"], e["p50"], e["p95"], e["spearman_vs_length"],
              ", ".join(f"{k} {v:.2f}" for k, v in stats["el2n_spearman_between_seeds"].items()) or "n/a")
     outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens else [])
-    outputs += _noise_files(table.to_pandas(), layout, stats)
+    outputs += _noise_files(df, layout, stats)
     return StageResult(outputs, stats)
 
 
@@ -627,7 +627,7 @@ def _noise_files(df: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path
     model. Without labels, files of an earlier labelled run are removed."""
     from .report import labelled_noise_table, read_noise_ids
 
-    md_path, csv_path = layout.stage_dir("score") / "noise.md", layout.stage_dir("score") / "noise.csv"
+    md_path, csv_path = layout.score_noise
     if not layout.noise_ids.is_file():
         md_path.unlink(missing_ok=True)
         csv_path.unlink(missing_ok=True)
