@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PrivateAttr,
     StrictBool,
     StrictFloat,
@@ -32,7 +33,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
 
@@ -100,6 +101,19 @@ def recording_reads() -> Iterator[set[str]]:
 
 def _fail(problems: list[str]) -> NoReturn:
     raise PydanticCustomError("mtprune", "invalid value", {"problems": problems})
+
+
+def _adding(problem: PydanticCustomError, err: ValidationError, data: Any) -> ValidationError:
+    """``err`` with ``problem`` of the section being validated (its own location) listed first: how a
+    wrap validator reports its own finding beside every one of the fields' instead of hiding them."""
+    lines: list[InitErrorDetails] = [InitErrorDetails(type=problem, loc=(), input=data)]
+    for e in err.errors(include_url=False):
+        kind = PydanticCustomError("mtprune", "invalid value", e["ctx"]) if e["type"] == "mtprune" else e["type"]
+        line = InitErrorDetails(type=kind, loc=e["loc"], input=e["input"])
+        if "ctx" in e and e["type"] != "mtprune":
+            line["ctx"] = e["ctx"]
+        lines.append(line)
+    return ValidationError.from_exception_data(err.title, lines)
 
 
 def _check(problems_of: Callable[[Any], str | list[str] | None]) -> AfterValidator:
@@ -484,18 +498,25 @@ class TrainConfig(_Recorded):
     include_full: Bool = True  # also train on the unpruned corpus (strategy "full")
     parallel: Parallel = 0
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _seed_becomes_seeds(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("seed"), int) and not isinstance(data["seed"], bool):
-            if "seeds" in data:
-                _fail(["give train.seeds only (train.seed is the older single-seed form)"])
+    def _seed_becomes_seeds(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        if not (isinstance(data, dict) and isinstance(data.get("seed"), int) and not isinstance(data["seed"], bool)):
+            return handler(data)
+        rest = {k: v for k, v in data.items() if k != "seed"}
+        if "seeds" not in data:
             import logging
 
             logging.getLogger("mtprune").warning("train.seed: %d is read as train.seeds: [%d] (train.seed is "
                                                  "the older single-seed form)", data["seed"], data["seed"])
-            data = {**{k: v for k, v in data.items() if k != "seed"}, "seeds": [data["seed"]]}
-        return data
+            return handler({**rest, "seeds": [data["seed"]]})
+        both = PydanticCustomError("mtprune", "invalid value",
+                                   {"problems": ["give train.seeds only (train.seed is the older single-seed form)"]})
+        try:
+            handler(rest)  # the section's other problems (train.seeds: duplicate seeds, ...) are listed too
+        except ValidationError as e:
+            raise _adding(both, e, data) from None
+        raise both
 
     @field_validator("max_epoch")
     @classmethod

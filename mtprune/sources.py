@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import logging
 import os
+import warnings
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, StageError, UsageError
@@ -21,6 +24,7 @@ SPLITS = ("train", "valid", "test")
 RELEASE_SPLIT = {"train": "train", "valid": "dev", "test": "test"}
 HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 HUB_DATASET = "Helsinki-NLP/opus-100"
+BOM = "\ufeff"
 
 Pairs = Iterator[tuple[str, str]]
 
@@ -43,7 +47,8 @@ def _open_binary(path: Path):  # noqa: ANN202 - a binary file object
 
 def read_parallel_text(path_a: Path, path_b: Path) -> Pairs:
     """Two line-aligned text files (``.gz``: gzip), streamed; a count mismatch, bad UTF-8 or a damaged
-    gzip file names file and line."""
+    gzip file names file and line. Line ends and a UTF-8 byte-order mark at the start of a file are
+    not part of the text."""
     for p in (path_a, path_b):
         if not p.is_file():
             raise InputError(f"{p}: file not found")
@@ -76,7 +81,10 @@ def _aligned(path_a: Path, path_b: Path) -> Pairs:
                 n_long = n_short + 1 + sum(1 for _ in (fb if ra is None else fa))
                 raise InputError(f"{short}: has {n_short} lines but {long_} has {n_long}; "
                                  f"the two sides must be line-aligned (first unmatched line {i})")
-            yield _decode(ra, path_a, i).rstrip("\r\n"), _decode(rb, path_b, i).rstrip("\r\n")
+            a, b = _decode(ra, path_a, i).rstrip("\r\n"), _decode(rb, path_b, i).rstrip("\r\n")
+            if i == 1:  # a byte-order mark (Windows editors write one) is no part of the first sentence
+                a, b = a.removeprefix(BOM), b.removeprefix(BOM)
+            yield a, b
 
 
 def detect_layout(root: Path, pair: str) -> str:
@@ -144,7 +152,8 @@ def read_hub(pair: str, split: str, cache_dir: str | None = None) -> Pairs:
         raise StageError(f"the 'datasets' package is needed for download.source=hub ({e})") from None
     cache = str(Path(cache_dir).expanduser()) if cache_dir else None
     try:
-        ds = datasets.load_dataset(HUB_DATASET, pair, split=HUB_SPLIT[split], cache_dir=cache)
+        with _held_back_library_logs():
+            ds = datasets.load_dataset(HUB_DATASET, pair, split=HUB_SPLIT[split], cache_dir=cache)
     except Exception as e:  # datasets raises many kinds for "offline"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if _no_such_config(e, pair):
@@ -163,6 +172,50 @@ def read_hub(pair: str, split: str, cache_dir: str | None = None) -> Pairs:
     for row in ds:
         t = row["translation"]
         yield t.get(l1) or "", t.get(l2) or ""
+
+
+# Loggers of the libraries behind load_dataset. huggingface_hub and datasets print through a handler of their
+# own *and* propagate to the root logger, so each of their lines came twice.
+LIBRARY_LOGGERS = ("huggingface_hub", "datasets", "fsspec", "filelock", "urllib3", "httpx", "httpx2", "httpcore")
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _held_back_library_logs() -> Iterator[None]:
+    """Hold back what the hub libraries log and warn while the block runs: shown afterwards, through their
+    own handlers, if the block succeeds; dropped if it raises, because the caller's one line then says what
+    went wrong. An unreachable hub otherwise prints a dozen retry warnings (``Retrying in 8s [Retry 4/5]``,
+    each twice) before that line. With ``-vv`` (mtprune logging at DEBUG) nothing is held back."""
+    if logging.getLogger("mtprune").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    held = _Held()
+    saved = {}
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        saved[name] = (lg.handlers[:], lg.propagate)
+        lg.handlers[:] = [held]
+        lg.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            yield
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            lg = logging.getLogger(name)  # a handler a library added meanwhile (on first import) stays
+            lg.handlers[:] = handlers + [h for h in lg.handlers if h is not held and h not in handlers]
+            lg.propagate = propagate
+    for record in held.records:  # only reached on success
+        logging.getLogger(record.name).handle(record)
+    for w in warned:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def _no_such_config(e: Exception, pair: str) -> bool:

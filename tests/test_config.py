@@ -103,6 +103,22 @@ def test_types_are_strict_and_every_wrong_type_is_named() -> None:
     assert cfg.prune.sparsities == (0.0, 0.5) and all(isinstance(s, float) for s in cfg.prune.sparsities)
 
 
+def test_train_seed_beside_train_seeds_hides_no_other_problem() -> None:
+    """Both forms of the seed are one problem; the seeds list's own (and the section's others) are listed too.
+    proxy has no `seed`: there it is an unknown key, reported beside the duplicate already."""
+    both = "train: give train.seeds only (train.seed is the older single-seed form)"
+    assert problems(None, ["train.seeds=[1,1]", "train.seed=3"]) == {both, "train.seeds: duplicate seeds"}
+    assert problems(None, ["train.seeds=[1,x]", "train.seed=3", "train.lr=-1", "train.budget=epochs"]) == {
+        both, "train.seeds[1]: expected an integer, got 'x'", "train.lr: must be > 0, got -1.0",
+        "train.max_epoch: needed with train.budget: epochs (the number of passes over each corpus)"}
+    assert problems(None, ["train.seeds=[1,2]", "train.seed=3"]) == {both}
+    assert load_config(None, ["train.seed=3"]).train.seeds == (3,)
+    assert problems(None, ["proxy.seeds=[1,1]", "proxy.seed=3"]) == {
+        "proxy.seeds: duplicate seeds",
+        "proxy.seed: unknown key (known: checkpoints, dual, label_smoothing, lr, max_tokens, parallel, precision, "
+        "seeds, tokens_per_update, update_freq, warmup_updates)"}
+
+
 def test_bad_entries_of_a_list_are_named_by_position() -> None:
     assert problems(None, ["evaluate.extra_test_sets=[5, {name: f, src_lang: de, foo: 1}, "
                            "{name: g, src_lang: xx, tgt_lang: en, src: a, ref: b}]",

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,73 @@ def test_unreachable_hub_is_one_line_naming_local_source(tmp_path: Path, monkeyp
     assert len(error_lines(out)) == 1
     assert "download.source=local:DIR" in out
     assert not RunLayout(tmp_path / "r").manifest("download").exists()
+
+
+def test_a_hub_that_refuses_connections_is_one_line_without_retry_warnings(tmp_path: Path) -> None:
+    """The real datasets / huggingface_hub against a port that refuses connections (not offline mode: that is
+    another path). huggingface_hub retries five times, warning each time through two handlers; only mtprune's
+    line may reach the user. Its backoff sleeps (about 23 s) are skipped in the child: what is printed does not
+    depend on them."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    closed = socket.socket()  # bound, never listening: a connection is refused, and no one else gets the port
+    closed.bind(("127.0.0.1", 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                             "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"),
+               HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
+    child = ("import time, types, huggingface_hub.utils._http as h; "
+             "h.time = types.SimpleNamespace(sleep=lambda s: None, time=time.time, monotonic=time.monotonic); "
+             "from mtprune.cli import main; main(prog_name='mtprune')")
+    run = tmp_path / "run"
+    try:
+        p = subprocess.run([sys.executable, "-c", child, "download", "--run-dir", str(run), "-q",
+                            "--set", "download.source=hub", "--set", "download.pairs=[de-en]"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    finally:
+        closed.close()
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1, p.stderr
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("mtprune download: error: cannot load Helsinki-NLP/opus-100 (de-en, test) from the "
+                               "Hugging Face hub: Couldn't reach"), p.stderr
+    assert "download.source=local:DIR" in lines[0] and p.stdout == ""
+    assert not RunLayout(run).manifest("download").exists()
+
+
+def test_what_the_hub_libraries_log_is_shown_after_a_load_that_succeeds(monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import warnings
+
+    import datasets
+
+    from conftest import sentence
+    from mtprune.errors import StageError
+    from mtprune.sources import read_hub
+
+    def load(name: str, config: str, split: str, cache_dir: str | None = None, fail: bool = False):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        warnings.warn("a warning of datasets", UserWarning, stacklevel=1)
+        if fail:
+            raise ConnectionError("Couldn't reach 'Helsinki-NLP/opus-100' on the Hub (LocalEntryNotFoundError)")
+        return [{"translation": {"de": sentence(i, "de"), "en": sentence(i, "en")}} for i in range(3)]
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    with pytest.warns(UserWarning, match="a warning of datasets"):
+        assert len(list(read_hub("de-en", "test"))) == 3
+    assert [r.getMessage() for r in caplog.records] == ["Retrying in 1s [Retry 1/5]."]
+    caplog.clear()
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: load(*a, **k, fail=True))
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(StageError, match="Couldn't reach"):
+        warnings.simplefilter("always")
+        list(read_hub("de-en", "test"))
+    assert caplog.records == [] and seen == []
+    assert logging.getLogger("huggingface_hub").propagate  # put back as it was
 
 
 # ---- bad input: exit 2, one line naming the file (and line), no manifest -----------------------

@@ -86,6 +86,52 @@ def test_missing_file_is_one_line_and_nothing_is_written(tmp_path: Path) -> None
     assert not RunLayout(run).stage_dir("download").exists()
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_sentence(tmp_path: Path) -> None:
+    """A UTF-8 BOM at the start of a file (plain or gzip, either side) is dropped like a line's \\r; one
+    elsewhere in the file is text and stays."""
+    from mtprune.sources import read_files
+
+    files = write_corpus(tmp_path / "corpus", n_train=20, n_eval=5)
+    plain = list(read_files(files["train"]))
+    for side in (0, 1):
+        marked = tmp_path / f"bom{side}" / Path(files["train"][side]).name
+        marked.parent.mkdir()
+        with gzip.open(marked, "wb") as f:
+            f.write("\ufeff".encode() + gzip.decompress(Path(files["train"][side]).read_bytes()))
+        pair = list(files["train"])
+        pair[side] = str(marked)
+        assert list(read_files(pair)) == plain
+    for side in (0, 1):  # plain text, and a BOM on both sides
+        test = [Path(f) for f in files["test"]]
+        marked = tmp_path / f"plain{side}"
+        marked.mkdir()
+        both = [marked / t.name for t in test]
+        for t, m in zip(test, both, strict=True):
+            m.write_bytes(b"\xef\xbb\xbf" + t.read_bytes() + "\ufeffinside\n".encode())
+        rows = list(read_files([str(b) for b in both]))
+        assert rows[:-1] == list(read_files(files["test"])) and rows[0][0][0] != "\ufeff"
+        assert rows[-1] == ("\ufeffinside", "\ufeffinside")
+
+
+def test_one_file_for_both_sides_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    files = write_corpus(tmp_path / "corpus", n_train=20, n_eval=5, gz_train=False)
+    same = {**files, "valid": [files["valid"][0], files["valid"][0]]}
+    run = tmp_path / "run"
+    code, out = download(run, *files_sets(same))
+    assert code == 2, out
+    assert error_lines(out) == [f"mtprune download: error: download.files.en-nl.valid: {files['valid'][0]} is given "
+                                "for both sides; give the en file, then the nl file"]
+    assert not RunLayout(run).stage_dir("download").exists()
+    # the same file under two names (a link, a relative path) is the same file
+    link = tmp_path / "corpus" / "train-link.nl"
+    link.symlink_to(files["train"][0])
+    code, out = download(run, *files_sets({**files, "train": [files["train"][0], str(link)]}))
+    assert code == 2, out
+    assert error_lines(out) == [f"mtprune download: error: download.files.en-nl.train: {files['train'][0]} and "
+                                f"{link} are the same file; give the en file, then the nl file"]
+    assert not RunLayout(run).stage_dir("download").exists()
+
+
 def test_line_count_mismatch_names_the_file(tmp_path: Path) -> None:
     files = write_corpus(tmp_path / "corpus", n_train=20, n_eval=5, gz_train=False)
     with open(files["train"][1], "a", encoding="utf-8") as f:
