@@ -4,6 +4,7 @@ corpus), clean and subsample."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -15,7 +16,7 @@ from ..config import OPUS_PAIRS, Config
 from ..errors import InputError
 from ..faults import crash_point
 from ..layout import RunLayout
-from ..manifest import stat_key, write_lines
+from ..manifest import write_lines
 from ..pipeline import StageResult
 from ..sources import SPLITS, langs, read_files, read_hub, read_local
 from ..synthetic import make_pair
@@ -32,20 +33,20 @@ def local_root(source: str) -> Path:
     return Path(source.removeprefix("local:")).expanduser()
 
 
-def external_inputs(cfg: Config) -> dict[str, Any]:
-    """Size and mtime of local source files, so editing the copy on disk makes the stage stale."""
+def external_inputs(cfg: Config) -> list[str]:
+    """The source files on disk (plain-text files, a local copy's files), which ``pipeline`` fingerprints
+    with their sha256, so that editing the copy on disk makes the stage stale."""
     src = cfg.download.source
     if src == "files":
-        return {str(f): stat_key(f) for f in _listed_files(cfg) if f.is_file()}
+        return [str(f) for f in _listed_files(cfg) if f.is_file()]
     if not src.startswith("local:"):
-        return {}
+        return []
     root = local_root(src)
-    out = {}
+    out = []
     for pair in cfg.download.pairs + tuple(_outside_donors(cfg)):
         d = root / pair
         if d.is_dir():
-            for f in sorted(d.iterdir()):
-                out[str(f)] = stat_key(f)
+            out += [str(f) for f in sorted(d.iterdir())]
     return out
 
 
@@ -57,16 +58,23 @@ def _listed_files(cfg: Config) -> list[Path]:
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
-    """With source: files, a missing file is named before anything is written."""
+    """With source: files, a missing file, or one file given for both sides of a split, is named before
+    anything is written."""
     if cfg.download.source != "files":
         return
     files = cfg.download.files
     for pair in cfg.download.pairs:
         for split in SPLITS:
-            for i, f in enumerate(getattr(files[pair], split)):
+            given = getattr(files[pair], split)
+            for i, f in enumerate(given):
                 if not Path(f).expanduser().is_file():
                     what = "not a file" if Path(f).expanduser().exists() else "file not found"
                     raise InputError(f"download.files.{pair}.{split}[{i}]: {f}: {what}")
+            a, b = given
+            if os.path.samefile(Path(a).expanduser(), Path(b).expanduser()):  # also through a link or ./
+                what = f"{a} is given for both sides" if a == b else f"{a} and {b} are the same file"
+                l1, l2 = langs(pair)
+                raise InputError(f"download.files.{pair}.{split}: {what}; give the {l1} file, then the {l2} file")
 
 
 def _split_reader(cfg: Config, pair: str) -> tuple[Callable[[str], Iterable[tuple[str, str]]], dict[int, str]]:
