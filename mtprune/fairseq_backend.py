@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gpus
+from .children import child_env, die_with_parent
 from .config import ModelConfig
 from .errors import StageError, UsageError
 
@@ -42,14 +43,16 @@ def subprocess_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_logged(argv: list[str], log_path: Path, threads: int, prefix: str = "") -> list[str]:
-    """Run a command, append its output to ``log_path`` and echo it (prefixed) to stderr."""
+def run_logged(argv: list[str], log_path: Path, threads: int, prefix: str = "",
+               writes_into: Path | None = None) -> list[str]:
+    """Run a command, append its output to ``log_path`` and echo it (prefixed) to stderr. The command is
+    mtprune's own code (``children.py``): it dies with this process, and names ``writes_into`` as its folder."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     with open(log_path, "a", encoding="utf-8") as logf:
         logf.write("$ " + " ".join(argv) + "\n")
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=subprocess_env(threads), bufsize=1)
+                                env=child_env(subprocess_env(threads), writes_into), bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             logf.write(line)
@@ -61,6 +64,7 @@ def run_logged(argv: list[str], log_path: Path, threads: int, prefix: str = "") 
     if code != 0:
         tail = next((ln for ln in reversed(lines) if ln.strip()), "no output")
         name = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else argv[0]
+        name = argv[argv.index("-m") + 2] if name == "mtprune.children" else name
         raise StageError(f"{name} exited with {code}: {tail.strip()[:300]} "
                          f"(full log: {log_path})")
     return lines
@@ -193,7 +197,7 @@ def write_dictionary(spm_vocab: list[str], path: Path) -> None:
 
 def preprocess(trainpref: Path, validpref: Path | None, destdir: Path, dict_path: Path, workers: int,
                log_path: Path) -> None:
-    argv = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", SRC, "--target-lang", TGT,
+    argv = [sys.executable, "-m", "mtprune.children", "fairseq_cli.preprocess", "--source-lang", SRC, "--target-lang", TGT,
             "--trainpref", str(trainpref), "--destdir", str(destdir), "--srcdict", str(dict_path),
             "--tgtdict", str(dict_path), "--workers", str(max(1, workers)), "--dataset-impl", "mmap"]
     if validpref is not None:
@@ -350,7 +354,8 @@ def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule
         # finished before a stop; fairseq-train would train one more update past max_update
         log.info("%sfairseq-train already reached update %d", prefix, done)
     else:
-        run_logged(launch_argv(train_argv(data_bin, save_dir, model, schedule, use_cuda)), log_path, threads, prefix)
+        run_logged(launch_argv(train_argv(data_bin, save_dir, model, schedule, use_cuda)), log_path, threads, prefix,
+                   writes_into=save_dir)
     return _losses(log_path.read_text(encoding="utf-8").splitlines())
 
 
@@ -427,6 +432,7 @@ def fairseq_train_main() -> None:
     spawns one process per GPU and runs ``_fairseq_train_worker`` in each, so the fix is applied
     there too.
     """
+    die_with_parent()  # a killed mtprune leaves no trainer writing into its unit folder
     import fairseq_cli.train  # noqa: F401  # first: it sets up fairseq's log format, as in fairseq-train
     from fairseq import distributed_utils, options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -437,6 +443,8 @@ def fairseq_train_main() -> None:
 
 def _fairseq_train_worker(cfg: Any, **kwargs: Any) -> None:
     from fairseq_cli import train as fairseq_train
+
+    die_with_parent()  # a per-GPU process dies with the fairseq-train that spawned it
 
     _keep_epoch_end_checkpoints()
     fairseq_train.main(cfg, **kwargs)

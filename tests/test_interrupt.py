@@ -137,3 +137,66 @@ def test_training_killed_mid_run_resumes(stage: str, sets: list[str], pattern: s
     log = (folder / "train.log").read_text()
     assert "Loaded checkpoint" in log and "@ 0 updates" not in log.split("Loaded checkpoint")[-1].splitlines()[0]
     assert RunLayout(run).manifest(stage).exists()
+
+
+def test_killing_mtprune_alone_kills_its_trainer_and_a_stray_trainer_is_stopped(tiny_swept: tuple[Path, str],
+                                                                                tmp_path: Path) -> None:
+    """kill -9 of the mtprune process alone (not its process group): its fairseq-train dies with it, so no
+    orphan goes on writing into the unit folder; the rerun resumes there. A trainer that outlived a killed run
+    anyway (started before this was in place) is stopped before the unit runs again."""
+    from mtprune.children import WRITES_INTO, writers_into
+
+    ref, _ = tiny_swept
+    run = without(tmp_path / "run", ref, "proxy")
+    sets = ["--set", "proxy.seeds=[1]", "--set", "proxy.checkpoints=[10,150]"]
+    folder = RunLayout(run).proxy_seed_dir(1)
+    p = subprocess.Popen([sys.executable, "-m", "mtprune", "proxy", "-c", str(TINY), "--run-dir", str(run), *sets],
+                         cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not list(folder.glob("checkpoint_*_10.pt")):
+            time.sleep(0.05)
+        trainers = writers_into(folder)
+        assert p.poll() is None and trainers, "the run ended before it could be killed"
+        os.kill(p.pid, signal.SIGKILL)  # the parent only
+        p.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and writers_into(folder):
+            time.sleep(0.1)
+        assert writers_into(folder) == [], "fairseq-train outlived the mtprune that started it"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    # a stray writer of the same unit folder (as an mtprune of an earlier version would leave) is stopped first
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             env={**os.environ, WRITES_INTO: str(folder.resolve())})
+    try:
+        done = mtprune(run, "proxy", *sets)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "left by a killed run still write into" in done.stderr, done.stderr[-2000:]
+        assert stray.poll() is not None, "the stray writer was not stopped"
+    finally:
+        stray.kill()
+        stray.wait()
+    log = (folder / "train.log").read_text()
+    assert "Loaded checkpoint" in log and "@ 0 updates" not in log.split("Loaded checkpoint")[-1].splitlines()[0]
+
+
+def test_a_child_dies_with_its_parent_only_on_the_parents_host() -> None:
+    """MTPRUNE_PARENT_PID names host and pid: a child whose parent is already gone exits at once; a task of a
+    multi-node job on another node (the name of the first node) goes on."""
+    import socket
+
+    from mtprune.children import PARENT_PID
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    code = "from mtprune.children import die_with_parent; die_with_parent(); print('alive')"
+    for parent, alive in ((f"{socket.gethostname()}:{gone.pid}", False), (f"other-node:{gone.pid}", True),
+                          (f"{socket.gethostname()}:{os.getpid()}", True)):
+        p = subprocess.run([sys.executable, "-c", code], env={**os.environ, PARENT_PID: parent}, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert (p.stdout.strip() == "alive") == alive and (p.returncode == 0) == alive, (parent, p)
