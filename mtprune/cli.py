@@ -90,6 +90,15 @@ def guarded(label: str, fn: Callable[[], Any], verbose: int = 0) -> Any:
         sys.exit(1)
 
 
+def check_existing_run_dir(root: Path) -> None:
+    """For commands that only read a run directory (status, a dry run): one line when a file stands in its path."""
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"run directory {root}: {probe} is a file, not a directory")
+
+
 def check_run_dir(root: Path) -> None:
     """Create the run directory, or say in one line why it cannot be (a file in the way, no permission)."""
     probe = root
@@ -195,15 +204,20 @@ def _stage_command(stage: str) -> None:
                 # and refuses to start while a plain stage command or sweep holds that (launch.run_units)
                 run_unit(stage, cfg, layout, opts["unit"])
             elif opts.get("shard"):
-                from .stages.score import run_shard
+                from .stages.score import parse_shard, run_shard
 
                 shard = opts["shard"]
-                lock = unit_lock_path(layout.stage_dir(stage) / shard.replace("/", "-of-"))
+                i, count = parse_shard(shard)  # `--shard 00/4` and `--shard 0/4` take the same lock
+                lock = unit_lock_path(layout.stage_dir(stage) / f"{i}-of-{count}")
                 with RunLock(lock, f"score --shard {shard}", subject=f"score shard {shard}"):
                     from .launch import PARENT_HOLDS_RUN_LOCK
 
                     if os.environ.get(PARENT_HOLDS_RUN_LOCK) != str(os.getppid()):  # not started by `mtprune score`
                         check_free(layout.lock)
+                    else:  # one of `mtprune score`'s shard processes: it must not outlive it
+                        from .children import die_with_parent
+
+                        die_with_parent()
                     run_shard(cfg, layout, shard)
             else:
                 with RunLock(layout.lock, stage):
@@ -262,25 +276,34 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
     the one before (independent units as job arrays), and the job ids are printed.
     """
     from .lock import RunLock, check_no_units_running
-    from .pipeline import plan, run_stage
+    from .pipeline import check_before_running, plan, run_stage
 
     cfg = _with_launcher(cfg, launcher)
 
     def go() -> None:
         from .slurm import check_launch
-        from .stages.evaluate import check_bleu_tokenizers, target_languages
 
         check_launch(cfg, STAGES)  # launch.slurm.nodes > 1 needs Slurm
-        check_bleu_tokenizers(target_languages(cfg))  # before hours of training, not after
-        if cfg.launch.launcher != "local" and not dry_run:
+        if dry_run:
+            check_existing_run_dir(layout.root)
+        steps = plan(cfg, layout, overwrite, detail=dry_run)
+        # every check a later stage's preflight makes, before the first stage touches anything (not after
+        # hours of training): a strategy on a column no stage writes, fp16 without a GPU, a missing test set
+        problems = check_before_running(cfg, layout, [s.state.stage for s in steps if s.action != "skip"])
+        if dry_run:
+            for step in steps:
+                click.echo(step.line())
+            for p in problems:
+                click.echo(f"error: {p}")
+            if problems:
+                raise UsageError(f"{len(problems)} problem(s) listed above would stop this sweep; nothing was run")
+            return
+        if problems:
+            raise UsageError("; ".join(problems))
+        if cfg.launch.launcher != "local":
             _submit_and_report(cfg, layout, STAGES)
             if cfg.launch.launcher == "slurm":
                 return
-        elif dry_run:
-            for st in plan(cfg, layout):
-                action = "skip" if st.fresh and not overwrite else "run "
-                click.echo(f"{action}  {st.stage:<9} {st.status}: {st.reason}")
-            return
         else:
             with RunLock(layout.lock, "sweep"):
                 for stage in STAGES:
@@ -298,10 +321,14 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
 @click.option("--verify", is_flag=True, help="Rehash every recorded artifact (slower) to catch changed files.")
 @functools.partial(config_options, writes=False)
 def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
-    """Show each stage as fresh, stale (and why), incomplete or missing."""
+    """Show each stage as fresh, stale (and why), restorable, incomplete or missing.
+
+    restorable: a run killed while redoing the stage left its last finished artifacts in <stage>.previous, and
+    they are fresh: the next run puts them back and redoes nothing."""
     from .pipeline import Freshness
 
     def go() -> None:
+        check_existing_run_dir(layout.root)
         fresh = Freshness(cfg, layout, verify=verify)
         click.echo(f"run directory: {layout.root}")
         bad = False

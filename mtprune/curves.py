@@ -41,16 +41,18 @@ def read_curves(log: Path) -> dict[str, Curve]:
     return {"train": sorted(train.items()), "valid": sorted(valid.items())}
 
 
-def run_logs(layout: RunLayout) -> dict[str, list[tuple[str, Path]]]:
-    """(label, train.log) of every proxy run and every final model, each group sorted by name."""
+def run_logs(layout: RunLayout, units: dict[str, set[str]] | None = None) -> dict[str, list[tuple[str, Path]]]:
+    """(label, train.log) of every proxy run and every final model, each group sorted by name; with
+    ``units`` (stage -> folder names), only those: folders a shorter list left behind are kept on disk, not plotted."""
     out: dict[str, list[tuple[str, Path]]] = {}
     for stage in ("proxy", "train"):
         d = layout.stage_dir(stage)
-        out[stage] = sorted((p.parent.name, p) for p in d.glob("*/train.log")) if d.is_dir() else []
+        logs = sorted((p.parent.name, p) for p in d.glob("*/train.log")) if d.is_dir() else []
+        out[stage] = [x for x in logs if units is None or x[0] in units.get(stage, set())]
     return out
 
 
-def plot_curves(layout: RunLayout) -> str:
+def plot_curves(layout: RunLayout, units: dict[str, set[str]] | None = None) -> str:
     """Write ``08_report/training_curves.png``: training (solid) and validation (dashed) loss against
     updates, proxy runs on the left, final models on the right; returns the file's name."""
     import matplotlib
@@ -58,7 +60,7 @@ def plot_curves(layout: RunLayout) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = run_logs(layout)
+    groups = run_logs(layout, units)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     titles = {"proxy": "proxy runs (03_proxy)", "train": "final models (06_train)"}
     for ax, (stage, logs) in zip(axes, groups.items(), strict=True):

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from . import gpus
+from .children import child_env, stop_strays
 from .config import Config, is_speed_only
 from .cpus import usable_cpus
 from .errors import StageError
@@ -183,6 +184,8 @@ def _work_folder(u: Unit, redo: bool) -> Path:
 
 
 def _run_one(u: Unit, threads: int) -> dict[str, Any]:
+    for folder in (u.folder, staging_dir(u.folder)):  # a trainer that outlived a killed run writes nowhere now
+        stop_strays(folder, u.name)
     _recover(u)
     result, problem = unit_state(u, u.folder)
     if result is not None:
@@ -204,6 +207,43 @@ def _run_one(u: Unit, threads: int) -> dict[str, Any]:
     if folder != u.folder:
         _swap_in(u, folder)
     return result
+
+
+def note_kept_units(stage: str, stage_dir: Path, wanted: set[str]) -> list[str]:
+    """Log the unit folders of ``stage_dir`` that the config no longer lists; they are kept, never deleted.
+
+    Finished work is not thrown away because a list got shorter (``proxy.seeds``, ``train.seeds``,
+    ``prune.sparsities``, ``proxy.dual``): the manifest lists only the configured units, and a later run
+    that lists a kept unit again finds it done (same key) and reuses it. Returns the kept folders' names."""
+    kept = sorted(d.name for d in stage_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and d.name not in wanted) if stage_dir.is_dir() else []
+    if kept:
+        size = sum(f.stat().st_size for k in kept for f in (stage_dir / k).rglob("*") if f.is_file())
+        log.info("%s: kept %d folder(s) this config does not list (%s; %.1f MB): a run that lists them again "
+                 "reuses what finished; delete them by hand to free the disk", stage, len(kept),
+                 ", ".join(kept[:8]) + (", ..." if len(kept) > 8 else ""), size / 1e6)
+    return kept
+
+
+def units_note(stage_dir: Path, names: list[str], make_units: Callable[[], list[Unit]],
+               upstream_runs: list[str]) -> str:
+    """For a dry run: which of a stage's units will run and which finished ones are reused. When an upstream
+    stage runs first, the units' data is not known yet: say how many have finished work that may be reused."""
+    if upstream_runs:
+        finished = sum((stage_dir / n / DONE).is_file() for n in names)
+        if not finished:
+            return f"{len(names)} unit(s) to run"
+        return (f"{len(names)} unit(s); which of them run is known once {' and '.join(upstream_runs)} ran "
+                f"({finished} hold finished work, reused if their data comes out the same)")
+    try:
+        units = make_units()
+    except OSError:  # an upstream output is missing: the stage will say so itself
+        return ""
+    todo = [u.folder.name for u in units if unit_state(u, u.folder)[0] is None]
+    if not todo:
+        return f"all {len(units)} unit(s) finished: reused, only the manifest is written"
+    shown = ", ".join(todo[:6]) + (f", +{len(todo) - 6} more" if len(todo) > 6 else "")
+    return f"{len(todo)} of {len(units)} unit(s) run ({shown}); {len(units) - len(todo)} finished, reused"
 
 
 def plan_parallel(n_units: int, parallel: int, use_cuda: bool, n_groups: int = 1) -> tuple[int, int]:
@@ -306,7 +346,7 @@ def score_shard_jobs(cfg: Config, layout: RunLayout, gpu_ids: list[str]) -> list
     atomic_write_text(snapshot, yaml.safe_dump(tree, sort_keys=False))
     jobs = []
     for i, gpu in enumerate(gpu_ids):
-        env = dict(os.environ)
+        env = child_env(dict(os.environ))  # it dies with this process (cli.py)
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[PARENT_HOLDS_RUN_LOCK] = str(os.getpid())
         argv = [sys.executable, "-m", "mtprune", "score", "-c", str(snapshot), "--run-dir", str(layout.root),

@@ -111,13 +111,40 @@ def describe_outputs(root: Path, paths: list[Path]) -> dict[str, dict[str, Any]]
     return out
 
 
-def stat_key(path: Path) -> str:
-    """``size:mtime`` of an input file (``missing`` if absent): a cheap key for "has this input changed"."""
+def input_fingerprint(path: Path) -> dict[str, Any] | str:
+    """Size, mtime (ns) and sha256 of an input file from outside the run directory (a plain-text source,
+    a ``local:`` copy, an extra test set); ``missing`` when there is none."""
     try:
         st = path.stat()
+        if not path.is_file():
+            return "missing"
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(path)}
     except (FileNotFoundError, NotADirectoryError):
         return "missing"
-    return f"{st.st_size}:{int(st.st_mtime)}"
+
+
+def input_changed(path: Path, recorded: Any, rehash: bool = False) -> bool:
+    """Whether the input file at ``path`` differs from its ``recorded`` fingerprint. As for outputs, the
+    sha256 is cached under size and mtime: a file with its recorded size and mtime (ns) is taken as
+    unchanged unless ``rehash``; otherwise its content decides (a file only touched is unchanged).
+
+    A fingerprint written by an older mtprune (``size:mtime`` in whole seconds) is compared as it was then."""
+    try:
+        st = path.stat()
+        present = path.is_file()
+    except (FileNotFoundError, NotADirectoryError):
+        present = False
+    if not isinstance(recorded, dict):
+        if not present:
+            return recorded != "missing"
+        return recorded != f"{st.st_size}:{int(st.st_mtime)}"
+    if not present:
+        return True
+    if st.st_size != recorded.get("bytes"):
+        return True
+    if st.st_mtime_ns == recorded.get("mtime_ns") and not rehash:
+        return False
+    return file_sha256(path) != recorded.get("sha256")
 
 
 def _is_text_split(f: Path) -> bool:

@@ -23,6 +23,8 @@ from .manifest import (
     atomic_write_text,
     build_manifest,
     check_outputs,
+    input_changed,
+    input_fingerprint,
     json_hash,
     write_manifest,
 )
@@ -39,13 +41,18 @@ class StageResult:
 @dataclass
 class StageState:
     stage: str
-    status: str  # fresh | stale | incomplete | missing
+    status: str  # fresh | restorable | stale | incomplete | missing
     reason: str = ""
     manifest: Manifest | None = None
 
     @property
     def fresh(self) -> bool:
         return self.status == "fresh"
+
+    @property
+    def usable(self) -> bool:
+        """Fresh, or fresh once the next run has put the artifacts a killed run set aside back in place."""
+        return self.status in ("fresh", "restorable")
 
 
 def stage_module(stage: str) -> ModuleType:
@@ -67,8 +74,8 @@ def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
     mod = stage_module(stage)
     section = _drop_speed_only(cfg.section(*mod.SECTIONS))
     extra = getattr(mod, "external_inputs", None)
-    if extra is not None:
-        section["external"] = extra(cfg)
+    if extra is not None:  # hashed: an edit that keeps the size and puts the mtime back is still seen by --verify
+        section["external"] = {f: input_fingerprint(Path(f)) for f in extra(cfg)}
     return section
 
 
@@ -117,26 +124,48 @@ class Freshness:
         if m is None:
             if path.exists():
                 return StageState(stage, "stale", f"{path.name} is damaged or not a manifest; rerun to redo the stage")
+            previous = previous_dir(layout, stage)
+            pm = Manifest.read(previous / "manifest.json")
+            if pm is not None:  # what the next run does first: put the last finished artifacts back
+                st = self._judge(stage, pm, previous)
+                if st.fresh:
+                    return StageState(stage, "restorable", f"a killed run left the finished artifacts in "
+                                      f"{previous.name}; they are fresh: the next run puts them back and redoes "
+                                      "nothing", pm)
+                return StageState(stage, "incomplete", f"a killed run left the finished artifacts in "
+                                  f"{previous.name}; the next run puts them back, then redoes the stage ({st.reason})")
             if layout.in_progress(stage).exists():
                 return StageState(stage, "incomplete", "started but not finished; rerun to resume")
             return StageState(stage, "missing", "not run yet")
-        changed = config_changes(self.cfg, stage, m)
+        return self._judge(stage, m, layout.stage_dir(stage))
+
+    def _judge(self, stage: str, m: Manifest, folder: Path) -> StageState:
+        """The state of ``stage`` if ``folder`` (its own, or the one a killed run set aside) were in place."""
+        changed = config_changes(self.cfg, stage, m, rehash=self.verify)
         if changed:
             return StageState(stage, "stale", f"config changed: {', '.join(changed)}", m)
-        for up, digest in upstream_digests(stage, layout).items():
+        for up in stage_module(stage).UPSTREAM:
             up_state = self(up)
-            if not up_state.fresh:
+            if not up_state.usable:
                 return StageState(stage, "stale", f"upstream {up} is {up_state.status}", m)
-            if m.data["inputs"].get(up) != digest:
+            assert up_state.manifest is not None
+            if m.data["inputs"].get(up) != up_state.manifest.outputs_digest:
                 return StageState(stage, "stale", f"upstream {up} was rerun since", m)
-        problems = check_outputs(layout.stage_dir(stage), m, rehash=self.verify)
+        problems = check_outputs(folder, m, rehash=self.verify)
         if problems:
             return StageState(stage, "stale", "; ".join(problems[:3]), m)
         return StageState(stage, "fresh", f"finished {m.data.get('finished', '?')}", m)
 
 
-def config_changes(cfg: Config, stage: str, m: Manifest) -> list[str]:
-    """Settings the stage read last time whose values differ now, and changed external inputs.
+def previous_dir(layout: RunLayout, stage: str) -> Path:
+    """Where a stage redone from scratch keeps its last finished artifacts until the new run succeeds."""
+    sd = layout.stage_dir(stage)
+    return sd.with_name(sd.name + ".previous")
+
+
+def config_changes(cfg: Config, stage: str, m: Manifest, rehash: bool = False) -> list[str]:
+    """Settings the stage read last time whose values differ now, and changed external inputs
+    (``rehash``: hash every input file again, as ``status --verify`` does).
 
     Freshness rests on what the stage actually read while it ran (recorded in the manifest as
     ``params``), so a key of another section that a stage reads makes it stale too.
@@ -151,9 +180,9 @@ def config_changes(cfg: Config, stage: str, m: Manifest) -> list[str]:
     extra = getattr(mod, "external_inputs", None)
     if extra is not None:
         old_ext = m.data.get("config", {}).get("external", {})
-        new_ext = extra(cfg)
-        changed += [f"{f} (input file)" for f in sorted(set(old_ext) | set(new_ext))
-                    if old_ext.get(f) != new_ext.get(f)]
+        new_ext = set(extra(cfg))
+        changed += [f"{f} (input file)" for f in sorted(set(old_ext) | new_ext)
+                    if f not in old_ext or f not in new_ext or input_changed(Path(f), old_ext[f], rehash)]
     return changed
 
 
@@ -187,7 +216,7 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
     if preflight is not None:
         preflight(cfg, layout)
     sd = layout.stage_dir(stage)
-    previous = sd.with_name(sd.name + ".previous")
+    previous = previous_dir(layout, stage)
     if previous.exists() and Manifest.read(layout.manifest(stage)) is None:
         # a run killed after moving the last good artifacts aside: put them back, then decide afresh
         log.info("%s: restoring the last finished artifacts from %s", stage, previous)
@@ -247,10 +276,65 @@ def _in_progress_key(layout: RunLayout, stage: str) -> Any:
         return None
 
 
-def plan(cfg: Config, layout: RunLayout) -> list[StageState]:
-    """What `sweep` would do: every stage's state, with downstream of a non-fresh stage stale."""
+@dataclass
+class Step:
+    """What `sweep` will do with one stage: ``run``, ``skip``, or ``maybe`` (it runs only if an upstream stage
+    that runs first comes out different: its own settings and outputs are as they were)."""
+
+    state: StageState
+    action: str  # run | skip | maybe
+    note: str = ""
+
+    def line(self) -> str:
+        st = self.state
+        return f"{self.action:<5}  {st.stage:<9} {st.status}: {st.reason}" + (f"; {self.note}" if self.note else "")
+
+
+def plan(cfg: Config, layout: RunLayout, overwrite: bool = False, detail: bool = True) -> list[Step]:
+    """What `sweep` would do with every stage, and why; with ``detail``, which units of a stage run and which
+    finished ones are reused (this hashes their training data, as the real run does)."""
     fresh = Freshness(cfg, layout)
-    return [fresh(s) for s in STAGES]
+    steps: dict[str, Step] = {}
+    for stage in STAGES:
+        st = fresh(stage)
+        ups = [steps[u] for u in stage_module(stage).UPSTREAM]
+        if overwrite:
+            step = Step(st, "run", "--overwrite redoes it")
+        elif st.usable:
+            step = Step(st, "skip")
+        elif (st.status == "stale" and st.manifest is not None and st.reason.startswith("upstream ")
+              and not st.reason.endswith("was rerun since")
+              and not check_outputs(layout.stage_dir(stage), st.manifest)):
+            ran = [u.state.stage for u in ups if u.action != "skip"]
+            step = Step(st, "maybe", f"runs only if {' or '.join(ran)} come{'s' if len(ran) == 1 else ''} out "
+                                     "different (its own settings and outputs are unchanged)")
+        else:
+            step = Step(st, "run")
+        if detail and step.action == "run" and not overwrite:
+            note = getattr(stage_module(stage), "plan_note", None)
+            if note is not None:
+                upstream_runs = [u.state.stage for u in ups if u.action != "skip"]
+                step.note = "; ".join(x for x in (step.note, note(cfg, layout, upstream_runs)) if x)
+        steps[stage] = step
+    return list(steps.values())
+
+
+def check_before_running(cfg: Config, layout: RunLayout, stages: list[str]) -> list[str]:
+    """Every problem that would stop one of ``stages`` later (a score column no stage writes, fp16 without a
+    GPU, a missing test-set file, ...), found from the config before the first stage touches anything.
+    Each stage module's ``check(cfg, layout)`` raises UsageError/InputError for its problems."""
+    from .errors import MtpruneError
+
+    problems = []
+    for stage in stages:
+        check = getattr(stage_module(stage), "check", None)
+        if check is None:
+            continue
+        try:
+            check(cfg, layout)
+        except MtpruneError as e:
+            problems.append(str(e))
+    return problems
 
 
 def run_unit(stage: str, cfg: Config, layout: RunLayout, name: str) -> dict[str, Any]:

@@ -124,6 +124,11 @@ def test_dual_columns_from_both_directions_and_prune_on_them(dual_run: Path) -> 
     tags = ["s1u3", "s1u6"]
     for t in tags:
         assert {f"nll_reverse@{t}", f"dual_xent@{t}"} <= set(df.columns)
+    from mtprune.config import load_config
+    from mtprune.stages.score import score_columns
+
+    numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])} - {"index"}
+    assert set(score_columns(load_config(TINY, [*SETS, "proxy.dual=true"], run_dir=str(dual_run)))) == numeric
     h_f = df[[f"nll@{t}" for t in tags]].to_numpy(np.float64)
     h_r = df[[f"nll_reverse@{t}" for t in tags]].to_numpy(np.float64)
     want = np.mean([abs(h_f[:, k] - h_r[:, k]) + (h_f[:, k] + h_r[:, k]) / 2 for k in range(2)], axis=0)

@@ -143,3 +143,51 @@ def test_a_changed_test_split_makes_evaluate_stale_and_reaches_the_metrics(tiny_
     assert code == 0, out
     metrics = json.loads((run / "07_evaluate" / "full" / "metrics.json").read_text())
     assert {r["sentences"] for r in metrics["results"].values()} == {25}
+
+
+def test_an_input_file_edited_with_its_size_and_mtime_put_back_is_seen_by_verify(tmp_path: Path) -> None:
+    """A plain-text source edited in place with the same size, its mtime restored (`touch -r`): a plain status
+    trusts size and mtime as for outputs, `status --verify` rehashes the inputs and says which one changed;
+    an edit that leaves the mtime moved is stale without --verify, a file only touched is not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {}
+    for split in ("train", "valid", "test"):
+        for lang in ("de", "en"):
+            p = src / f"{split}.{lang}"
+            p.write_text("".join(f"{lang} {split} sentence number {i}\n" for i in range(40)), encoding="utf-8")
+            files[(split, lang)] = p
+    sets = ["--set", "download.source=files", "--set", "download.pairs=[de-en]"]
+    for split in ("train", "valid", "test"):
+        sets += ["--set", f"download.files.de-en.{split}=[{files[(split, 'de')]},{files[(split, 'en')]}]"]
+    run = tmp_path / "run"
+    code, out = cli("download", *sets, "--run-dir", str(run), "-q")
+    assert code == 0, out
+    recorded = json.loads((run / "01_download" / "manifest.json").read_text())["config"]["external"]
+    assert recorded[str(files[("train", "de")])]["sha256"]  # hashed, not only size and mtime
+
+    p = files[("train", "en")]
+    st = p.stat()
+    text = p.read_text(encoding="utf-8")
+    p.write_text(text.replace("sentence number 7\n", "sentence number 9\n", 1), encoding="utf-8")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `touch -r` puts it back
+    assert p.stat().st_size == st.st_size
+    code, out = cli("status", *sets, "--run-dir", str(run))
+    assert _states(out)["download"].startswith("fresh"), out  # size and mtime are the cache key
+    code, out = cli("status", "--verify", *sets, "--run-dir", str(run))
+    assert code == 1 and _states(out)["download"].startswith(f"stale config changed: {p} (input file)"), out
+
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # within the same second
+    code, out = cli("status", *sets, "--run-dir", str(run))
+    assert _states(out)["download"].startswith("stale"), out
+    p.write_text(text, encoding="utf-8")  # content back as it was: only touched now
+    code, out = cli("status", "--verify", *sets, "--run-dir", str(run))
+    assert code == 0 and _states(out)["download"].startswith("fresh"), out
+
+
+def test_status_of_a_run_directory_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    for cmd in (["status"], ["sweep", "--dry-run"]):
+        code, out = cli(*cmd, *SYN, "--run-dir", str(tmp_path / "f" / "x"))
+        assert code == 2 and out.strip().endswith(f"{tmp_path / 'f'} is a file, not a directory"), out
+        assert len(out.strip().splitlines()) == 1, out

@@ -37,6 +37,18 @@ def test_one_row_per_training_pair_with_the_contract_columns(tiny_run: Path) -> 
     assert (df["n_tokens"] >= 2).all()  # at least one piece plus EOS
 
 
+def test_the_columns_the_config_promises_are_the_columns_written(tiny_run: Path) -> None:
+    """score_columns(cfg) decides up front whether a strategy or combine entry names a real column: it must be
+    the table's numeric columns, exactly (a new score added to the pass without it fails here)."""
+    from mtprune.stages.score import score_columns
+
+    df = pd.read_parquet(RunLayout(tiny_run).scores)
+    numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])} - {"index"}
+    assert set(score_columns(cfg_for(tiny_run))) == numeric
+    assert "combined" not in score_columns(cfg_for(tiny_run, "score.combine=[]"))
+    assert "base_copy" not in score_columns(cfg_for(tiny_run, "score.baselines=false"))
+
+
 def test_ids_join_back_to_the_raw_text(tiny_run: Path) -> None:
     L = RunLayout(tiny_run)
     df = pd.read_parquet(L.scores)
@@ -249,3 +261,108 @@ def test_a_failed_parquet_write_leaves_no_temp_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
     _write_parquet(pa.table({"el2n": [0.5, 0.7]}), tmp_path / "ok.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.parquet", "scores.parquet"]
+
+
+# ---- temp files of a killed pass (multi-GB .npy on a real corpus) are removed, unless still being written ----
+
+HOLD = """
+import sys
+from pathlib import Path
+from mtprune.lock import RunLock
+locks = [RunLock(Path(p), "score --shard 1/2") for p in sys.argv[1:]]
+for lock in locks:
+    lock.__enter__()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_temp_files_of_a_killed_pass_go_unless_their_writer_holds_its_lock(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Whose temp file it is, is told by the lock its writer holds, not by the pid in its name: a `score --shard`
+    job on another host of a cluster writes into the same shared folder, and its pid means nothing here."""
+    import logging
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from mtprune.stages.score import remove_stale_temps
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # the pid of a writer that was killed
+    L = RunLayout(tmp_path / "run")
+    score, shards = L.stage_dir("score"), L.score_shard(0, 2).parent
+    shards.mkdir(parents=True)
+
+    def plant(folder: Path, name: str, size: int) -> Path:
+        (folder / name).write_bytes(b"\0" * size)
+        return folder / name
+
+    dead = [plant(shards, f".shard-0000-of-0002.sketch.npy.{gone.pid}.tmp", 1000),
+            plant(shards, f".shard-0000-of-0002.pooled.npy.{gone.pid}.tmp", 300),
+            plant(shards, f".shard-0000-of-0002.parquet.{gone.pid}.tmp", 20)]
+    finished = [plant(shards, "shard-0000-of-0002.parquet", 50), plant(score, "grad_sketch.npy", 50),
+                plant(score, "..lock-1-of-2.holder.12345678.tmp", 5)]  # a lock's own temp: never touched
+    merge = [plant(score, f".grad_sketch.npy.{gone.pid}.tmp", 4000), plant(score, f".pooled.{gone.pid}.tmp", 700)]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(score / ".lock-1-of-2"), str(L.lock)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        alive = [plant(shards, f".shard-0001-of-0002.sketch.npy.{holder.pid}.tmp", 900),
+                 plant(shards, f".shard-0001-of-0002.pooled.npy.{gone.pid}.tmp", 900)]  # an earlier attempt's
+        with caplog.at_level(logging.INFO, logger="mtprune"):
+            assert remove_stale_temps(L, (1, 2)) == 0  # `--shard 1/2` itself runs elsewhere: not ours
+            assert remove_stale_temps(L) == 1320  # shard 0/2's; shard 1/2 is written now, the run lock is held
+        assert not any(p.exists() for p in dead) and all(p.exists() for p in alive + finished + merge)
+        assert [r.getMessage() for r in caplog.records] == [
+            "score: removed 3 temp file(s) left by an interrupted scoring pass, 1320 bytes (0.0 MB)"]
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert remove_stale_temps(L, (0, 2)) == 0  # with a shard given, the merge's files stay
+    assert remove_stale_temps(L) == 1800 + 4700  # the holder has gone: its files and the merge's
+    assert not any(p.exists() for p in alive + merge) and all(p.exists() for p in finished)
+    assert remove_stale_temps(L) == 0
+
+
+def test_score_and_score_shard_clear_stale_temp_files_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mtprune score` clears every shard's leftovers it may (before looking for finished shards), `--shard i/N`
+    its own shard's, once the upstream check has passed."""
+    import mtprune.pipeline
+    from mtprune.stages import score as score_stage
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def cleanup(layout: RunLayout, shard: tuple[int, int] | None = None) -> int:
+        calls.append(shard)
+        raise Stop
+
+    monkeypatch.setattr(score_stage, "remove_stale_temps", cleanup)
+    monkeypatch.setattr(score_stage, "_finished_shards", lambda *a: pytest.fail("looked for shards before cleaning"))
+    cfg = cfg_for(tmp_path / "run")
+    with pytest.raises(Stop):
+        score_stage.run(cfg, RunLayout(tmp_path / "run"))
+    with pytest.raises(UsageError):  # nothing is touched before the upstream check
+        score_stage.run_shard(cfg, RunLayout(tmp_path / "run"), "1/4")
+    monkeypatch.setattr(mtprune.pipeline, "require_fresh_upstream", lambda *a: None)
+    with pytest.raises(Stop):
+        score_stage.run_shard(cfg, RunLayout(tmp_path / "run"), "1/4")
+    assert calls == [None, (1, 4)]
+
+
+def test_noise_labels_that_label_no_scored_pair_give_an_empty_table_not_a_crash(tiny_copy: Path) -> None:
+    """A download's noise.ids that labels nothing (empty, or ids the scores do not have): the noise table says
+    0 labelled pairs and no AUROC, and the stage finishes."""
+    from mtprune.stages.score import _noise_files
+
+    L = RunLayout(tiny_copy)
+    df = pd.read_parquet(L.scores)
+    for content in ("", "de-en/99999\tmisaligned\n"):
+        L.noise_ids.write_text(content)
+        stats: dict = {}
+        assert _noise_files(df, L, stats) == list(L.score_noise)
+        assert stats["noise"]["labelled"] == 0 and set(stats["noise"]["auroc"].values()) == {None}
+        assert f"0 of {len(df)} pairs labelled" in L.score_noise[0].read_text()

@@ -137,3 +137,86 @@ def test_rerun_is_fresh_and_a_new_sparsity_reuses_finished_models(swept: tuple[P
     code, out = cli("status", "-c", str(TINY), "--run-dir", str(run), "--set", "prune.sparsities=[0.2,0.4]")
     states = [ln.split()[1] for ln in out.splitlines() if ln.startswith("  ")]
     assert states == ["fresh"] * len(STAGES)
+
+
+def _plan(out: str) -> dict[str, str]:
+    return {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith(("skip ", "run ", "maybe "))}
+
+
+def test_the_dry_run_says_what_a_merge_only_change_runs_and_what_it_may_skip(swept: tuple[Path, str],
+                                                                             tmp_path: Path) -> None:
+    """score.combine changes only the merge: the dry run says the pass is kept, and that prune and what follows
+    run only if their upstream comes out different; the real sweep then skips train and evaluate."""
+    src, _ = swept
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    sets = ["-c", str(TINY), "--run-dir", str(run), "--set", "score.combine=[nll_debiased]"]
+    code, out = cli("sweep", *sets, "--dry-run")
+    assert code == 0, out
+    plan = _plan(out)
+    assert plan["proxy"].startswith("skip") and plan["score"].startswith("run"), out
+    assert "only the merge runs" in plan["score"], out
+    for stage in ("prune", "train", "evaluate", "report"):
+        assert plan[stage].startswith("maybe") and "runs only if" in plan[stage], out
+    code, out = cli("sweep", *sets)
+    assert code == 0, out
+    for stage in ("train", "evaluate"):  # prune's output came out byte-identical
+        assert f"{stage}: fresh" in out and f"{stage}: running" not in out, out
+
+
+def test_status_and_the_dry_run_after_a_run_killed_mid_prune_say_nothing_will_run(swept: tuple[Path, str],
+                                                                                  tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    src, _ = swept
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    base = ["-c", str(TINY), "--run-dir", str(run)]
+    env = {**os.environ, "MTPRUNE_CRASH_AT": "prune:after:el2n-high-0.2"}
+    p = subprocess.run([sys.executable, "-m", "mtprune", "prune", "--overwrite", *base, "-q"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (run / "05_prune.previous" / "manifest.json").is_file()
+
+    code, out = cli("status", *base)
+    states = {ln.split()[0]: ln.split()[1] for ln in out.splitlines() if ln.startswith("  ")}
+    assert states["prune"] == "restorable" and "05_prune.previous" in out, out
+    assert all(states[s] == "fresh" for s in STAGES if s != "prune"), out
+    code, out = cli("sweep", *base, "--dry-run")
+    assert code == 0 and all(ln.startswith("skip") for ln in _plan(out).values()), out
+    code, out = cli("train", *base)  # a stage after it: refused until the artifacts are back
+    assert code == 2 and "upstream stage 'prune' is restorable" in out, out
+    code, out = cli("sweep", *base)
+    assert code == 0 and "restoring the last finished artifacts" in out, out
+    assert out.count("nothing to do") == len(STAGES), out
+
+
+def test_the_dry_run_names_the_models_that_train_and_those_reused(swept: tuple[Path, str], tmp_path: Path) -> None:
+    src, _ = swept
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", "train.seeds=[1,2]", "--dry-run")
+    assert code == 0, out
+    train = _plan(out)["train"]
+    assert train.startswith("run") and "3 of 6 unit(s) run (full-seed2, el2n-high-0.2-seed2, random-0.2-seed2); " \
+                                      "3 finished, reused" in train, out
+
+
+def test_a_strategy_on_a_column_no_stage_writes_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    bad = ["-c", str(TINY), "--run-dir", str(run), "--set", "prune.strategies=[el2m-high]",
+           "--set", f"evaluate.extra_test_sets=[{{name: x, src_lang: en, tgt_lang: de, src: {tmp_path}, "
+                    f"ref: {tmp_path}}}]"]
+    code, out = cli("sweep", *bad, "--dry-run")
+    assert code == 2, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert "'el2m-high' needs a score column 'el2m'" in errors[0], out
+    assert errors[1] == f"error: evaluate.extra_test_sets (x): {tmp_path}: a directory, not a file", out
+    assert out.splitlines()[-1].startswith("mtprune sweep: error: 2 problem(s) listed above"), out
+    code, out = cli("sweep", *bad)
+    assert code == 2 and "el2m" in out and "a directory, not a file" in out, out
+    assert not (run / "01_download").exists()  # refused before the first stage

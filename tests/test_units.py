@@ -206,3 +206,26 @@ def test_a_unit_trained_on_another_source_side_or_validation_set_trains_again(
         run_units(proxy.units(cfg, L, False), 1, False)
     assert "proxy seed1: finished on other training or validation data (train.src-tgt.src.bin changed)" in caplog.text
     assert finished()["proxy seed1"] and L.proxy_checkpoint(1, 4).read_bytes() != before
+
+
+def test_a_shorter_list_of_seeds_keeps_finished_units_and_a_longer_one_reuses_them(run: Path) -> None:
+    """proxy.seeds or train.seeds shrinking (then a plain command) must not delete the finished seed 2: its
+    folder stays, the manifest lists only the configured units, and listing it again trains nothing."""
+    L = RunLayout(run)
+    for stage, more, seed2 in (("proxy", "proxy.seeds=[1,2]", L.proxy_seed_dir(2)),
+                               ("train", "train.seeds=[1,2]", L.train_dir("random-0.2-seed2"))):
+        code, out = cli(stage, *args(run, more))
+        assert code == 0 and "running 1 unit" in out, out
+        before = files(seed2)
+
+        code, out = cli(stage, *args(run))  # the plain command, with the config's one seed
+        assert code == 0 and "kept 1 folder(s) this config does not list" in out, out
+        assert files(seed2) == before
+        recorded = json.loads(L.manifest(stage).read_text())["outputs"]
+        assert not any("seed2" in k for k in recorded), recorded
+        assert stage_status(run, stage) == "fresh"
+
+        code, out = cli(stage, *args(run, more))  # listed again: reused, nothing trains
+        assert code == 0 and "unit(s), " not in out and out.count("already done, skipping") == 2, out
+        assert files(seed2) == before
+        assert cli(stage, *args(run))[0] == 0  # back to the config's seeds, for the next stage

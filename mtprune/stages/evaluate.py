@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import queue
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from ..batching import length_batches
 from ..config import Config
 from ..cpus import usable_cpus
 from ..errors import InputError, UsageError
+from ..launch import note_kept_units
 from ..layout import RunLayout
-from ..manifest import atomic_write_text, file_sha256, stat_key
+from ..manifest import atomic_write_text, file_sha256
 from ..pipeline import Manifest, StageResult
 from .prepare import read_lines, tag, tasks
 from .train import seed_models
@@ -31,12 +31,9 @@ KEEPS_UNITS = True  # hypotheses decoded from an unchanged checkpoint with the s
 log = logging.getLogger("mtprune")
 
 
-def external_inputs(cfg: Config) -> dict[str, Any]:
-    out = {}
-    for t in cfg.evaluate.extra_test_sets:
-        for f in (t.src, t.ref):
-            out[f] = stat_key(Path(f))
-    return out
+def external_inputs(cfg: Config) -> list[str]:
+    """Files read from outside the run directory (fingerprinted in the manifest by ``pipeline``)."""
+    return [f for t in cfg.evaluate.extra_test_sets for f in (t.src, t.ref)]
 
 
 def target_languages(cfg: Config) -> list[str]:
@@ -59,7 +56,22 @@ def check_bleu_tokenizers(langs: list[str]) -> None:
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
+    check(cfg, layout)
+
+
+def check(cfg: Config, layout: RunLayout) -> None:
+    """BLEU tokenizers and extra test-set files, from the config alone: also before a sweep's first stage."""
     check_bleu_tokenizers(target_languages(cfg))
+    for x in cfg.evaluate.extra_test_sets:
+        for f in (x.src, x.ref):
+            _check_file(x.name, f)
+
+
+def _check_file(name: str, f: str) -> None:
+    p = Path(f)
+    if not p.is_file():
+        what = "a directory, not a file" if p.is_dir() else "not a file" if p.exists() else "file not found"
+        raise InputError(f"evaluate.extra_test_sets ({name}): {f}: {what}")
 
 
 def opus_test_sets(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
@@ -78,8 +90,7 @@ def test_sets(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
     out = opus_test_sets(cfg, layout)
     for x in cfg.evaluate.extra_test_sets:
         for f in (x.src, x.ref):
-            if not Path(f).is_file():
-                raise InputError(f"evaluate.extra_test_sets ({x.name}): {f}: file not found")
+            _check_file(x.name, f)
         src, ref = read_lines(Path(x.src)), read_lines(Path(x.ref))
         if len(src) != len(ref):
             raise InputError(f"{x.src}: has {len(src)} lines but {x.ref} has {len(ref)}")
@@ -258,10 +269,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     prune_stats = (Manifest.read(layout.manifest("prune")) or Manifest({})).stats.get("runs", {})
     prepare_stats = (Manifest.read(layout.manifest("prepare")) or Manifest({})).stats
     wanted = seed_models(cfg, layout)
-    names = {layout.eval_dir(m.run).name for m in wanted}
-    for d in layout.stage_dir("evaluate").iterdir():  # models no longer in the sweep
-        if d.is_dir() and d.name not in names:
-            shutil.rmtree(d)
+    # hypotheses of models no longer in the sweep are kept: listed again, their checkpoint reuses them
+    note_kept_units("evaluate", layout.stage_dir("evaluate"), {layout.eval_dir(m.run).name for m in wanted})
     free: queue.Queue[str] = queue.Queue()
     on = devices()
     for dev in on:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from ..fairseq_backend import (
     update_freq_for,
     world_size,
 )
-from ..launch import Unit, run_units, unit_settings, unit_state
+from ..launch import Unit, note_kept_units, run_units, unit_settings, unit_state, units_note
 from ..layout import RunLayout
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -53,14 +52,29 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
         # a prepare finished before proxy.dual existed did not record it, so it is not stale by itself
         raise UsageError(f"proxy.dual: {layout.data_bin_reverse} is missing; "
                          "run `mtprune prepare --overwrite --set proxy.dual=true` first")
+    check(cfg, layout)
+
+
+def check(cfg: Config, layout: RunLayout) -> None:
+    """Settings that cannot train on this machine (fp16 without a GPU, ...), from the config alone: also
+    before a sweep's first stage. A GPU-less job that only writes the manifest of seeds trained elsewhere is
+    not refused: the units (whose keys hash the training data) are looked at only when the settings would be."""
     use_cuda = cuda_available()
     try:
         check_training("proxy", cfg.proxy.precision, cfg.model, use_cuda)
     except UsageError:
-        # a GPU-less job that only writes the manifest must not be refused: look at the units (which
-        # hashes the training data) only when the settings would be refused
-        if not all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
+        try:
+            done = all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda))
+        except OSError:  # no training data yet: nothing can be done
+            done = False
+        if not done:
             raise
+
+
+def plan_note(cfg: Config, layout: RunLayout, upstream_runs: list[str]) -> str:
+    """For `sweep --dry-run`: which seeds train and which finished ones are reused."""
+    return units_note(layout.stage_dir("proxy"), unit_names(cfg),
+                      lambda: units(cfg, layout, cuda_available()), upstream_runs)
 
 
 def _holds(path: Path, updates: int) -> bool:
@@ -135,10 +149,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     use_cuda = cuda_available()
     todo = units(cfg, layout, use_cuda)
     results = run_units(todo, cfg.proxy.parallel, use_cuda, cfg.launch.gpus_per_run)
-    wanted = {u.folder.name for u in todo}
-    for d in [*layout.stage_dir("proxy").glob("seed*"), *layout.stage_dir("proxy").glob("reverse-seed*")]:
-        if d.name not in wanted:
-            shutil.rmtree(d)
+    note_kept_units("proxy", layout.stage_dir("proxy"), {u.folder.name for u in todo})
     outputs: list[Path] = [layout.proxy_checkpoint(s, u) for s in cfg.proxy.seeds for u in cfg.proxy.checkpoints]
     if cfg.proxy.dual:
         outputs += [layout.proxy_reverse_checkpoint(s, u) for s in cfg.proxy.seeds for u in cfg.proxy.checkpoints]

@@ -55,6 +55,19 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
                                  f"{n} training pairs{of}; use a smaller sparsity")
 
 
+def check(cfg: Config, layout: RunLayout) -> None:
+    """A strategy naming a column the score stage does not write, from the config alone: also before a sweep's
+    first stage, not after the proxy runs have trained."""
+    from .score import score_columns
+
+    known = [c for c in score_columns(cfg) if "@" not in c]
+    for strategy in cfg.prune.strategies:
+        column = strategy.rsplit("-", 1)[0]
+        if strategy not in ("random", "group") and column not in known:
+            raise UsageError(f"prune.strategies: {strategy!r} needs a score column {column!r}, which the score "
+                             f"stage does not write with these settings (it writes: {', '.join(known)})")
+
+
 def preflight(cfg: Config, layout: RunLayout) -> None:
     import pandas as pd
 

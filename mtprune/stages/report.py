@@ -16,9 +16,10 @@ from ..config import Config
 from ..curves import plot_curves
 from ..errors import InputError
 from ..layout import RunLayout, run_name
-from ..manifest import atomic_write_bytes, atomic_write_text, stat_key
+from ..manifest import atomic_write_bytes, atomic_write_text
 from ..pipeline import Manifest, StageResult
 from .prepare import read_lines
+from .proxy import unit_names
 from .score import checkpoints, spearman
 from .train import seed_models
 
@@ -28,12 +29,9 @@ log = logging.getLogger("mtprune")
 CSV_COLUMNS = ("strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train")
 
 
-def external_inputs(cfg: Config) -> dict[str, Any]:
-    f = cfg.report.noise_ids
-    if f is None:
-        return {}
-    p = Path(f)
-    return {f: stat_key(p)}
+def external_inputs(cfg: Config) -> list[str]:
+    """Files read from outside the run directory (fingerprinted in the manifest by ``pipeline``)."""
+    return [] if cfg.report.noise_ids is None else [cfg.report.noise_ids]
 
 
 def results_rows(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
@@ -188,12 +186,20 @@ def precision_at(scores: np.ndarray, labels: np.ndarray, fraction: float) -> flo
 UNKNOWN_KIND = "noise"  # the kind of a label given without one (a one-column report.noise_ids file)
 
 
-def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] | None:
-    """Sentence id -> kind of noise, and where the labels came from; None when none are known."""
+def check(cfg: Config, layout: RunLayout) -> None:
+    """A labels file that is not there, from the config alone: also before a sweep's first stage."""
     if cfg.report.noise_ids is not None:
         path = Path(cfg.report.noise_ids)
         if not path.is_file():
-            raise InputError(f"report.noise_ids: {path}: file not found")
+            what = "a directory, not a file" if path.is_dir() else "file not found"
+            raise InputError(f"report.noise_ids: {path}: {what}")
+
+
+def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] | None:
+    """Sentence id -> kind of noise, and where the labels came from; None when none are known."""
+    if cfg.report.noise_ids is not None:
+        check(cfg, layout)
+        path = Path(cfg.report.noise_ids)
         source = str(path)
     elif layout.noise_ids.is_file():
         path, source = layout.noise_ids, "01_download/noise.ids"
@@ -306,7 +312,7 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float], scop
 
     groups = ([np.arange(len(df))] if scope == "global"
               else [np.flatnonzero(df["pair"].to_numpy() == p) for p in sorted(df["pair"].unique())])
-    kind = df["sentence_id"].map(labels).fillna("").to_numpy()
+    kind = df["sentence_id"].map(labels).astype(object).fillna("").to_numpy()  # object: all-NaN when nothing matches
     clean = kind == ""
     kinds = ["all"] + sorted(set(kind[~clean]) - {UNKNOWN_KIND})
     cands = oriented_scores(df)
@@ -547,7 +553,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     atomic_write_text(layout.report_file("results.md"), "".join(md))
     _plot_bleu(rows, layout.report_file("bleu_vs_sparsity.png"))
     _plot_hist(df, layout.report_file("el2n_hist.png"))
-    names.append(plot_curves(layout))  # training_curves.png: proxy and final training loss (mtprune/curves.py)
+    units = {"proxy": set(unit_names(cfg)), "train": {layout.train_dir(m.run).name for m in seed_models(cfg, layout)}}
+    names.append(plot_curves(layout, units))  # training_curves.png: proxy and final training loss (mtprune/curves.py)
     atomic_write_text(layout.report_file("examples.md"), _examples(cfg, layout, df))
     log.info("report: wrote %s", ", ".join(str(out / n) for n in names))
     return StageResult([layout.report_file(n) for n in names], stats)

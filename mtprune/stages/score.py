@@ -438,6 +438,69 @@ def shard_indices(n: int, i: int, count: int) -> np.ndarray:
     return np.arange(n * i // count, n * (i + 1) // count)
 
 
+# what a killed pass leaves (``temp_path`` names: ``.<name>.<pid>.tmp``; ``atomic_write_text``'s are random):
+# in shards/ a shard's files (``.shard-0002-of-0004.sketch.npy.<pid>.tmp``, multi-GB on a real corpus), in
+# 04_score/ the merge's (``.grad_sketch.npy.<pid>.tmp``, ``.pooled.<pid>.tmp``); never a lock's .holder temp
+_SHARD_TEMP = re.compile(r"\.shard-(\d+)-of-(\d+)\..+\.tmp")
+_MERGE_TEMP = re.compile(r"\.(?!\.?lock-)[^/]+\.\d+\.tmp")
+_SHARD_LOCK = re.compile(r"\.lock-\s*(\d+)\s*-of-\s*(\d+)\s*")
+
+
+def _writer_gone(lock: Path) -> bool:
+    """Whether nobody but this process holds ``lock`` (files written under it then belong to a dead writer).
+
+    The lock, not the pid in a temp file's name, is the test: a ``score --shard`` job on another host of a
+    cluster writes into the same shared folder under its own lock, and its pid means nothing here."""
+    from ..lock import RunLocked, check_free, holding
+
+    if holding(lock) is not None or not lock.exists():  # a holder would have created the file
+        return True
+    try:
+        check_free(lock)
+    except RunLocked:
+        return False
+    return True
+
+
+def remove_stale_temps(layout: RunLayout, shard: tuple[int, int] | None = None) -> int:
+    """Delete the temp files that killed scoring passes left in 04_score and whose writer is gone; returns the
+    bytes freed.
+
+    A shard's temp files go when that shard's lock (``04_score/.lock-<i>-of-<n>``) is free or held by this
+    process, the merge's when the run lock is; a shard scored right now by another process keeps its own.
+    With ``shard`` (i, N), only that shard's files are looked at."""
+    from ..lock import UNIT_LOCK_PREFIX, unit_lock_path
+
+    folder = layout.stage_dir("score")
+    shard_locks: dict[tuple[int, int], list[Path]] = {}
+    for p in folder.glob(UNIT_LOCK_PREFIX + "*-of-*"):  # also a lock taken as `--shard 00/4`
+        if m := _SHARD_LOCK.fullmatch(p.name):
+            shard_locks.setdefault((int(m.group(1)), int(m.group(2))), []).append(p)
+    stale: list[Path] = []
+    for p in sorted(layout.score_shard(0, 1).parent.glob(".shard-*.tmp")):
+        m = _SHARD_TEMP.fullmatch(p.name)
+        key = (int(m.group(1)), int(m.group(2))) if m else None
+        if key is None or (shard is not None and key != shard):
+            continue
+        locks = shard_locks.get(key, []) + [unit_lock_path(folder / f"{key[0]}-of-{key[1]}")]
+        if all(_writer_gone(lock) for lock in locks):
+            stale.append(p)
+    if shard is None and folder.is_dir() and _writer_gone(layout.lock):
+        stale += sorted(p for p in folder.glob(".*.tmp") if _MERGE_TEMP.fullmatch(p.name) and p.is_file())
+    freed = 0
+    for p in stale:
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:  # removed by another cleaner meanwhile
+            continue
+        freed += size
+    if stale:
+        log.info("score: removed %d temp file(s) left by an interrupted scoring pass, %d bytes (%.1f MB)",
+                 len(stale), freed, freed / 1e6)
+    return freed
+
+
 def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     """Score slice I of N into 04_score/shards/ (no manifest: `mtprune score` merges the shards)."""
     from ..fairseq_backend import load_train_pairs
@@ -445,6 +508,7 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
 
     i, count = parse_shard(shard)
     require_fresh_upstream("score", cfg, layout)
+    remove_stale_temps(layout, (i, count))  # this shard's files from a killed earlier attempt
     n = len(load_train_pairs(layout.data_bin)[1])
     indices = shard_indices(n, i, count)
     path = layout.score_shard(i, count)
@@ -573,6 +637,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     import pyarrow.parquet as pq
 
     ckpts = checkpoints(cfg, layout)
+    remove_stale_temps(layout)  # what killed passes left, shards being scored by other processes excepted
     shards = _finished_shards(cfg, layout)
     stats: dict[str, Any] = {}
     if shards is None:  # more than one GPU: one `score --shard` process per GPU, merged below
@@ -642,3 +707,43 @@ def _noise_files(df: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path
     log.info("score: finding the %d labelled pairs, best AUROC: %s; -length %s (table: %s)", summary["labelled"],
              ", ".join(best) or "n/a", "n/a" if base is None else f"{base:.2f}", md_path)
     return [md_path, csv_path]
+
+
+# ---- what the stage will write, from the config alone ---------------------------------------------
+
+def score_columns(cfg: Config) -> list[str]:
+    """Every numeric column ``scores.parquet`` will have with these settings (``tests/test_score.py`` holds it
+    to the real table), so that a strategy or combine entry naming a column no stage writes is refused
+    before the first stage runs, not after hours of proxy training."""
+    tags = [f"s{s}u{u}" for s in cfg.proxy.seeds for u in cfg.proxy.checkpoints]
+    families = [*MEAN_SCORES, "tracin", "proto"]
+    if cfg.proxy.dual:
+        families += ["nll_reverse", "dual_xent"]
+    families += [f"{f}_debiased" for f in ("el2n", "nll")]
+    out = ["n_tokens", "el2n_std", "el2n_worst"]
+    for f in families:
+        out += [f, *(f"{f}@{t}" for t in tags)]
+    if cfg.score.baselines:
+        out += ["base_len_ratio", "base_copy", "base_langid"]
+    if cfg.score.combine:
+        out.append("combined")
+    return out
+
+
+def check(cfg: Config, layout: RunLayout) -> None:
+    """Problems the stage would meet, from the config alone (also before a sweep's first stage): a device or
+    precision this machine lacks, a ``score.combine`` entry naming a column the stage does not write."""
+    pick_device(cfg)
+    known = [c for c in score_columns(cfg) if c != "combined"]
+    missing = [e for e in cfg.score.combine if e.lstrip("-") not in known]
+    if missing:
+        raise UsageError(f"score.combine: no score column {missing[0].lstrip('-')!r} (the score stage writes: "
+                         f"{', '.join(c for c in known if '@' not in c)} and one <name>@s<seed>u<updates> per "
+                         "checkpoint)")
+
+
+def plan_note(cfg: Config, layout: RunLayout, upstream_runs: list[str]) -> str:
+    """For `sweep --dry-run`: whether the scoring pass is kept and only the merge runs."""
+    if not upstream_runs and _finished_shards(cfg, layout) is not None:
+        return "the scoring pass in 04_score/shards is kept: only the merge runs"
+    return ""

@@ -11,7 +11,6 @@ pass and checkpoints, validation and the learning-rate schedule stay update-base
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from ..fairseq_backend import (
     update_freq_for,
     world_size,
 )
-from ..launch import Unit, run_units, unit_settings, unit_state
+from ..launch import Unit, note_kept_units, run_units, unit_settings, unit_state, units_note
 from ..layout import RunLayout, seed_run_name
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -114,14 +113,29 @@ def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Raise UsageError for settings that cannot train here, before any model folder is touched."""
+    check(cfg, layout)
+
+
+def check(cfg: Config, layout: RunLayout) -> None:
+    """Settings that cannot train on this machine, from the config alone: also before a sweep's first stage.
+    A GPU-less job that only writes the manifest of models trained elsewhere is not refused: the units (whose
+    keys hash the training data) are looked at only when the settings would be."""
     use_cuda = cuda_available()
     try:
         check_training("train", cfg.train.precision, cfg.model, use_cuda)
     except UsageError:
-        # a GPU-less job that only writes the manifest must not be refused: look at the units (which
-        # hashes the training data) only when the settings would be refused
-        if not all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda)):
+        try:
+            done = all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda))
+        except OSError:  # no pruned corpora yet: nothing can be done
+            done = False
+        if not done:
             raise
+
+
+def plan_note(cfg: Config, layout: RunLayout, upstream_runs: list[str]) -> str:
+    """For `sweep --dry-run`: which models train and which finished ones are reused."""
+    return units_note(layout.stage_dir("train"), [layout.train_dir(m.run).name for m in seed_models(cfg, layout)],
+                      lambda: units(cfg, layout, cuda_available()), upstream_runs)
 
 
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
@@ -154,10 +168,7 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     use_cuda = cuda_available()
     results = run_units(units(cfg, layout, use_cuda), cfg.train.parallel, use_cuda, cfg.launch.gpus_per_run)
-    wanted = {layout.train_dir(m.run).name for m in seed_models(cfg, layout)}
-    for d in layout.stage_dir("train").iterdir():
-        if d.is_dir() and d.name not in wanted:
-            shutil.rmtree(d)
+    note_kept_units("train", layout.stage_dir("train"), {layout.train_dir(m.run).name for m in seed_models(cfg, layout)})
     outputs = []
     for m in seed_models(cfg, layout):
         outputs += [layout.train_dir(m.run) / "checkpoint_best.pt", layout.train_dir(m.run) / "checkpoint_last.pt"]
