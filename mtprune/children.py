@@ -48,7 +48,8 @@ def child_env(env: dict[str, str], writes_into: Path | None = None) -> dict[str,
     return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def die_with_parent() -> None:
             return
         if os.getppid() != parent:  # the parent exited before the request was made
             os._exit(1)
-    elif not _alive(parent):  # started by mtprune, which is gone already
+    elif not pid_alive(parent):  # started by mtprune, which is gone already
         os._exit(1)
     os.environ[PARENT_PID] = _me()
 

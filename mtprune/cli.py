@@ -101,11 +101,7 @@ def check_existing_run_dir(root: Path) -> None:
 
 def check_run_dir(root: Path) -> None:
     """Create the run directory, or say in one line why it cannot be (a file in the way, no permission)."""
-    probe = root
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"run directory {root}: {probe} is a file, not a directory")
+    check_existing_run_dir(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

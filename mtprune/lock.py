@@ -27,6 +27,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .children import pid_alive
 from .errors import MtpruneError, UsageError
 from .manifest import atomic_write_text
 
@@ -57,16 +58,6 @@ def holding(path: Path) -> str | None:
     return _held.get(path.absolute())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _live_holder(path: Path) -> dict[str, Any] | None:
     """Who holds ``path``, from its .holder file; None when unknown or when that process is gone."""
     try:
@@ -75,7 +66,7 @@ def _live_holder(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(h, dict):
         return None
-    if h.get("host") == socket.gethostname() and not _alive(int(h.get("pid", -1))):
+    if h.get("host") == socket.gethostname() and not pid_alive(int(h.get("pid", -1))):
         return None  # written by a process that died; the lock's real holder has not written yet
     return h
 
