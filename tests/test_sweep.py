@@ -220,3 +220,6 @@ def test_a_strategy_on_a_column_no_stage_writes_is_refused_before_anything_runs(
     code, out = cli("sweep", *bad)
     assert code == 2 and "el2m" in out and "a directory, not a file" in out, out
     assert not (run / "01_download").exists()  # refused before the first stage
+    # what blog.yaml asks of a GPU, on this GPU-less machine: said by the dry run, not after the download
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", "train.precision=fp16", "--dry-run")
+    assert code == 2 and "error: train.precision: fp16 training needs a CUDA GPU" in out, out
