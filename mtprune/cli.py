@@ -260,13 +260,19 @@ def export(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, runs: 
 
 
 @main.command()
-@click.option("--dry-run", is_flag=True, help="List what would run and why, run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Run nothing; one line per stage: run, skip, or maybe (runs only if an upstream stage comes out "
+                   "different), why, and which units train; then an error: line for every problem that would stop "
+                   "the sweep (exit 2).")
 @click.option("--overwrite", is_flag=True, help="Redo every stage, even fresh ones.")
 @LAUNCHER_OPTION
 @config_options
 def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite: bool,
           launcher: str | None) -> None:
     """Run every stage in order, skipping fresh ones; print the results table at the end.
+
+    Every problem a later stage would meet that the config already shows (a strategy on a score column no stage
+    writes, fp16 without a GPU, a missing test-set file) stops the sweep before its first stage.
 
     With --launcher slurm every stage that is not fresh is submitted at once, each depending on
     the one before (independent units as job arrays), and the job ids are printed.
