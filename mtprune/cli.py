@@ -200,13 +200,14 @@ def _stage_command(stage: str) -> None:
                 # and refuses to start while a plain stage command or sweep holds that (launch.run_units)
                 run_unit(stage, cfg, layout, opts["unit"])
             elif opts.get("shard"):
-                from .stages.score import parse_shard, run_shard
+                from .scoring.shards import parse_shard
+                from .stages.score import run_shard
 
                 shard = opts["shard"]
                 i, count = parse_shard(shard)  # `--shard 00/4` and `--shard 0/4` take the same lock
                 lock = unit_lock_path(layout.stage_dir(stage) / f"{i}-of-{count}")
                 with RunLock(lock, f"score --shard {shard}", subject=f"score shard {shard}"):
-                    from .launch import PARENT_HOLDS_RUN_LOCK
+                    from .scoring.shards import PARENT_HOLDS_RUN_LOCK
 
                     if os.environ.get(PARENT_HOLDS_RUN_LOCK) != str(os.getppid()):  # not started by `mtprune score`
                         check_free(layout.lock)

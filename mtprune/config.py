@@ -1,5 +1,9 @@
 """Typed, frozen configuration: YAML file + dotted ``--set key=value`` overrides.
 
+Why one long module: it is the reference of every setting -- each section's fields, defaults, comments and
+validators read top to bottom in one place, the way a user reads a config file; split by section, a rule that
+spans sections (an update's size, speed-only keys, the seed forms) would live apart from the fields it checks.
+
 The sections are pydantic v2 models: strict types (no ``"5"`` for an integer, no ``true`` for a
 number), unknown keys forbidden, frozen. pydantic checks every field even when others fail, so every
 problem -- unknown key, wrong type, value out of range, a bad entry deep in a list -- is collected and
@@ -436,9 +440,24 @@ class ProxyConfig(_Recorded):
     _one_way_to_size_an_update = _tokens_or_update_freq("proxy")
 
 
-def _combine_problems(v: tuple[str, ...]) -> list[str]:
-    from .derived import combine_problem  # the rules live with the code that applies them
+_COMBINE_ENTRY = re.compile(r"^-?[A-Za-z0-9_@]+$")
 
+
+def combine_problem(entry: str) -> str | None:
+    """Why ``entry`` cannot be a ``score.combine`` entry (None: it can); ``scoring/derived.py`` applies the same
+    rules to the score table."""
+    if not _COMBINE_ENTRY.match(entry):
+        return f"{entry!r} is not a score column name (optionally with a leading '-')"
+    name = entry.lstrip("-")
+    if name.startswith("base_"):
+        return (f"{entry!r} is a baseline column: base_* columns need no proxy and stay out of the "
+                "combined score")
+    if name == "combined":
+        return "'combined' cannot combine itself"
+    return None
+
+
+def _combine_problems(v: tuple[str, ...]) -> list[str]:
     out = [p for p in map(combine_problem, v) if p]
     return out + (["duplicate columns"] if len(set(v)) != len(v) else [])
 
@@ -453,7 +472,7 @@ class ScoreConfig(_Recorded):
     chunk_tokens: Positive = 128
     dump_tokens: Bool = False
     proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score
-    # post-pass columns (mtprune/derived.py): `combined` ranks these columns (-name: low is bad) and takes
+    # post-pass columns (mtprune/scoring/derived.py): `combined` ranks these columns (-name: low is bad) and takes
     # the max (a pair is as bad as its worst rank) or the mean; [] for none. base_* baselines: on/off
     combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll_debiased", "el2n_debiased", "el2n_eos",
                                                                       "el2n_max")

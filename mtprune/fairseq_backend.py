@@ -1,5 +1,9 @@
 """Everything that touches fairseq: argv for its commands, subprocess runs, checkpoint loading.
 
+Why one long module: fairseq 0.12's traps (weights-only loading, --bf16 as TPU mode, epoch-end checkpoints,
+per-GPU --max-tokens) are fixed in one place, so that no other module imports fairseq or builds its argv, and
+an upgrade of fairseq is reviewed in one file (docs/architecture.md).
+
 fairseq-train and fairseq-preprocess run as subprocesses (training owns its distributed setup
 on clusters, and a crash cannot take the pipeline down); scoring and generation load checkpoints
 in-process. Since torch 2.6, ``torch.load`` defaults to weights-only loading, which refuses

@@ -22,23 +22,18 @@ import logging
 import os
 import queue
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import gpus
-from .children import child_env, stop_strays
+from .children import stop_strays
 from .config import Config, is_speed_only
 from .cpus import usable_cpus
 from .errors import StageError
 from .faults import crash_point
-from .layout import RunLayout
 from .lock import RunLock, check_free, holding, unit_lock_path
 from .manifest import atomic_write_text, file_sha256
 
@@ -312,101 +307,3 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool, gpus_per_run: in
         for name, result in pool.map(one, units):
             results[name] = result
     return results
-
-
-# ---- score shards, one process per GPU ------------------------------------------------------------
-
-# Set by a stage command for the `mtprune score --shard` processes it starts: its own pid, as the holder
-# of the run lock that they would otherwise refuse to run beside (cli.py checks it is their parent).
-PARENT_HOLDS_RUN_LOCK = "MTPRUNE_PARENT_HOLDS_RUN_LOCK"
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    index: int
-    count: int
-    argv: list[str]
-    env: dict[str, str]
-    log: Path  # the process's output
-    parquet: Path  # what it writes (04_score/shards/shard-<i>-of-<n>.parquet)
-
-
-def score_shard_jobs(cfg: Config, layout: RunLayout, gpu_ids: list[str]) -> list[ShardJob]:
-    """One `python -m mtprune score --shard i/N` per GPU, with ``CUDA_VISIBLE_DEVICES`` its GPU, on a
-    snapshot of ``cfg`` (so the shards' key is the one this process checks) and the same run directory."""
-    from .config import lookup
-
-    count = len(gpu_ids)
-    folder = layout.score_shard(0, count).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    # a plain copy that records no reads: the score stage must not depend on settings it does not use
-    tree = {name: lookup(cfg, name) for name in type(cfg).__pydantic_fields__}
-    tree["launch"]["launcher"] = "local"  # each shard runs itself, here
-    snapshot = folder / f"config-{count}gpus.yaml"
-    atomic_write_text(snapshot, yaml.safe_dump(tree, sort_keys=False))
-    jobs = []
-    for i, gpu in enumerate(gpu_ids):
-        env = child_env(dict(os.environ))  # it dies with this process (cli.py)
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-        env[PARENT_HOLDS_RUN_LOCK] = str(os.getpid())
-        argv = [sys.executable, "-m", "mtprune", "score", "-c", str(snapshot), "--run-dir", str(layout.root),
-                "--shard", f"{i}/{count}"]
-        parquet = layout.score_shard(i, count)
-        jobs.append(ShardJob(i, count, argv, env, parquet.with_suffix(".log"), parquet))
-    return jobs
-
-
-def score_on_gpus(cfg: Config, layout: RunLayout) -> list[Path] | None:
-    """With more than one visible GPU: score one shard per GPU at once and return the shards to merge
-    (``stages/score.py`` merges them as it merges shards scored by hand); None where one process scores
-    everything (CPU, one GPU, ``score.device: cpu``).
-
-    A shard that a previous run finished with the same key is kept. When a shard fails the others are
-    still waited for (they are kept for the next run), then a StageError names the shard and its log."""
-    from .stages.score import _shard_key
-
-    gpu_ids = gpus.visible()
-    if len(gpu_ids) < 2 or cfg.score.device == "cpu":
-        return None
-    key = _shard_key(cfg, layout)
-    jobs = score_shard_jobs(cfg, layout, gpu_ids)
-    todo = [j for j in jobs if not _shard_done(j, key)]
-    for j in jobs:
-        if j not in todo:
-            log.info("score: shard %d/%d already scored, keeping it", j.index, j.count)
-    if todo:
-        log.info("score: %d shard(s) at once, one process per GPU (logs: %s)", len(todo), todo[0].log.parent)
-    procs: list[tuple[ShardJob, subprocess.Popen[bytes], Any]] = []
-    try:
-        for j in todo:
-            j.log.unlink(missing_ok=True)
-            logf = open(j.log, "w", encoding="utf-8")  # noqa: SIM115  # closed below
-            logf.write(f"$ CUDA_VISIBLE_DEVICES={j.env['CUDA_VISIBLE_DEVICES']} {' '.join(j.argv)}\n")
-            logf.flush()
-            procs.append((j, subprocess.Popen(j.argv, env=j.env, stdout=logf, stderr=subprocess.STDOUT), logf))
-        failed = []
-        for j, p, logf in procs:
-            if p.wait() != 0:
-                failed.append((j, p.returncode))
-            logf.close()
-    except BaseException:
-        for _, p, logf in procs:
-            if p.poll() is None:
-                p.terminate()
-            p.wait()
-            logf.close()
-        raise
-    if failed:
-        j, code = failed[0]
-        lines = [ln.strip() for ln in j.log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        tail = lines[-1][:300] if len(lines) > 1 else "no output"
-        more = f" ({len(failed) - 1} more shard(s) failed)" if len(failed) > 1 else ""
-        raise StageError(f"score shard {j.index}/{j.count} (CUDA_VISIBLE_DEVICES={j.env['CUDA_VISIBLE_DEVICES']}) "
-                         f"exited with {code}: {tail}{more} (full log: {j.log}); rerun to redo the failed shard(s)")
-    return [j.parquet for j in jobs]
-
-
-def _shard_done(j: ShardJob, key: str) -> bool:
-    from .stages.score import shard_key_matches
-
-    return shard_key_matches(j.parquet, key)

@@ -1,6 +1,9 @@
 """Running stages as cluster jobs through submitit: job arrays for independent units, dependencies
 between stages, and plain sbatch scripts for users who submit by hand.
 
+Why one long module: submitting through submitit and printing an sbatch script must give the same command
+line and options; they share one builder here, with the job records `status` reads.
+
 Every job runs the ``mtprune`` command line in a process of its own, exactly as a user would type
 it, so a job does what the same command typed in a shell would do, and a rerun skips what is
 finished: ``mtprune proxy --unit seed2`` trains one proxy seed, ``mtprune score --shard 3/8`` scores

@@ -118,7 +118,8 @@ def speed(args, model, d, train, dev) -> dict[str, float]:
 
     from mtprune.batching import length_batches
     from mtprune.el2n import reference_el2n_nll, sketch_projections
-    from mtprune.stages.score import collate, dev_gradient, output_layer, proto_distances, score_batch
+    from mtprune.scoring.forward import collate, dev_gradient, output_layer, score_batch
+    from mtprune.scoring.proto import proto_distances
 
     src, tgt = train
     n = min(args.sentences, len(tgt))
@@ -204,7 +205,7 @@ def precision(args, model, d, train) -> dict[str, dict[str, float]]:
     import torch
 
     from mtprune.el2n import OutputLayer, pair_scores
-    from mtprune.stages.score import score_dataset
+    from mtprune.scoring.forward import score_dataset
 
     src, tgt = train
     idx = np.arange(min(args.precision_sentences, len(tgt)))
@@ -220,7 +221,7 @@ def precision(args, model, d, train) -> dict[str, dict[str, float]]:
         out[f"{name} body vs fp32"] = _compare(run(model, dt), ref32)
     # what the old design cost: the vocabulary projection itself in bf16 (states and weights rounded)
     import mtprune.el2n as el2n
-    import mtprune.stages.score as score
+    import mtprune.scoring.forward as score
 
     layer_of, pair_scores_of = score.output_layer, el2n.pair_scores
     try:
@@ -245,7 +246,7 @@ def rss_child(args) -> None:
     import torch
 
     from mtprune.el2n import SKETCH_K, sketch_projections
-    from mtprune.stages.score import _open_npy, output_layer, score_dataset
+    from mtprune.scoring.forward import open_npy, output_layer, score_dataset
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, d = build(args.vocab, args.dim, args.layers)
@@ -254,8 +255,8 @@ def rss_child(args) -> None:
         plain = output_layer(model)
         g = torch.randn(plain.weight.shape, dtype=torch.float64)
         layer = output_layer(model, dev_grad=g, sketch=sketch_projections(plain.vocab, plain.weight.shape[1]))
-        sketch = _open_npy(Path(tmp) / "sketch.npy", (len(tgt), SKETCH_K * SKETCH_K))
-        pooled = _open_npy(Path(tmp) / "pooled.npy", (len(tgt), 1, args.dim))
+        sketch = open_npy(Path(tmp) / "sketch.npy", (len(tgt), SKETCH_K * SKETCH_K))
+        pooled = open_npy(Path(tmp) / "pooled.npy", (len(tgt), 1, args.dim))
         score_dataset([model], src, tgt, d, np.arange(len(tgt)), args.batch_tokens, args.chunk_tokens, "cpu", None,
                       layers=[layer], full=True, sketch_out=sketch, pooled_out=pooled)
     print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -48,7 +48,7 @@ def test_every_index_once_and_every_batch_within_budget() -> None:
 
 
 def test_score_and_evaluate_use_the_shared_helper() -> None:
+    import mtprune.scoring.forward as score
     import mtprune.stages.evaluate as evaluate
-    import mtprune.stages.score as score
 
     assert score.length_batches is length_batches and evaluate.length_batches is length_batches

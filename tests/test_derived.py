@@ -1,4 +1,4 @@
-"""Post-pass score columns (mtprune/derived.py) and group-effect selection (mtprune/group.py):
+"""Post-pass score columns (mtprune/scoring/derived.py) and group-effect selection (mtprune/scoring/group.py):
 hand-worked tables, real lingua models, brute force. No fairseq training."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtprune import derived
 from mtprune.config import load_config
 from mtprune.errors import ConfigError, UsageError
-from mtprune.group import group_norm, group_select
 from mtprune.layout import RunLayout
+from mtprune.scoring import derived
+from mtprune.scoring.group import group_norm, group_select
 
 # ---- length debiasing ---------------------------------------------------------------------------
 
@@ -207,7 +207,7 @@ def test_langid_scores_are_the_same_in_every_process() -> None:
     import subprocess
     import sys
 
-    code = ("from mtprune.derived import langid_badness; import sys; "
+    code = ("from mtprune.scoring.derived import langid_badness; import sys; "
             "texts = ['Das ist ein kleines Haus.', 'This is not German at all.', 'Questa è una frase.', "
             "'Ich weiß nicht, was ich sagen soll.'] * 50; "
             "sys.stdout.write(langid_badness(texts, ['de'] * len(texts)).tobytes().hex())")

@@ -12,10 +12,10 @@ import torch
 from conftest import TINY, cli, error_lines, read
 from mtprune import slurm
 from mtprune.config import load_config
-from mtprune.dual import dual_xent
 from mtprune.el2n import reference_el2n_nll
 from mtprune.fairseq_backend import load_model, load_train_pairs
 from mtprune.layout import RunLayout
+from mtprune.scoring.dual import dual_xent
 from mtprune.stages import proxy
 
 # one pair, one seed, a handful of updates: the forward and the reverse run train side by side
@@ -125,7 +125,7 @@ def test_dual_columns_from_both_directions_and_prune_on_them(dual_run: Path) -> 
     for t in tags:
         assert {f"nll_reverse@{t}", f"dual_xent@{t}"} <= set(df.columns)
     from mtprune.config import load_config
-    from mtprune.stages.score import score_columns
+    from mtprune.scoring.forward import score_columns
 
     numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])} - {"index"}
     assert set(score_columns(load_config(TINY, [*SETS, "proxy.dual=true"], run_dir=str(dual_run)))) == numeric

@@ -65,7 +65,7 @@ def test_bf16_autocast_on_a_real_checkpoint_stays_within_the_documented_toleranc
 
     from mtprune.fairseq_backend import load_model, load_train_pairs
     from mtprune.layout import RunLayout
-    from mtprune.stages.score import collate, score_batch
+    from mtprune.scoring.forward import collate, score_batch
 
     L = RunLayout(tiny_run)
     ckpt = L.proxy_checkpoint(1, 20)
@@ -90,7 +90,7 @@ def test_bf16_autocast_on_a_real_checkpoint_stays_within_the_documented_toleranc
     assert (pair_e - segment_mean(ref_e, rows, n)).abs().max() <= 1e-4
     ref_pair_n = segment_mean(ref_n, rows, n)
     assert ((pair_n - ref_pair_n).abs() / ref_pair_n).max() <= 1e-3
-    from mtprune.stages.score import spearman
+    from mtprune.scoring.stats import spearman
 
     assert spearman(pair_e.numpy(), segment_mean(ref_e, rows, n).numpy()) >= 0.999
     assert spearman(pair_n.numpy(), ref_pair_n.numpy()) >= 0.999
@@ -196,7 +196,7 @@ def test_a_batch_that_overflows_fp16_is_scored_again_in_float32(tiny_run) -> Non
     is run again in float32 (CPU autocast stands in for cuda's)."""
     import numpy as np
 
-    import mtprune.stages.score as score
+    import mtprune.scoring.forward as score
     from mtprune.fairseq_backend import load_model, load_train_pairs
     from mtprune.layout import RunLayout
 

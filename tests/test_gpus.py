@@ -19,10 +19,11 @@ from mtprune import gpus
 from mtprune.config import load_config
 from mtprune.errors import UsageError
 from mtprune.fairseq_backend import run_logged, world_size
-from mtprune.launch import Unit, run_units, score_shard_jobs
+from mtprune.launch import Unit, run_units
 from mtprune.layout import RunLayout
 from mtprune.lock import RunLock, unit_lock_path
 from mtprune.pipeline import Freshness
+from mtprune.scoring.shards import score_shard_jobs
 
 
 def _gpus(monkeypatch: pytest.MonkeyPatch, n: int, visible: str | None = None) -> None:

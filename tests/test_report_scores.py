@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 
+from mtprune.scoring.stats import spearman
 from mtprune.stages.report import noise_finding, oriented_scores, scores_section
-from mtprune.stages.score import spearman
 
 
 def _table() -> pd.DataFrame:

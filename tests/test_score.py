@@ -13,8 +13,8 @@ from mtprune.el2n import reference_el2n_nll
 from mtprune.errors import UsageError
 from mtprune.fairseq_backend import load_model, load_train_pairs
 from mtprune.layout import RunLayout
+from mtprune.scoring.forward import collate, score_batch, score_dataset
 from mtprune.stages.prepare import read_lines
-from mtprune.stages.score import collate, score_batch, score_dataset
 
 
 def cfg_for(run: Path, *sets: str):
@@ -40,7 +40,7 @@ def test_one_row_per_training_pair_with_the_contract_columns(tiny_run: Path) -> 
 def test_the_columns_the_config_promises_are_the_columns_written(tiny_run: Path) -> None:
     """score_columns(cfg) decides up front whether a strategy or combine entry names a real column: it must be
     the table's numeric columns, exactly (a new score added to the pass without it fails here)."""
-    from mtprune.stages.score import score_columns
+    from mtprune.scoring.forward import score_columns
 
     df = pd.read_parquet(RunLayout(tiny_run).scores)
     numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])} - {"index"}
@@ -251,15 +251,15 @@ def test_checkpoint_list_naming_an_unsaved_update_count(tiny_copy: Path) -> None
 def test_a_failed_parquet_write_leaves_no_temp_file(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from mtprune.stages.score import _write_parquet
+    from mtprune.scoring.shards import write_parquet
 
     target = tmp_path / "scores.parquet"
     target.mkdir()  # the temp file is written in full, then renaming it over a directory fails
     (target / "keep").write_text("x")
     with pytest.raises(OSError):
-        _write_parquet(pa.table({"el2n": [0.5, 0.7]}), target)
+        write_parquet(pa.table({"el2n": [0.5, 0.7]}), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
-    _write_parquet(pa.table({"el2n": [0.5, 0.7]}), tmp_path / "ok.parquet")
+    write_parquet(pa.table({"el2n": [0.5, 0.7]}), tmp_path / "ok.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.parquet", "scores.parquet"]
 
 
@@ -286,7 +286,7 @@ def test_temp_files_of_a_killed_pass_go_unless_their_writer_holds_its_lock(tmp_p
     import sys
 
     from conftest import ROOT
-    from mtprune.stages.score import remove_stale_temps
+    from mtprune.scoring.shards import remove_stale_temps
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # the pid of a writer that was killed
@@ -341,7 +341,7 @@ def test_score_and_score_shard_clear_stale_temp_files_first(tmp_path: Path, monk
         raise Stop
 
     monkeypatch.setattr(score_stage, "remove_stale_temps", cleanup)
-    monkeypatch.setattr(score_stage, "_finished_shards", lambda *a: pytest.fail("looked for shards before cleaning"))
+    monkeypatch.setattr(score_stage, "finished_shards", lambda *a: pytest.fail("looked for shards before cleaning"))
     cfg = cfg_for(tmp_path / "run")
     with pytest.raises(Stop):
         score_stage.run(cfg, RunLayout(tmp_path / "run"))

@@ -15,14 +15,14 @@ from conftest import TINY, cli
 from mtprune.config import load_config
 from mtprune.el2n import reference_el2n_nll, reference_output_grad, sketch_projections
 from mtprune.layout import RunLayout
-from mtprune.stages.score import (
+from mtprune.scoring.forward import (
     checkpoints,
     dev_gradient,
     output_layer,
-    proto_distances,
     proxy_lr,
     score_dataset,
 )
+from mtprune.scoring.proto import proto_distances
 
 NEW = ("el2n_max", "el2n_eos", "grand", "tracin", "proto")
 

@@ -20,7 +20,7 @@ from ..manifest import write_lines
 from ..pipeline import StageResult
 from ..sources import SPLITS, langs, read_files, read_hub, read_local
 from ..synthetic import make_pair
-from .prepare import read_lines
+from ..textio import read_lines
 
 SECTIONS = ("download",)
 UPSTREAM: tuple[str, ...] = ()

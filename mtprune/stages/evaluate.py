@@ -22,7 +22,8 @@ from ..launch import note_kept_units
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, file_sha256
 from ..pipeline import Manifest, StageResult
-from .prepare import read_lines, tag, tasks
+from ..textio import read_lines
+from .prepare import tag, tasks
 from .train import seed_models
 
 SECTIONS = ("evaluate",)

@@ -24,7 +24,7 @@ from ..layout import RunLayout
 from ..manifest import open_atomic
 from ..pipeline import StageResult
 from ..sources import langs
-from .prepare import _text_lines as _lines
+from ..textio import text_lines
 from .prune import runs as pruned_runs
 
 SECTIONS = ("export",)
@@ -51,7 +51,7 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
 def _kept(path: Path) -> dict[str, list[str]]:
     """Sentence id -> the directions it was kept in (empty list: one direction, not recorded)."""
     out: dict[str, list[str]] = defaultdict(list)
-    for line in _lines(path):
+    for line in text_lines(path):
         sid, _, direction = line.partition("\t")
         if direction:
             out[sid].append(direction)
@@ -66,8 +66,8 @@ def export_corpus(cfg: Config, layout: RunLayout, name: str) -> dict[str, dict[s
     counts: dict[str, dict[str, int]] = {}
     for pair in cfg.download.pairs:
         l1, l2 = langs(pair)
-        rows = zip(_lines(layout.download_ids(pair)), _lines(layout.split_file(pair, "train", l1)),
-                   _lines(layout.split_file(pair, "train", l2)), strict=True)
+        rows = zip(text_lines(layout.download_ids(pair)), text_lines(layout.split_file(pair, "train", l1)),
+                   text_lines(layout.split_file(pair, "train", l2)), strict=True)
         n = 0
         with ExitStack() as stack:
             f1, f2, fid = (stack.enter_context(open_atomic(p)) for p in (

@@ -28,6 +28,7 @@ from ..layout import RunLayout
 from ..manifest import atomic_write_bytes, count_lines, open_atomic, temp_path
 from ..pipeline import StageResult
 from ..sources import langs
+from ..textio import text_lines
 
 SECTIONS = ("prepare",)
 UPSTREAM = ("download",)
@@ -49,11 +50,6 @@ def tasks(pairs: tuple[str, ...] | list[str], direction: str) -> list[tuple[str,
         if direction in ("xx-en", "both"):
             out.append((pair, other, "en"))
     return out
-
-
-def read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
 
 
 # ---- SentencePiece encoding in worker processes -------------------------------------------------
@@ -109,12 +105,6 @@ class Encoder:
                 bar.update(len(chunk))
 
 
-def _text_lines(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
-
-
 def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, str]]) -> None:
     """Joint SentencePiece model over a seeded sample of every pair's training text (both sides).
 
@@ -129,7 +119,7 @@ def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, st
     seen = 0
     for pair in cfg.download.pairs:
         for lang in langs(pair):
-            for line in _text_lines(layout.split_file(pair, "train", lang)):
+            for line in text_lines(layout.split_file(pair, "train", lang)):
                 seen += 1
                 if len(sentences) < p.spm_sample:
                     sentences.append(line)
@@ -188,9 +178,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         for pair, s, t in all_tasks:
             name = f"{pair}:{s}-{t}"
             kept = dropped = 0
-            ids = _text_lines(layout.download_ids(pair))
-            pairs = zip(_text_lines(layout.split_file(pair, "train", s)),
-                        _text_lines(layout.split_file(pair, "train", t)), strict=True)
+            ids = text_lines(layout.download_ids(pair))
+            pairs = zip(text_lines(layout.split_file(pair, "train", s)),
+                        text_lines(layout.split_file(pair, "train", t)), strict=True)
             total = count_lines(layout.download_ids(pair))
             for sid, (a, b) in zip(ids, enc.encode_pairs(pairs, total, f"encode {name}"), strict=True):
                 if len(a) + 1 > limit or len(b) > limit:
@@ -205,8 +195,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                     out[f"reverse train.{TGT}"].write(" ".join(a) + "\n")
                 kept += 1
                 n_target_tokens += len(b) + 1
-            valid = zip(_text_lines(layout.split_file(pair, "valid", s)),
-                        _text_lines(layout.split_file(pair, "valid", t)), strict=True)
+            valid = zip(text_lines(layout.split_file(pair, "valid", s)),
+                        text_lines(layout.split_file(pair, "valid", t)), strict=True)
             for a, b in enc.encode_pairs(valid, 0, f"encode {name} valid"):
                 if len(a) + 1 <= limit and len(b) <= limit:
                     out["valid.src"].write(f"{tag(t)} {' '.join(a)}\n")

@@ -3,7 +3,7 @@
 ``<score>-high`` drops the highest values of a score column, ``<score>-low`` the lowest, ``random``
 a seeded random subset (nested: a larger sparsity drops a superset). Ties are broken by sentence id.
 ``group`` drops the set whose summed output-layer gradient sketch (``04_score/grad_sketch.npy``) has
-the smallest norm, the set whose removal changes the summed gradient least (``mtprune/group.py``).
+the smallest norm, the set whose removal changes the summed gradient least (``mtprune/scoring/group.py``).
 The kept pairs are copied token for token out of the full data-bin, so every pruned corpus shares
 the full corpus's SentencePiece model and fairseq dictionary.
 """
@@ -58,7 +58,7 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
 def check(cfg: Config, layout: RunLayout) -> None:
     """A strategy naming a column the score stage does not write, from the config alone: also before a sweep's
     first stage, not after the proxy runs have trained."""
-    from .score import score_columns
+    from ..scoring.forward import score_columns
 
     known = [c for c in score_columns(cfg) if "@" not in c]
     for strategy in cfg.prune.strategies:
@@ -128,7 +128,7 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
         elif strategy == "group":
             # rows in sentence-id order, so that the set does not depend on the table's row order
             g = g[np.lexsort((dirs[g], nums[g], pairs[g]))]
-            from ..group import group_select
+            from ..scoring.group import group_select
 
             order = g[group_select(np.asarray(sketch[g]), k, seed)]
         else:
@@ -197,7 +197,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                                "dropped": int(mask.sum()), "per_pair": per_pair,
                                "select_seconds": round(time.time() - t0, 2)}
         if sketch is not None and strategy == "group":
-            from ..group import group_norm
+            from ..scoring.group import group_norm
 
             stats["runs"][name]["dropped_sketch_norm"] = group_norm(sketch, np.flatnonzero(mask))
         log.info("prune: %s: kept %d, dropped %d", name, len(kept), int(mask.sum()))

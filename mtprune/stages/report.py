@@ -1,4 +1,7 @@
-"""Stage 8: the sweep's table and plots, score stability, and how well scores find known noise."""
+"""Stage 8: the sweep's table and plots, score stability, and how well scores find known noise.
+
+Why one long module: every section of results.md reads the same frames (the results rows, the score table,
+the noise labels) in one pass; the noise table is also what the score stage writes (labelled_noise_table)."""
 
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ from ..errors import InputError
 from ..layout import RunLayout, run_name
 from ..manifest import atomic_write_bytes, atomic_write_text
 from ..pipeline import Manifest, StageResult
-from .prepare import read_lines
+from ..scoring.forward import checkpoints
+from ..scoring.stats import spearman
+from ..textio import read_lines
 from .proxy import unit_names
-from .score import checkpoints, spearman
 from .train import seed_models
 
 SECTIONS = ("report",)

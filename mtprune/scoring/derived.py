@@ -36,13 +36,14 @@ already there are replaced.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from ..config import combine_problem
+from ..errors import UsageError
+from ..textio import read_lines
 
 log = logging.getLogger("mtprune")
 
@@ -52,7 +53,6 @@ EL2N_WORST = ("el2n_debiased", "el2n_eos", "el2n_max")
 # besides the run's own languages, so that a target in another common language is recognised as such
 EXTRA_LANGS = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "nb", "pl", "cs", "ro", "hu", "fi", "tr",
                "ru", "el", "ca", "eo", "zh", "ja", "ar")
-_COMBINE_ENTRY = re.compile(r"^-?[A-Za-z0-9_@]+$")
 
 
 def is_derived(column: str) -> bool:
@@ -101,19 +101,6 @@ def debiased_columns(df: Any, family: str, min_count: int = MIN_BIN) -> dict[str
 
 
 # ---- combined rank -----------------------------------------------------------------------------
-
-def combine_problem(entry: str) -> str | None:
-    """Why ``entry`` cannot be a ``score.combine`` entry (None: it can)."""
-    if not _COMBINE_ENTRY.match(entry):
-        return f"{entry!r} is not a score column name (optionally with a leading '-')"
-    name = entry.lstrip("-")
-    if name.startswith("base_"):
-        return (f"{entry!r} is a baseline column: base_* columns need no proxy and stay out of the "
-                "combined score")
-    if name == "combined":
-        return "'combined' cannot combine itself"
-    return None
-
 
 def combined(df: Any, columns: tuple[str, ...] | list[str], how: str = "max") -> np.ndarray:
     """Percentile ranks (ties averaged; ``-name`` ranks the negated column) combined by max or mean."""
@@ -196,8 +183,6 @@ def langid_badness(texts: list[str], expected: list[str], run_langs: tuple[str, 
 
 def raw_text(df: Any, layout: Any) -> tuple[list[str], list[str], list[str]]:
     """Source text, target text and target language of every row, from ``01_download``."""
-    from .stages.prepare import read_lines
-
     src: list[str] = [""] * len(df)
     tgt: list[str] = [""] * len(df)
     tgt_lang: list[str] = [""] * len(df)

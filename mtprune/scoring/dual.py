@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
-from .errors import UsageError
-from .layout import RunLayout
+from ..config import Config
+from ..errors import UsageError
+from ..layout import RunLayout
+from .forward import checkpoints, pick_device, score_dataset
 
 log = logging.getLogger("mtprune")
 
@@ -41,8 +42,7 @@ def dual_xent(h_forward: np.ndarray, h_reverse: np.ndarray) -> np.ndarray:
 def reverse_nll(cfg: Config, layout: RunLayout, indices: np.ndarray) -> np.ndarray:
     """(len(indices), checkpoints) token-mean NLL of the reverse proxies on the reversed pairs, in the
     order of ``score.checkpoints`` (seed-major, then update count)."""
-    from .fairseq_backend import load_model, load_train_pairs
-    from .stages.score import checkpoints, pick_device, score_dataset
+    from ..fairseq_backend import load_model, load_train_pairs  # torch: not for `mtprune --help`
 
     device, dtype = pick_device(cfg)
     rbin = layout.data_bin_reverse
@@ -68,7 +68,6 @@ def add_columns(cfg: Config, layout: RunLayout, table: Any) -> Any:
     ``proxy.dual`` is on; unchanged otherwise."""
     import pyarrow as pa
 
-    from .stages.score import checkpoints
 
     if not cfg.proxy.dual:
         return table
