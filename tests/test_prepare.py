@@ -5,7 +5,7 @@ import pytest
 from conftest import SHARED_DATA, cli
 from mtprune.fairseq_backend import load_train_pairs
 from mtprune.layout import RunLayout
-from mtprune.stages.prepare import read_lines
+from mtprune.textio import read_lines
 
 
 def _decode_example(L: RunLayout, i: int) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from mtprune.errors import UsageError
 from mtprune.fairseq_backend import load_model, load_train_pairs
 from mtprune.layout import RunLayout
 from mtprune.scoring.forward import collate, score_batch, score_dataset
-from mtprune.stages.prepare import read_lines
+from mtprune.textio import read_lines
 
 
 def cfg_for(run: Path, *sets: str):
@@ -328,7 +328,6 @@ def test_temp_files_of_a_killed_pass_go_unless_their_writer_holds_its_lock(tmp_p
 def test_score_and_score_shard_clear_stale_temp_files_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`mtprune score` clears every shard's leftovers it may (before looking for finished shards), `--shard i/N`
     its own shard's, once the upstream check has passed."""
-    import mtprune.pipeline
     from mtprune.stages import score as score_stage
 
     class Stop(Exception):
@@ -347,7 +346,7 @@ def test_score_and_score_shard_clear_stale_temp_files_first(tmp_path: Path, monk
         score_stage.run(cfg, RunLayout(tmp_path / "run"))
     with pytest.raises(UsageError):  # nothing is touched before the upstream check
         score_stage.run_shard(cfg, RunLayout(tmp_path / "run"), "1/4")
-    monkeypatch.setattr(mtprune.pipeline, "require_fresh_upstream", lambda *a: None)
+    monkeypatch.setattr(score_stage, "require_fresh_upstream", lambda *a: None)
     with pytest.raises(Stop):
         score_stage.run_shard(cfg, RunLayout(tmp_path / "run"), "1/4")
     assert calls == [None, (1, 4)]

@@ -88,7 +88,7 @@ def _auroc(df, positive, column: str) -> float:
 def test_el2n_and_nll_rank_the_injected_copies_above_the_clean_pairs(swept: tuple[Path, str]) -> None:
     import pandas as pd
 
-    from mtprune.stages.prepare import read_lines
+    from mtprune.textio import read_lines
 
     run, _ = swept
     L = RunLayout(run)
