@@ -182,9 +182,9 @@ def test_derived_columns_and_group_are_accepted_strategies() -> None:
 @pytest.mark.slow
 def test_score_writes_the_derived_columns_and_prune_runs_group_and_them(tiny_copy) -> None:
     from conftest import TINY, cli, read
-    from mtprune.scoring import derived
     from mtprune.config import load_config
     from mtprune.layout import RunLayout
+    from mtprune.scoring import derived
     from mtprune.scoring.group import group_select
 
     layout = RunLayout(tiny_copy)
