@@ -2,8 +2,9 @@
 
 fairseq-train writes each run's log to ``train.log`` beside its checkpoints (``03_proxy/seed<k>/``,
 ``06_train/<run>/``), and TensorBoard event files to ``tb/`` there. The report reads the text log, which
-every run has whatever is installed: ``train_inner`` lines (every ``--log-interval`` updates), ``train``
-lines (epoch averages) and ``valid`` lines (at every save interval), each with ``num_updates``.
+every run has whatever is installed: ``train_inner`` lines (the mean loss over the last ``--log-interval``
+updates), ``train`` lines (the mean over a whole epoch, at its last update, and over the part of the last
+epoch trained) and ``valid`` lines (at every save interval and at the last update), each with ``num_updates``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 from .layout import RunLayout
 from .manifest import atomic_write_bytes
@@ -19,26 +21,28 @@ CURVES_PNG = "training_curves.png"
 _KIND = re.compile(r"\| (train_inner|train|valid) \|")
 _LOSS = re.compile(r"(?<![\w])loss[= ](-?[\d.]+(?:e-?\d+)?)")
 _UPDATES = re.compile(r"num_updates[= ](\d+)")
+_SEED = re.compile(r"(.+)-seed(\d+)")
 
 Curve = list[tuple[int, float]]  # (updates, loss), by updates
+SEED_STYLES = ("-", "--", ":", "-.")  # final models: line style of train.seeds[0], [1], ...
+# final models: one colour family per strategy, a darker shade for a larger sparsity
+_FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "YlOrBr", "PuRd", "BuGn", "Greys")
 
 
 def read_curves(log: Path) -> dict[str, Curve]:
-    """``{"train": [...], "valid": [...]}`` from one fairseq train.log (a resumed run appends to it;
-    a later line for the same update wins). Training loss: ``train_inner`` points, and the epoch
-    averages at updates that have none."""
-    inner: dict[int, float] = {}
-    epoch: dict[int, float] = {}
-    valid: dict[int, float] = {}
+    """``{"train": [...], "epoch": [...], "valid": [...]}`` from one fairseq train.log (a resumed run appends
+    to it; a later line for the same update wins). ``train``: the ``train_inner`` points only; ``epoch``: the
+    epoch means, kept apart because while the loss falls an epoch's mean lies above the interval points around
+    it (it includes the epoch's first updates); ``valid``: every validation."""
+    found: dict[str, dict[int, float]] = {"train_inner": {}, "train": {}, "valid": {}}
     if log.is_file():
         with open(log, encoding="utf-8", errors="replace") as f:
             for line in f:
                 kind, loss, upd = _KIND.search(line), _LOSS.search(line), _UPDATES.search(line)
                 if kind and loss and upd:
-                    {"train_inner": inner, "train": epoch, "valid": valid}[kind.group(1)][int(upd.group(1))] = \
-                        float(loss.group(1))
-    train = {**epoch, **inner}
-    return {"train": sorted(train.items()), "valid": sorted(valid.items())}
+                    found[kind.group(1)][int(upd.group(1))] = float(loss.group(1))
+    return {"train": sorted(found["train_inner"].items()), "epoch": sorted(found["train"].items()),
+            "valid": sorted(found["valid"].items())}
 
 
 def run_logs(layout: RunLayout, units: dict[str, set[str]] | None = None) -> dict[str, list[tuple[str, Path]]]:
@@ -52,37 +56,120 @@ def run_logs(layout: RunLayout, units: dict[str, set[str]] | None = None) -> dic
     return out
 
 
-def plot_curves(layout: RunLayout, units: dict[str, set[str]] | None = None) -> str:
-    """Write ``08_report/training_curves.png``: training (solid) and validation (dashed) loss against
-    updates, proxy runs on the left, final models on the right; returns the file's name."""
+def parse_run_name(name: str) -> tuple[str, float | None, int]:
+    """(strategy, sparsity, seed) of a final model's folder, the inverse of ``layout.run_name`` and
+    ``seed_run_name``: ``el2n-high-0.2-seed2`` -> ("el2n-high", 0.2, 2), ``full`` -> ("full", 0.0, 1); a name
+    that is neither gives (name, None, 1)."""
+    m = _SEED.fullmatch(name)
+    corpus, seed = (m.group(1), int(m.group(2))) if m else (name, 1)
+    if corpus == "full":
+        return "full", 0.0, seed
+    strategy, _, sparsity = corpus.rpartition("-")
+    try:
+        return strategy, float(sparsity), seed
+    except ValueError:
+        return corpus, None, seed
+
+
+def _training_points(curves: list[dict[str, Curve]]) -> tuple[str, str]:
+    """Which training points a panel draws: the interval means when every run has two or more, else the
+    epoch means for all of them (a run shorter than fairseq's --log-interval has none); never a mix."""
+    if all(len(c["train"]) >= 2 for c in curves):
+        return "train", "mean over each log interval"
+    return "epoch", "epoch means (runs too short for the log interval)"
+
+
+def _final_styles(names: list[str]) -> dict[str, dict[str, Any]]:
+    """Colour, shade and line style of each final model: colour family = strategy (``full`` black), shade =
+    sparsity (darker = more pruned), line style = seed."""
+    from matplotlib import colormaps
+
+    parsed = {n: parse_run_name(n) for n in names}
+    strategies = sorted({st for st, _, _ in parsed.values() if st != "full"})
+    seeds = sorted({seed for _, _, seed in parsed.values()})
+    out = {}
+    for n, (st, sp, seed) in parsed.items():
+        if st == "full":
+            color: Any = "black"
+        else:
+            sps = sorted({s for t, s, _ in parsed.values() if t == st and s is not None})
+            j = sps.index(sp) if sp in sps else 0
+            color = colormaps[_FAMILIES[strategies.index(st) % len(_FAMILIES)]](
+                0.85 if len(sps) == 1 else 0.5 + 0.45 * j / (len(sps) - 1))
+        out[n] = {"color": color, "ls": SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)],
+                  "corpus": "full" if st == "full" else (st if sp is None else f"{st} {sp:g}"), "seed": seed,
+                  "order": (st != "full", st, -1.0 if sp is None else sp, seed)}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["order"]))  # full first, then by strategy and sparsity
+
+
+def curves_figure(layout: RunLayout, units: dict[str, set[str]] | None = None) -> Any:
+    """The figure of ``training_curves.png``: proxy runs (training solid, validation dashed, one colour per run),
+    then the final models' training loss and their validation loss, coloured by strategy, shaded by sparsity,
+    one line style per seed. Every line's gid is ``<run folder>:<train|epoch|valid>``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     groups = run_logs(layout, units)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    titles = {"proxy": "proxy runs (03_proxy)", "train": "final models (06_train)"}
-    for ax, (stage, logs) in zip(axes, groups.items(), strict=True):
-        cmap = plt.get_cmap("tab20" if len(logs) > 10 else "tab10")
-        for i, (label, log) in enumerate(logs):
-            c = read_curves(log)
-            color = cmap(i % cmap.N)
-            if c["train"]:
-                ax.plot(*zip(*c["train"], strict=True), color=color, lw=1.2, marker=".", ms=3, label=label)
-            if c["valid"]:
-                ax.plot(*zip(*c["valid"], strict=True), color=color, lw=0.9, ls="--", marker="x", ms=3,
-                        label=None if c["train"] else label)
-        ax.set_title(titles[stage])
+    ylabel = "loss (label-smoothed cross-entropy, base 2)"
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for ax in axes:
         ax.set_xlabel("updates")
-        ax.set_ylabel("loss (label-smoothed cross-entropy, base 2)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if logs:
-            ax.legend(fontsize=7, ncol=1 + len(logs) // 12, title="solid: train, dashed: valid",
-                      title_fontsize=7)
-        else:
+
+    ax = axes[0]
+    proxies = [(label, read_curves(log)) for label, log in groups["proxy"]]
+    kind, what = _training_points([c for _, c in proxies])
+    cmap = plt.get_cmap("tab10")
+    for i, (label, c) in enumerate(proxies):
+        color = cmap(i % cmap.N)
+        if c[kind]:
+            ax.plot(*zip(*c[kind], strict=True), color=color, lw=1.2, marker=".", ms=4, label=label,
+                    gid=f"{label}:{kind}")
+        if c["valid"]:
+            ax.plot(*zip(*c["valid"], strict=True), color=color, lw=0.9, ls="--", marker="x", ms=4,
+                    label=None if c[kind] else label, gid=f"{label}:valid")
+    ax.set_title(f"proxy runs (03_proxy)\nsolid: training, {what}\ndashed: validation", fontsize=9)
+    if proxies:
+        ax.legend(fontsize=7)
+
+    finals = [(label, read_curves(log)) for label, log in groups["train"]]
+    kind, what = _training_points([c for _, c in finals])
+    styles = _final_styles([label for label, _ in finals])
+    for ax, k, title in ((axes[1], kind, f"final models (06_train): training loss\n{what}"),
+                         (axes[2], "valid", "final models (06_train): validation loss\nat every save interval")):
+        ax.set_title(title, fontsize=9)
+        for label, c in finals:
+            if c[k]:
+                s = styles[label]
+                ax.plot(*zip(*c[k], strict=True), color=s["color"], ls=s["ls"], lw=1.2,
+                        marker="x" if k == "valid" else ".", ms=4, gid=f"{label}:{k}")
+    if finals:
+        # one legend entry per corpus (all its seeds share the colour) and one per seed (its line style)
+        handles = [Line2D([], [], color=s["color"], lw=2, label=s["corpus"])
+                   for s in {s["corpus"]: s for s in styles.values()}.values()]
+        seeds = sorted({s["seed"] for s in styles.values()})
+        if len(seeds) > 1:
+            handles += [Line2D([], [], color="grey", ls=SEED_STYLES[i % len(SEED_STYLES)], label=f"seed {seed}")
+                        for i, seed in enumerate(seeds)]
+        axes[2].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       title="colour: strategy\nshade: sparsity (darker:\nmore pruned)" +
+                       ("\nline style: seed" if len(seeds) > 1 else ""), title_fontsize=7)
+    for ax, logs in ((axes[0], proxies), (axes[1], finals), (axes[2], finals)):
+        if not logs:
             ax.text(0.5, 0.5, "no training logs", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(layout: RunLayout, units: dict[str, set[str]] | None = None) -> str:
+    """Write ``08_report/training_curves.png`` (``curves_figure``); returns the file's name."""
+    fig = curves_figure(layout, units)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -61,6 +61,10 @@ def test_export_writes_the_kept_pairs_as_downloaded_and_every_score(pruned: Path
     assert len(merged) == len(scores) == len(tsv) == m["outputs"]["scores.tsv"]["lines"] - 1
     assert (merged["pair"] == merged["pair_pq"]).all()
     assert (merged["el2n"] - merged["el2n_pq"]).abs().max() < 1e-6
+    noise = dict(ln.split("\t") for ln in read(L.noise_ids))  # the synthetic corpus labels its noise
+    assert tsv.columns[-1] == "noise" and tsv.columns[3] == "el2n"  # last: the README's `$4` is still el2n
+    assert tsv["noise"].fillna("").tolist() == [noise.get(s, "") for s in tsv["sentence_id"]]
+    assert set(noise.values()) <= set(tsv["noise"].dropna())
 
     code, out = _export(pruned, "--run", "el2n-high-0.2")
     assert code == 0 and "export: fresh" in out, out
@@ -84,3 +88,24 @@ def test_export_before_prune_names_the_stage_to_run(tmp_path: Path) -> None:
     code, out = _export(tmp_path / "run")
     assert code == 2, out
     assert "run `mtprune download` first" in out and len(error_lines(out)) == 1
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_scores_tsv_carries_the_noise_kind_when_labels_are_known(tmp_path: Path, labelled: bool) -> None:
+    from mtprune.stages.export import export_scores
+
+    L = RunLayout(tmp_path / "run")
+    L.scores.parent.mkdir(parents=True)
+    ids = [f"de-en/{i}" for i in range(5)]
+    pd.DataFrame({"sentence_id": ids, "pair": "de-en", "index": range(5), "n_tokens": [3, 4, 5, 6, 7],
+                  "el2n": [0.1, 0.2, 0.3, 0.4, 0.5]}).to_parquet(L.scores)
+    L.stage_dir("export").mkdir()
+    labels = {"de-en/1": "misaligned", "de-en/4": "untranslated", "en-fr/9": "truncated"} if labelled else None
+    rows, columns = export_scores(L, labels)
+    lines = [ln.split("\t") for ln in read(L.export_scores)]
+    assert rows == 5 and lines[0] == columns
+    if labelled:
+        assert columns == ["sentence_id", "pair", "n_tokens", "el2n", "noise"]
+        assert [ln[-1] for ln in lines[1:]] == ["", "misaligned", "", "", "untranslated"]
+    else:
+        assert columns == ["sentence_id", "pair", "n_tokens", "el2n"]

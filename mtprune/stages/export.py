@@ -5,7 +5,8 @@ the kept training pairs of a pruned corpus, untokenized, exactly as ``01_downloa
 text the pipeline trained on), in download order; ``train.ids`` beside them gives each line's sentence
 id. ``09_export/scores.tsv`` has one row per scored pair: ``sentence_id``, ``pair`` (and ``direction``
 with ``download.direction: both``), then every score column of ``04_score/scores.parquet``, for people
-who pick their own threshold.
+who pick their own threshold; when noise labels are known (``01_download/noise.ids``, or ``report.noise_ids``,
+which wins), a last column ``noise`` with each pair's labelled kind (empty: not labelled).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from ..pipeline import StageResult
 from ..sources import langs
 from ..textio import text_lines
 from .prune import runs as pruned_runs
+from .report import check as check_labels
+from .report import external_inputs as report_inputs
+from .report import noise_labels
 
 SECTIONS = ("export",)
 UPSTREAM = ("download", "score", "prune")
@@ -44,8 +48,14 @@ def chosen_runs(cfg: Config) -> list[str]:
     return wanted
 
 
+def external_inputs(cfg: Config) -> list[str]:
+    """report.noise_ids, when set: its labels become scores.tsv's ``noise`` column."""
+    return report_inputs(cfg)
+
+
 def preflight(cfg: Config, layout: RunLayout) -> None:
     chosen_runs(cfg)
+    check_labels(cfg, layout)
 
 
 def _kept(path: Path) -> dict[str, list[str]]:
@@ -84,8 +94,9 @@ def export_corpus(cfg: Config, layout: RunLayout, name: str) -> dict[str, dict[s
     return counts
 
 
-def export_scores(layout: RunLayout) -> tuple[int, list[str]]:
-    """scores.parquet as TSV, streamed batch by batch; returns (rows, columns)."""
+def export_scores(layout: RunLayout, labels: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """scores.parquet as TSV, streamed batch by batch, with a last column ``noise`` (the labelled kind, empty
+    when clean) when ``labels`` (sentence id -> kind) are given; returns (rows, columns)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(layout.scores)
@@ -94,12 +105,14 @@ def export_scores(layout: RunLayout) -> tuple[int, list[str]]:
     columns += [c for c in names if c not in NOT_SCORES]
     rows = 0
     with open_atomic(layout.export_scores) as f:
-        f.write("\t".join(columns) + "\n")
+        f.write("\t".join(columns + (["noise"] if labels is not None else [])) + "\n")
         for batch in pf.iter_batches(columns=columns, batch_size=50_000):
             df = batch.to_pandas()
+            if labels is not None:
+                df["noise"] = df["sentence_id"].map(labels).astype(object).fillna("")
             df.to_csv(f, sep="\t", header=False, index=False, lineterminator="\n")
             rows += len(df)
-    return rows, columns
+    return rows, columns + (["noise"] if labels is not None else [])
 
 
 def _both(pf: Any) -> bool:
@@ -110,6 +123,7 @@ def _both(pf: Any) -> bool:
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     names = chosen_runs(cfg)
+    labels = noise_labels(cfg, layout)  # before anything is written: a missing report.noise_ids is one line
     sd = layout.stage_dir("export")
     for d in sd.iterdir():  # corpora of an earlier export that are no longer asked for
         if d.is_dir() and d.name not in names:
@@ -120,7 +134,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         stats["runs"][name] = export_corpus(cfg, layout, name)
         outputs.append(layout.export_dir(name))
         crash_point(f"export:after:{name}")
-    rows, columns = export_scores(layout)
+    rows, columns = export_scores(layout, None if labels is None else labels[0])
     outputs.append(layout.export_scores)
     stats["scores"] = {"rows": rows, "columns": columns}
     return StageResult(outputs, stats)
