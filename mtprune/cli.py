@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ import click
 from . import __version__
 from .config import Config, load_config
 from .errors import MtpruneError, UsageError
-from .layout import EXTRA_STAGES, STAGES, RunLayout
+from .layout import EXTRA_STAGES, STAGES, RunLayout, last_run
 
 log = logging.getLogger("mtprune")
 
@@ -41,6 +42,10 @@ STAGE_HELP = {
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if verbose and not quiet:  # fairseq's own lines on the terminal too, not only in each unit's train.log
+        from .fairseq_backend import SHOW_FAIRSEQ
+
+        os.environ[SHOW_FAIRSEQ] = "1"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
     root = logging.getLogger("mtprune")
@@ -110,30 +115,84 @@ def check_run_dir(root: Path) -> None:
         raise UsageError(f"run directory {root} is not writable (Permission denied: {root})")
 
 
-def config_options(f: Callable[..., Any], writes: bool = True) -> Callable[..., Any]:
+def find_run_config(run_dir: str | None) -> Path | None:
+    """For commands that look at a finished run (status, report, config) given no ``-c``: the resolved config
+    of the run in ``--run-dir``, else of the default run directory, else of the last run used."""
+    candidates = [Path(run_dir)] if run_dir is not None else [Path(load_config().run_dir)]
+    if run_dir is None:
+        last = last_run()
+        candidates += [last] if last is not None else []
+    for root in candidates:
+        if RunLayout(root).resolved_config.is_file():
+            return RunLayout(root).resolved_config
+    return None
+
+
+def config_options(f: Callable[..., Any], writes: bool = True, finds_run: bool = False) -> Callable[..., Any]:
+    """The options every command shares. ``finds_run``: without ``-c``, read the config of the run in
+    ``--run-dir``, the default run directory or the last run used (``find_run_config``), and say which."""
+
     @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                  help="YAML config file (see configs/). Without it, built-in defaults.")
+                  help="YAML config file (see configs/). Without it, built-in defaults"
+                       + (", or the config of the run in --run-dir, ./runs/default or the last run used "
+                          "(its config.resolved.yaml)." if finds_run else "."))
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a config value; VALUE is YAML: --set prune.sparsities=[0.1,0.3]. Repeatable.")
     @click.option("--run-dir", default=None, type=click.Path(file_okay=False),
-                  help="Run directory (overrides run_dir in the config).")
-    @click.option("-v", "--verbose", count=True, help="More logging; -v also shows tracebacks of failures.")
+                  help="Run directory, relative to the current one [default: run_dir of the config; "
+                       "runs/default without one].")
+    @click.option("-v", "--verbose", count=True,
+                  help="-v: fairseq's output on the terminal too (always in each unit's train.log) and tracebacks of "
+                       "failures; -vv: debug logging.")
     @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
     @functools.wraps(f)
     def wrapper(config_path: str | None, overrides: tuple[str, ...], run_dir: str | None, verbose: int,
                 quiet: bool, **kw: Any) -> Any:
         _setup_logging(verbose, quiet)
         label = f.__name__.rstrip("_")
+        if finds_run and config_path is None:
+            found = find_run_config(run_dir)
+            if found is not None:
+                log.info("%s: no -c given: reading the config of the run in %s (%s)", label, found.parent, found.name)
+                config_path = str(found)
         cfg = guarded(label, lambda: load_config(config_path, overrides, run_dir))
+        kw_config = {"config_path": config_path} if "config_path" in inspect.signature(f).parameters else {}
         layout = RunLayout(cfg.run_dir)
         if writes and not kw.get("dry_run"):
             guarded(label, lambda: check_run_dir(layout.root))
-        return f(cfg=cfg, layout=layout, verbose=verbose, **kw)
+        return f(cfg=cfg, layout=layout, verbose=verbose, **kw_config, **kw)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# one line each in `mtprune --help`, in the order a run goes through them
+SHORT_HELP = {
+    "download": "1. fetch and clean the parallel data (OPUS-100 hub, local copy, your files, synthetic)",
+    "prepare": "2. SentencePiece model and fairseq binarized data",
+    "proxy": "3. short proxy trainings, one per seed",
+    "score": "4. score every training pair (EL2N, NLL, ... ) with the proxy checkpoints",
+    "prune": "5. drop a fraction of the pairs per strategy and sparsity",
+    "train": "6. train a model on each pruned corpus and on the full one",
+    "evaluate": "7. BLEU and chrF of every model on the test sets",
+    "report": "8. results table, plots, noise found, example pairs",
+    "sweep": "all stages in order, skipping fresh ones (--dry-run: what would run)",
+    "status": "where a run stands: each stage fresh, stale (why), incomplete or missing",
+    "config": "print the resolved config, defaults included",
+    "export": "pruned corpora as plain text and every score as TSV, for other toolkits",
+    "slurm-script": "a plain sbatch script for one stage",
+}
+
+
+class PipelineOrder(click.Group):
+    """Commands listed in ``SHORT_HELP``'s order (the pipeline's), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: list(SHORT_HELP).index(n) if n in SHORT_HELP else len(SHORT_HELP))
+
+
+@click.group(cls=PipelineOrder,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True})
 @click.version_option(__version__, prog_name="mtprune")
 def main() -> None:
     """Prune machine-translation training data by EL2N and measure what it costs in BLEU.
@@ -229,15 +288,15 @@ def _stage_command(stage: str) -> None:
     for opt in extra:
         cmd = opt(cmd)
     cmd = click.option("--overwrite", is_flag=True, help="Redo the stage even if it is fresh.")(cmd)
-    cmd = config_options(cmd)
-    main.command(name=stage, help=STAGE_HELP[stage])(cmd)
+    cmd = config_options(cmd, finds_run=stage == "report")
+    main.command(name=stage, help=STAGE_HELP[stage], short_help=SHORT_HELP[stage])(cmd)
 
 
 for _stage in STAGES:
     _stage_command(_stage)
 
 
-@main.command()
+@main.command(short_help=SHORT_HELP["export"])
 @click.option("--run", "runs", multiple=True, metavar="NAME",
               help="A pruned corpus to export (el2n-high-0.2, ...); repeatable. Default: export.runs, or every one.")
 @click.option("--overwrite", is_flag=True, help="Redo the export even if it is fresh.")
@@ -260,7 +319,7 @@ def export(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, runs: 
     guarded("export", go, verbose)
 
 
-@main.command()
+@main.command(short_help=SHORT_HELP["sweep"])
 @click.option("--dry-run", is_flag=True,
               help="Run nothing; one line per stage: run, skip, or maybe (runs only if an upstream stage comes out "
                    "different), why, and which units train; then an error: line for every problem that would stop "
@@ -315,15 +374,27 @@ def sweep(cfg: Config, layout: RunLayout, verbose: int, dry_run: bool, overwrite
                     run_stage(stage, cfg, layout, overwrite=overwrite)
         table = layout.report_file("results.md")
         if table.exists():
-            click.echo(table.read_text(encoding="utf-8"))
+            click.echo(headline(table.read_text(encoding="utf-8")))
+            click.echo(f"the whole report: {table} (plots, noise found, example pairs: {table.parent}/)")
 
     guarded("sweep", go, verbose)
 
 
-@main.command()
+def headline(results_md: str, sections: tuple[str, ...] = ("## BLEU on", "## Paired significance")) -> str:
+    """The sections of results.md a sweep prints at its end: the BLEU table and the paired tests."""
+    out, keep = [], False
+    for line in results_md.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith(sections)
+        if keep:
+            out.append(line)
+    return "\n".join(out).rstrip() + "\n"
+
+
+@main.command(short_help=SHORT_HELP["status"])
 @click.option("--verify", is_flag=True, help="Rehash every recorded artifact (slower) to catch changed files.")
-@functools.partial(config_options, writes=False)
-def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
+@functools.partial(config_options, writes=False, finds_run=True)
+def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool, config_path: str | None) -> None:
     """Show each stage as fresh, stale (and why), restorable, incomplete or missing.
 
     restorable: a run killed while redoing the stage left its last finished artifacts in <stage>.previous, and
@@ -334,6 +405,7 @@ def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
         check_existing_run_dir(layout.root)
         fresh = Freshness(cfg, layout, verify=verify)
         click.echo(f"run directory: {layout.root}")
+        click.echo(f"config: {config_path or 'built-in defaults (give -c FILE for another run)'}")
         bad = False
         # stages outside sweep (export) are listed once they have been run
         for stage in STAGES + tuple(s for s in EXTRA_STAGES if layout.stage_dir(s).exists()):
@@ -353,7 +425,19 @@ def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool) -> None:
     guarded("status", go, verbose)
 
 
-@main.command(name="slurm-script")
+@main.command(name="config", short_help=SHORT_HELP["config"])
+@functools.partial(config_options, writes=False, finds_run=True)
+def config_(cfg: Config, layout: RunLayout, verbose: int, config_path: str | None) -> None:
+    """Print the resolved config as YAML: the file given with -c (or the run's own config), every --set, and
+    every default. Redirect it to a file to start a config of your own: mtprune config > my.yaml"""
+    from .config import dump_yaml
+
+    click.echo(f"# mtprune {__version__}: {config_path or 'built-in defaults'}"
+               + "".join(f" --set {o}" for o in click.get_current_context().params.get("overrides", ())))
+    click.echo(dump_yaml(cfg), nl=False)
+
+
+@main.command(name="slurm-script", short_help=SHORT_HELP["slurm-script"])
 @click.argument("stage", type=click.Choice(list(STAGES)))
 @click.option("--finish", is_flag=True,
               help="For proxy, score and train: the job to run after the array, which merges the units "

@@ -734,8 +734,10 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         if not isinstance(loaded, dict):
             raise ConfigError(["top level must be a mapping of sections"], source)
         data = loaded
+    overridden = []
     for text in overrides:
         keys, value = parse_override(text)
+        overridden.append(".".join(keys))
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
@@ -747,7 +749,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_messages(e, Config), source) from None
+        raise ConfigError(_messages(e, Config), source, tuple(overridden)) from None
 
 
 def dump_yaml(cfg: Config) -> str:

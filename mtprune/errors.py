@@ -18,9 +18,19 @@ class UsageError(MtpruneError):
 class ConfigError(UsageError):
     """One or more config problems; the message lists every one with its dotted key."""
 
-    def __init__(self, problems: list[str], source: str = "config") -> None:
+    def __init__(self, problems: list[str], source: str = "config", overridden: tuple[str, ...] = ()) -> None:
+        """``overridden``: the dotted keys given with ``--set``; a problem of one of them is said to be of
+        ``--set``, not of the config file."""
         self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
+
+        def by_set(problem: str) -> bool:
+            key = problem.split(":", 1)[0]
+            return any(key == k or key.startswith((k + ".", k + "[")) for k in overridden)
+
+        from_set = [p for p in problems if by_set(p)]
+        from_file = [p for p in problems if not by_set(p)]
+        parts = ([f"{source}: " + "; ".join(from_file)] if from_file else []) + [f"--set {p}" for p in from_set]
+        super().__init__("; ".join(parts))
 
 
 class InputError(UsageError):

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,17 @@ def subprocess_env(threads: int) -> dict[str, str]:
     return env
 
 
+# set (to 1) by `-v`: fairseq's own output is echoed to the terminal, prefixed with its unit; otherwise it goes
+# to the unit's log file only (a variable, so that the processes of cluster jobs inherit it)
+SHOW_FAIRSEQ = "MTPRUNE_SHOW_FAIRSEQ"
+
+
 def run_logged(argv: list[str], log_path: Path, threads: int, prefix: str = "",
-               writes_into: Path | None = None) -> list[str]:
-    """Run a command, append its output to ``log_path`` and echo it (prefixed) to stderr. The command is
-    mtprune's own code (``children.py``): it dies with this process, and names ``writes_into`` as its folder."""
+               writes_into: Path | None = None, on_line: Callable[[str], None] | None = None) -> list[str]:
+    """Run a command and append its output to ``log_path`` (and, with ``-v``, echo it prefixed to stderr);
+    ``on_line`` sees every line (progress). The command is mtprune's own code (``children.py``): it dies with
+    this process, and names ``writes_into`` as its folder."""
+    echo = os.environ.get(SHOW_FAIRSEQ) == "1"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     with open(log_path, "a", encoding="utf-8") as logf:
@@ -61,7 +69,9 @@ def run_logged(argv: list[str], log_path: Path, threads: int, prefix: str = "",
         for line in proc.stdout:
             logf.write(line)
             lines.append(line.rstrip("\n"))
-            if _worth_echoing(line):
+            if on_line is not None:
+                on_line(line)
+            if echo and _worth_echoing(line):
                 with _quiet_lock:
                     sys.stderr.write(f"{prefix}{line}")
         code = proc.wait()
@@ -338,7 +348,7 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
 
 
 _LOSS = re.compile(r"\|\s*loss ([\d.]+)")
-_UPD = re.compile(r"num_updates (\d+)")
+_UPD = re.compile(r"num_updates[= ](\d+)")
 DICT_RECORD = "dict.tgt.txt"  # beside the checkpoints: the dictionary they were trained with
 
 
@@ -358,8 +368,21 @@ def train(data_bin: Path, save_dir: Path, model: ModelConfig, schedule: Schedule
         # finished before a stop; fairseq-train would train one more update past max_update
         log.info("%sfairseq-train already reached update %d", prefix, done)
     else:
-        run_logged(launch_argv(train_argv(data_bin, save_dir, model, schedule, use_cuda)), log_path, threads, prefix,
-                   writes_into=save_dir)
+        from tqdm import tqdm  # a bar per unit on a terminal (none in a log file: disable=None)
+
+        bar = tqdm(total=schedule.max_update, initial=done or 0, desc=prefix.strip(" []") or "train", unit="upd",
+                   disable=None, leave=False, dynamic_ncols=True)
+
+        def progress(line: str) -> None:
+            m = _UPD.search(line)
+            if m and int(m.group(1)) > bar.n:
+                bar.update(int(m.group(1)) - bar.n)
+
+        try:
+            run_logged(launch_argv(train_argv(data_bin, save_dir, model, schedule, use_cuda)), log_path, threads,
+                       prefix, writes_into=save_dir, on_line=progress)
+        finally:
+            bar.close()
     return _losses(log_path.read_text(encoding="utf-8").splitlines())
 
 

@@ -22,6 +22,8 @@ import logging
 import os
 import queue
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -266,6 +268,34 @@ def plan_gpus(n_units: int, parallel: int, gpus_per_run: int) -> tuple[list[tupl
     return [groups[k % len(groups)] for k in range(procs)], threads
 
 
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Progress:
+    """One line per unit that starts and finishes: how many are done, the time so far and an estimate of the
+    rest (the mean time of a finished unit, times the units left, over the units running at once)."""
+
+    def __init__(self, total: int, at_once: int) -> None:
+        self.total, self.at_once, self.done, self.spent = total, max(1, at_once), 0, 0.0
+        self.t0 = time.monotonic()
+        self.lock = threading.Lock()
+
+    def position(self) -> str:
+        with self.lock:
+            return f"{self.done} of {self.total} unit(s) done, {_clock(time.monotonic() - self.t0)} so far"
+
+    def finished(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.done += 1
+            self.spent += seconds
+            left = self.total - self.done
+            eta = f", about {_clock(self.spent / self.done * left / min(self.at_once, left))} left" if left else ""
+            log.info("%s: finished in %s (%d of %d unit(s) done, %s so far%s)", name, _clock(seconds), self.done,
+                     self.total, _clock(time.monotonic() - self.t0), eta)
+
+
 def run_units(units: list[Unit], parallel: int, use_cuda: bool, gpus_per_run: int = 1) -> dict[str, dict[str, Any]]:
     """Run the units not done yet, ``parallel`` at once (0: as many as the CPUs or GPU groups allow);
     on GPUs each running unit holds a group of ``gpus_per_run`` GPUs (``gpus.using``) that its
@@ -290,6 +320,9 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool, gpus_per_run: in
         where = f" on GPU group(s) {' '.join(','.join(g) for g in dict.fromkeys(groups) if g)}" if use_cuda else ""
         log.info("running %d unit(s), %d at a time with %d thread(s) each%s", len(todo), procs, threads, where)
 
+    progress = _Progress(len(todo), procs)
+    running = {id(u) for u in todo}
+
     def one(u: Unit) -> tuple[str, dict[str, Any]]:
         stage, _, unit = u.name.partition(" ")
         command = holding(u.run_lock) or f"{stage} --unit {unit}"  # the plain command holds the run lock
@@ -298,7 +331,13 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool, gpus_per_run: in
             group = slots.get()
             try:
                 with gpus.using(group):
-                    return u.name, _run_one(u, threads)
+                    started = time.monotonic()
+                    if id(u) in running:
+                        log.info("%s: started (%s)", u.name, progress.position())
+                    result = _run_one(u, threads)
+                    if id(u) in running:
+                        progress.finished(u.name, time.monotonic() - started)
+                    return u.name, result
             finally:
                 slots.put(group)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,36 @@ def seed_run_name(name: str, seed: int) -> str:
     """Folder name of one model of ``train.seeds`` (06_train, 07_evaluate): ``el2n-high-0.3-seed2``.
     Seed 1 keeps the plain name, so a finished single-seed sweep grows more seeds by training only those."""
     return name if seed == 1 else f"{name}-seed{seed}"
+
+
+def state_dir() -> Path:
+    """Where mtprune remembers the last run used (``MTPRUNE_STATE_DIR``, else ``$XDG_STATE_HOME/mtprune``,
+    else ``~/.local/state/mtprune``)."""
+    if os.environ.get("MTPRUNE_STATE_DIR"):
+        return Path(os.environ["MTPRUNE_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mtprune"
+
+
+def remember_run(root: Path) -> None:
+    """Record ``root`` as the last run used, for `status`, `report` and `config` without ``-c`` (best effort)."""
+    try:
+        d = state_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".last-run.{os.getpid()}"
+        tmp.write_text(str(Path(root).resolve()) + "\n", encoding="utf-8")
+        os.replace(tmp, d / "last-run")
+    except OSError:  # a read-only home: nothing to remember, nothing breaks
+        pass
+
+
+def last_run() -> Path | None:
+    """The run directory recorded by ``remember_run``, if it still holds a resolved config."""
+    try:
+        root = Path((state_dir() / "last-run").read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return root if (root / "config.resolved.yaml").is_file() else None
 
 
 @dataclass(frozen=True)

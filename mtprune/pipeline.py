@@ -16,7 +16,7 @@ from typing import Any
 from .config import Config, dump_yaml, is_speed_only, lookup, recording_reads
 from .errors import UsageError
 from .faults import crash_point
-from .layout import STAGES, RunLayout
+from .layout import STAGES, RunLayout, remember_run
 from .manifest import (
     Manifest,
     atomic_write_bytes,
@@ -189,6 +189,7 @@ def config_changes(cfg: Config, stage: str, m: Manifest, rehash: bool = False) -
 def save_resolved_config(cfg: Config, layout: RunLayout) -> None:
     layout.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.resolved_config, dump_yaml(cfg))
+    remember_run(layout.root)
 
 
 def require_fresh_upstream(stage: str, cfg: Config, layout: RunLayout) -> Freshness:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,9 +136,10 @@ def tiny_swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The whole tiny sweep, run once through the real command line: (run directory, stdout). Shared."""
 
     def build(folder: Path) -> None:
-        p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(folder / "run"), "-q")
+        p = cli_subprocess("sweep", "-c", str(TINY), "--run-dir", str(folder / "run"))
         assert p.returncode == 0, p.stderr[-3000:]
         (folder / "stdout").write_text(p.stdout)
+        (folder / "stderr").write_text(p.stderr)
 
     folder = built_once(tmp_path_factory, "sweep", build)
     return folder / "run", (folder / "stdout").read_text()
@@ -152,6 +154,8 @@ def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the last run used (`status` without -c) is remembered here, not in the home directory of whoever runs the suite
+os.environ.setdefault("MTPRUNE_STATE_DIR", tempfile.mkdtemp(prefix="mtprune-test-state-"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

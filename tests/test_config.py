@@ -211,3 +211,45 @@ def test_help_is_instant_and_imports_no_heavy_library() -> None:
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_bad_set_value_is_blamed_on_set_not_on_the_config_file(tmp_path: Path) -> None:
+    from conftest import cli
+
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("train:\n  lr: -1\n")
+    code, out = cli("train", "-c", str(cfg), "--set", "train.max_update=many", "--run-dir", str(tmp_path / "r"))
+    assert code == 2, out
+    assert out.strip().endswith(f"error: {cfg}: train.lr: must be > 0, got -1.0; "
+                                "--set train.max_update: expected an integer, got 'many'"), out
+    code, out = cli("train", "--set", "train.seeds=[1,x]", "--run-dir", str(tmp_path / "r"))
+    assert out.strip().endswith("error: --set train.seeds[1]: expected an integer, got 'x'"), out
+
+
+def test_status_report_and_config_without_c_read_the_runs_own_config(tmp_path: Path, monkeypatch) -> None:
+    """Without -c: the config of the run in --run-dir, else ./runs/default, else the last run used; status says
+    which config it read. `mtprune config` prints the resolved config, defaults included."""
+    from conftest import cli
+    from mtprune.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTPRUNE_STATE_DIR", str(tmp_path / "state"))  # no last run yet
+    code, out = cli("status")
+    assert code == 0 and "config: built-in defaults" in out and "run directory: runs/default" in out, out
+    run = tmp_path / "elsewhere" / "run"
+    sets = ["--set", "download.source=synthetic", "--set", "download.synthetic_train_per_pair=50",
+            "--set", "download.pairs=[de-en]"]
+    code, out = cli("download", *sets, "--run-dir", str(run), "-q")
+    assert code == 0, out
+    resolved = run / "config.resolved.yaml"
+    for args in (["--run-dir", str(run)], []):  # named, then remembered as the last run used
+        code, out = cli("status", *args)
+        assert code == 0 and f"config: {resolved}" in out and f"run directory: {run}" in out, out
+        assert out.splitlines()[3].split()[:2] == ["download", "fresh"], out
+    code, out = cli("config", "-q")
+    assert code == 0 and out.startswith("# mtprune ") and str(resolved) in out.splitlines()[0], out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out)
+    assert load_config(printed) == load_config(resolved)
+    code, out = cli("config", "-c", str(printed), "--set", "train.lr=0.0005")
+    assert "lr: 0.0005" in out and "max_update: 1500" in out, out  # defaults are printed too

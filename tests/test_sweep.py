@@ -223,3 +223,20 @@ def test_a_strategy_on_a_column_no_stage_writes_is_refused_before_anything_runs(
     # what blog.yaml asks of a GPU, on this GPU-less machine: said by the dry run, not after the download
     code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", "train.precision=fp16", "--dry-run")
     assert code == 2 and "error: train.precision: fp16 training needs a CUDA GPU" in out, out
+
+
+def test_the_terminal_shows_progress_per_unit_and_not_fairseqs_output(swept: tuple[Path, str]) -> None:
+    """A sweep's terminal: mtprune's own lines (a start and a finish line per training unit, with the time so
+    far and an estimate of the rest), no fairseq line (those are in each unit's train.log, or on the terminal
+    with -v), and at the end the BLEU table, the paired tests and where the whole report is."""
+    run, stdout = swept
+    stderr = (run.parent / "stderr").read_text()
+    assert "| INFO |" not in stderr and "fairseq" not in stderr.lower(), stderr[:3000]
+    for unit in ("proxy seed1", "proxy seed2", "train full", "train el2n-high-0.2", "train random-0.2"):
+        assert f"{unit}: started" in stderr and f"{unit}: finished in" in stderr, stderr
+    assert "3 of 3 unit(s) done" in stderr and "left)" in stderr, stderr
+    assert len(stderr.splitlines()) < 80, stderr
+    assert stdout.rstrip().splitlines()[-1].startswith("the whole report: "), stdout
+    assert "## How stable is EL2N?" not in stdout and len(stdout.splitlines()) < 40, stdout
+    fairseq_log = (RunLayout(run).train_dir("full") / "train.log").read_text()
+    assert "num_updates" in fairseq_log  # fairseq's lines are kept in the unit's own log

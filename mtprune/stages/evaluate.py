@@ -240,8 +240,9 @@ def _evaluate_model(cfg: Config, layout: RunLayout, m: Any, sets: list[dict[str,
         outputs.append(hyp_file)
         results[ts["name"]] = {"pair": ts["pair"], "direction": f"{ts['src_lang']}-{ts['tgt_lang']}",
                                **score_hyps(hyps, ts["ref"], ts["tgt_lang"])}
-        log.info("evaluate: %s on %s: BLEU %.2f chrF %.2f", m.run, ts["name"], results[ts["name"]]["bleu"],
-                 results[ts["name"]]["chrf"])
+    log.info("evaluate: %s: BLEU %s (chrF %s)", m.run,
+             ", ".join(f"{k} {v['bleu']:.2f}" for k, v in results.items()),
+             ", ".join(f"{v['chrf']:.1f}" for v in results.values()))
     if reused:
         log.info("evaluate: %s: checkpoint unchanged, reused the hypotheses of %d test set(s) (%s)", m.run,
                  len(reused), ", ".join(reused))
