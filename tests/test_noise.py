@@ -14,7 +14,8 @@ import pytest
 from conftest import SHARED_DATA, cli, download, read, write_release
 from mtprune.config import NOISE_KINDS, OPUS_PAIRS
 from mtprune.layout import RunLayout
-from mtprune.stages.report import labelled_noise_table, noise_finding, noise_labels
+from mtprune.scoring.finding import labelled_noise_table, noise_finding
+from mtprune.stages.report import noise_labels
 from mtprune.synthetic import make_pair
 
 TATOEBA = SHARED_DATA / "tatoeba-opus100-layout"

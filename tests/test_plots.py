@@ -14,7 +14,8 @@ from conftest import TINY
 from mtprune.config import load_config
 from mtprune.curves import curves_figure, read_curves
 from mtprune.layout import RunLayout
-from mtprune.stages.report import _bleu_figure, _examples, _hist_figure, el2n_cuts
+from mtprune.plots import bleu_figure, hist_figure
+from mtprune.stages.report import _examples, el2n_cuts
 
 matplotlib.use("Agg")
 
@@ -131,7 +132,7 @@ def _rows(pairs: list[str], seeds: int) -> list[dict]:
 
 
 def test_bleu_plot_names_its_band_and_draws_one_panel_for_one_pair() -> None:
-    fig = _bleu_figure(_rows(["de-en"], 2), ["de-en"])
+    fig = bleu_figure(_rows(["de-en"], 2), ["de-en"])
     shown = [ax for ax in fig.axes if ax.axison]
     assert [ax.get_title() for ax in shown] == ["de-en"]  # no "average" panel repeating it
     legend = [x.get_text() for x in fig.legends[0].get_texts()]
@@ -139,7 +140,7 @@ def test_bleu_plot_names_its_band_and_draws_one_panel_for_one_pair() -> None:
     assert any(x.startswith("full (unpruned") for x in legend)  # the dashed line
     assert any(p.get_gid() == "de-en:full-band" for p in shown[0].patches)
 
-    fig = _bleu_figure(_rows(["de-en", "en-fr"], 1), ["de-en", "en-fr"])
+    fig = bleu_figure(_rows(["de-en", "en-fr"], 1), ["de-en", "en-fr"])
     assert [ax.get_title() for ax in fig.axes if ax.axison] == ["de-en", "en-fr", "mean over the 2 OPUS test sets"]
     legend = [x.get_text() for x in fig.legends[0].get_texts()]
     assert not any("std" in x for x in legend)  # one seed: no band, no error bars to explain
@@ -159,7 +160,7 @@ def test_el2n_hist_marks_labelled_noise_and_the_cut_offs() -> None:
     cuts = el2n_cuts(df, ["el2n-high", "random"], [0.0, 0.1, 0.3], "global", 1)
     top = np.sort(df["el2n"].to_numpy())[::-1]
     assert cuts == [("el2n-high", 0.1, None, top[19]), ("el2n-high", 0.3, None, top[59])]  # 20 and 60 of 200 dropped
-    fig = _hist_figure(df, (labels, "01_download/noise.ids"), cuts)
+    fig = hist_figure(df, (labels, "01_download/noise.ids"), cuts)
     per_pair, noise = fig.axes
     for ax in (per_pair, noise):
         assert {ln.get_gid(): ln.get_xdata()[0] for ln in ax.get_lines()} == \
@@ -173,7 +174,7 @@ def test_el2n_hist_marks_labelled_noise_and_the_cut_offs() -> None:
     for pair in ("de-en", "en-fr"):
         v = np.sort(df.loc[df["pair"] == pair, "el2n"].to_numpy())[::-1]
         assert (("el2n-high", 0.1, pair, v[9])) in cuts
-    fig = _hist_figure(df, None, cuts)
+    fig = hist_figure(df, None, cuts)
     assert len(fig.axes) == 1  # no labels: no noise panel
     assert {ln.get_gid() for ln in fig.axes[0].get_lines()} == {"cut:el2n-high:0.1:de-en", "cut:el2n-high:0.1:en-fr"}
 

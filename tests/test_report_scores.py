@@ -3,8 +3,9 @@
 import numpy as np
 import pandas as pd
 
+from mtprune.scoring.finding import noise_finding, oriented_scores
 from mtprune.scoring.stats import spearman
-from mtprune.stages.report import noise_finding, oriented_scores, scores_section
+from mtprune.stages.report import scores_section
 
 
 def _table() -> pd.DataFrame:

@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY, sentence
 from mtprune.config import load_config
 from mtprune.layout import RunLayout
+from mtprune.results import result_columns
 from mtprune.stages import report
 from mtprune.stages.evaluate import hyp_path
 
@@ -90,7 +91,7 @@ def test_tables_show_mean_and_std_over_seeds_with_extra_test_sets_as_columns() -
             for st, sp, n, base in (("full", 0.0, 100, 10.0), ("random", 0.2, 80, 8.0))
             for seed, delta in ((1, 0.0), (2, 1.0))
             for pair, b in (("de-en", base + delta), ("flores:en-de", base - 5 + delta), ("all", base + delta))]
-    assert report.result_columns(rows) == ["de-en", "flores:en-de", "all"]
+    assert result_columns(rows) == ["de-en", "flores:en-de", "all"]
     table = report._summary_table(rows, "bleu")
     assert "| strategy | sparsity | n_train | de-en | flores:en-de | all |" in table
     assert "| random | 0.20 | 80 | 8.50 ± 0.71 | 3.50 ± 0.71 | 8.50 ± 0.71 |" in table

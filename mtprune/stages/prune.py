@@ -26,6 +26,7 @@ from ..faults import crash_point
 from ..layout import RunLayout, run_name
 from ..manifest import temp_path, write_lines
 from ..pipeline import StageResult
+from ..scoring.finding import n_dropped
 
 SECTIONS = ("prune",)
 UPSTREAM = ("prepare", "score")
@@ -36,11 +37,6 @@ def _id_order_key(sentence_ids: list[str], directions: list[str]) -> tuple[np.nd
     pairs = np.array([s.rsplit("/", 1)[0] for s in sentence_ids])
     nums = np.array([int(s.rsplit("/", 1)[1]) for s in sentence_ids], dtype=np.int64)
     return pairs, nums, np.array(directions)
-
-
-def n_dropped(sparsity: float, n: int) -> int:
-    """How many of a group of ``n`` pairs a sparsity drops (whatever the strategy)."""
-    return int(round(sparsity * n))
 
 
 def check_something_left(cfg: Config, pairs: Any) -> None:

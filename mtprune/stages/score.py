@@ -24,6 +24,7 @@ from ..manifest import atomic_write_text, temp_path
 from ..pipeline import StageResult, require_fresh_upstream, stage_config, upstream_digests
 from ..scoring.derived import add_columns_table
 from ..scoring.dual import add_columns as add_dual_columns
+from ..scoring.finding import labelled_noise_table, read_noise_ids
 from ..scoring.forward import checkpoints, pick_device, score_columns, score_indices, score_table
 from ..scoring.proto import with_proto
 from ..scoring.shards import (
@@ -42,7 +43,6 @@ from ..scoring.shards import (
     write_parquet,
 )
 from ..scoring.stats import diagnostics
-from .report import labelled_noise_table, read_noise_ids
 
 SECTIONS = ("model", "proxy", "score")
 
