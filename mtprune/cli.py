@@ -1,6 +1,9 @@
 """The ``mtprune`` command: one thin command per stage, plus ``sweep`` and ``status``.
 
 Heavy libraries (torch, fairseq, datasets) are imported inside the stages, so ``--help`` is instant.
+
+Why one long module: it is the whole command line -- every command's options, help and exit codes, and the
+one template the stage commands are made from -- which a user meets as one thing (``mtprune --help``).
 """
 
 from __future__ import annotations

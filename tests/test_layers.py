@@ -113,3 +113,10 @@ def test_every_module_is_on_a_floor_and_help_loads_no_heavy_library() -> None:
             "if m in sys.modules]; print(','.join(heavy))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
+
+
+def test_a_module_over_400_lines_says_at_its_top_why_it_is_one() -> None:
+    long = [f for f in sorted(PACKAGE.rglob("*.py")) if len(f.read_text(encoding="utf-8").splitlines()) > 420]
+    silent = [str(f.relative_to(ROOT)) for f in long
+              if "Why one long module" not in (ast.get_docstring(ast.parse(f.read_text(encoding="utf-8"))) or "")]
+    assert not silent, f"over 400 lines without a reason at the top: {silent}"
