@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv (idempotent) and run the full sweep on the built-in demo config: the synthetic
-# corpus, offline, on CPU (8.5 minutes on an idle 2-core machine once .venv is set up, measured at d2addf7). Extra arguments go to `mtprune sweep`,
+# corpus, offline, on CPU (its time on a 2-core machine: README, Set-up). Extra arguments go to `mtprune sweep`,
 # e.g. scripts/demo.sh --run-dir /tmp/demo
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

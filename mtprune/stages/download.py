@@ -196,7 +196,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     for pair in d.pairs:
         l1, l2 = langs(pair)
         reader, noise = _split_reader(cfg, pair)
-        log.info("download: %s from %s", pair, d.source)
+        # the hub can take minutes: say what is being fetched; a copy on disk is read in seconds
+        log.log(logging.INFO if d.source == "hub" else logging.DEBUG, "download: %s from %s", pair, d.source)
         per_split: dict[str, Any] = {}
         test_counts: Counter = Counter()
         test = _clean(reader("test"), cfg, test_counts)
@@ -232,8 +233,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                                             f"{d.noise.seed}-{pair}-pool")
         stats["pairs"][pair] = per_split
         crash_point(f"download:after:{pair}")
-        log.info("download: %s: train %d (read %d, empty %d, too long %d, in test %d), valid %d, test %d",
-                 pair, len(train), train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
+        log.info("download: %s (%s): train %d (read %d, empty %d, too long %d, in test %d), valid %d, test %d",
+                 pair, d.source, len(train), train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
                  train_counts["in_test_set"], len(valid), len(test))
     if add_noise:
         per_pair = _add_noise(cfg, layout, pools, outside, labelled)
