@@ -76,7 +76,13 @@ def tree_rss(root_pid: int) -> int:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    """Bytes on disk under ``path``, a file with several links (the merged sketch of one shard) counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for f in path.rglob("*") if path.is_dir() else []:
+        if f.is_file():
+            st = f.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def run_stage(stage: str, cfg_path: Path, run_dir: Path, log: Path) -> dict:

@@ -365,3 +365,11 @@ def test_noise_labels_that_label_no_scored_pair_give_an_empty_table_not_a_crash(
         assert _noise_files(df, L, stats) == list(L.score_noise)
         assert stats["noise"]["labelled"] == 0 and set(stats["noise"]["auroc"].values()) == {None}
         assert f"0 of {len(df)} pairs labelled" in L.score_noise[0].read_text()
+
+
+def test_the_merged_sketch_of_one_shard_shares_its_disk(tiny_run: Path) -> None:
+    """One shard of one: grad_sketch.npy is a hard link to the shard's sketch, not a second copy (1 KB a pair)."""
+    L = RunLayout(tiny_run)
+    shard = L.score_shard(0, 1).with_suffix(".sketch.npy")
+    assert L.grad_sketch.stat().st_ino == shard.stat().st_ino
+    assert np.load(L.grad_sketch).shape[0] == len(pd.read_parquet(L.scores))

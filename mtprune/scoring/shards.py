@@ -145,7 +145,16 @@ def shard_pooled(shard: Path) -> Path:
 
 
 def concat_npy(parts: list[Path], out: Path) -> None:
-    """Concatenate .npy files along rows into ``out`` without holding them all in memory."""
+    """Concatenate .npy files along rows into ``out`` without holding them all in memory. One part is linked,
+    not copied: the merged gradient sketch of a pass scored as the one shard of one shares the shard's disk
+    (both are written once and only read after; a shard scored again is a new file)."""
+    if len(parts) == 1:
+        out.unlink(missing_ok=True)
+        try:
+            os.link(parts[0], out)
+            return
+        except OSError:  # a file system without hard links: copy
+            pass
     arrays = [np.load(p, mmap_mode="r") for p in parts]
     rows = sum(a.shape[0] for a in arrays)
     dst = open_npy(out, (rows,) + arrays[0].shape[1:])
