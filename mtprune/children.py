@@ -83,11 +83,11 @@ def die_with_parent() -> None:
     os.environ[PARENT_PID] = _me()
 
 
-def writers_into(folder: Path) -> list[int]:
-    """Processes of this host (other than this one) whose environment says they write into ``folder``."""
+def writers_into(*folders: Path) -> list[int]:
+    """Processes of this host (other than this one) whose environment says they write into one of ``folders``."""
     if not Path("/proc").is_dir():
         return []
-    want = f"{WRITES_INTO}={Path(folder).resolve()}".encode()
+    wanted = {f"{WRITES_INTO}={Path(folder).resolve()}".encode() for folder in folders}
     out = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():
@@ -97,19 +97,19 @@ def writers_into(folder: Path) -> list[int]:
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z" and want in env.split(b"\0"):
+        if state != "Z" and wanted.intersection(env.split(b"\0")):
             out.append(int(d.name))
     return sorted(out)
 
 
-def stop_strays(folder: Path, what: str, grace: float = 10.0) -> list[int]:
-    """Stop processes still writing into ``folder`` (SIGTERM, then SIGKILL after ``grace`` seconds) and wait
-    until they are gone; returns their pids. The caller holds the folder's lock: a writer found is a stray."""
-    pids = writers_into(folder)
+def stop_strays(folders: list[Path], what: str, grace: float = 10.0) -> list[int]:
+    """Stop processes still writing into one of ``folders`` (SIGTERM, then SIGKILL after ``grace`` seconds) and
+    wait until they are gone; returns their pids. The caller holds the folders' lock: a writer found is a stray."""
+    pids = writers_into(*folders)
     if not pids:
         return []
     log.warning("%s: %d process(es) left by a killed run still write into %s (pid %s); stopping them first",
-                what, len(pids), folder, ", ".join(map(str, pids)))
+                what, len(pids), " or ".join(map(str, folders)), ", ".join(map(str, pids)))
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
         for pid in pids:
             try:
@@ -117,14 +117,14 @@ def stop_strays(folder: Path, what: str, grace: float = 10.0) -> list[int]:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and writers_into(folder):
+        while time.monotonic() < deadline and writers_into(*folders):
             time.sleep(0.1)
-        if not writers_into(folder):
+        if not writers_into(*folders):
             return pids
     from .errors import StageError
 
-    raise StageError(f"{what}: process(es) {', '.join(map(str, writers_into(folder)))} still write into {folder} "
-                     "and could not be stopped; stop them, then rerun")
+    raise StageError(f"{what}: process(es) {', '.join(map(str, writers_into(*folders)))} still write into "
+                     f"{' or '.join(map(str, folders))} and could not be stopped; stop them, then rerun")
 
 
 def main() -> None:

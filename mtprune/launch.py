@@ -181,8 +181,7 @@ def _work_folder(u: Unit, redo: bool) -> Path:
 
 
 def _run_one(u: Unit, threads: int) -> dict[str, Any]:
-    for folder in (u.folder, staging_dir(u.folder)):  # a trainer that outlived a killed run writes nowhere now
-        stop_strays(folder, u.name)
+    stop_strays([u.folder, staging_dir(u.folder)], u.name)  # a trainer that outlived a killed run writes no more
     _recover(u)
     result, problem = unit_state(u, u.folder)
     if result is not None:
@@ -220,6 +219,15 @@ def note_kept_units(stage: str, stage_dir: Path, wanted: set[str]) -> list[str]:
                  "reuses what finished; delete them by hand to free the disk", stage, len(kept),
                  ", ".join(kept[:8]) + (", ..." if len(kept) > 8 else ""), size / 1e6)
     return kept
+
+
+def all_units_done(make_units: Callable[[], list[Unit]]) -> bool:
+    """Whether every unit ``make_units`` lists is finished with its current key; False when their training data
+    is not there yet (building the units hashes it)."""
+    try:
+        return all(unit_state(u, u.folder)[0] is not None for u in make_units())
+    except OSError:
+        return False
 
 
 def units_note(stage_dir: Path, names: list[str], make_units: Callable[[], list[Unit]],

@@ -298,7 +298,7 @@ def plan(cfg: Config, layout: RunLayout, overwrite: bool = False, detail: bool =
     steps: dict[str, Step] = {}
     for stage in STAGES:
         st = fresh(stage)
-        ups = [steps[u] for u in stage_module(stage).UPSTREAM]
+        ran = [steps[u].state.stage for u in stage_module(stage).UPSTREAM if steps[u].action != "skip"]
         if overwrite:
             step = Step(st, "run", "--overwrite redoes it")
         elif st.usable:
@@ -306,7 +306,6 @@ def plan(cfg: Config, layout: RunLayout, overwrite: bool = False, detail: bool =
         elif (st.status == "stale" and st.manifest is not None and st.reason.startswith("upstream ")
               and not st.reason.endswith("was rerun since")
               and not check_outputs(layout.stage_dir(stage), st.manifest)):
-            ran = [u.state.stage for u in ups if u.action != "skip"]
             step = Step(st, "maybe", f"runs only if {' or '.join(ran)} come{'s' if len(ran) == 1 else ''} out "
                                      "different (its own settings and outputs are unchanged)")
         else:
@@ -314,8 +313,7 @@ def plan(cfg: Config, layout: RunLayout, overwrite: bool = False, detail: bool =
         if detail and step.action == "run" and not overwrite:
             note = getattr(stage_module(stage), "plan_note", None)
             if note is not None:
-                upstream_runs = [u.state.stage for u in ups if u.action != "skip"]
-                step.note = "; ".join(x for x in (step.note, note(cfg, layout, upstream_runs)) if x)
+                step.note = "; ".join(x for x in (step.note, note(cfg, layout, ran)) if x)
         steps[stage] = step
     return list(steps.values())
 

@@ -27,7 +27,7 @@ from ..fairseq_backend import (
     update_freq_for,
     world_size,
 )
-from ..launch import Unit, note_kept_units, run_units, unit_settings, unit_state, units_note
+from ..launch import Unit, all_units_done, note_kept_units, run_units, unit_settings, units_note
 from ..layout import RunLayout, seed_run_name
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -124,11 +124,7 @@ def check(cfg: Config, layout: RunLayout) -> None:
     try:
         check_training("train", cfg.train.precision, cfg.model, use_cuda)
     except UsageError:
-        try:
-            done = all(unit_state(u, u.folder)[0] is not None for u in units(cfg, layout, use_cuda))
-        except OSError:  # no pruned corpora yet: nothing can be done
-            done = False
-        if not done:
+        if not all_units_done(lambda: units(cfg, layout, use_cuda)):
             raise
 
 
