@@ -99,10 +99,11 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
 
     ckpts = checkpoints(cfg, layout)
     remove_stale_temps(layout)  # what killed passes left, shards being scored by other processes excepted
-    shards = finished_shards(layout, current_shard_key(cfg, layout))
+    key = current_shard_key(cfg, layout)
+    shards = finished_shards(layout, key)
     stats: dict[str, Any] = {}
     if shards is None:  # more than one GPU: one `score --shard` process per GPU, merged below
-        shards = score_on_gpus(cfg, layout, current_shard_key(cfg, layout))
+        shards = score_on_gpus(cfg, layout, key)
     if shards is None:  # one device: the whole pass as the one shard of one, kept so that a change of a
         shards = [run_shard(cfg, layout, "0/1")]  # merge-only setting (score.combine, ...) only re-merges
     else:
