@@ -452,8 +452,8 @@ def combine_problem(entry: str) -> str | None:
     if name.startswith("base_"):
         return (f"{entry!r} is a baseline column: base_* columns need no proxy and stay out of the "
                 "combined score")
-    if name == "combined":
-        return "'combined' cannot combine itself"
+    if name in ("combined", "combined_all"):
+        return f"{name!r} is made from the combined columns; it cannot be one of them"
     return None
 
 
@@ -477,7 +477,9 @@ class ScoreConfig(_Recorded):
     combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll_debiased", "el2n_debiased", "el2n_eos",
                                                                       "el2n_max")
     combine_how: Annotated[Str, _one_of("max", "mean")] = "max"
-    baselines: Bool = True  # base_len_ratio, base_copy, base_langid (lingua: ~4 s per 10k pairs)
+    # base_* columns from OpusFilter's filters (length ratios, language id, similarity, punctuation, numerals,
+    # repetition, eflomal word alignment), their rank max base_all and combined_all (with the combine columns)
+    baselines: Bool = True
 
 
 def _sparsity_problems(v: tuple[float, ...]) -> list[str]:

@@ -158,6 +158,11 @@ class RunLayout:
         return self.stage_dir("score") / "noise.md", self.stage_dir("score") / "noise.csv"
 
     @property
+    def baseline_cache(self) -> Path:
+        """The base_* columns, computed once per training text and kept across reruns (scoring/baselines.py)."""
+        return self.stage_dir("score") / "shards" / "baselines.parquet"
+
+    @property
     def grad_sketch(self) -> Path:
         """float32 (rows of scores.parquet, 256): each pair's output-layer gradient sketch (score.py)."""
         return self.stage_dir("score") / "grad_sketch.npy"

@@ -13,7 +13,7 @@ import pytest
 from mtprune.config import load_config
 from mtprune.errors import ConfigError, UsageError
 from mtprune.layout import RunLayout
-from mtprune.scoring import derived
+from mtprune.scoring import baselines, derived
 from mtprune.scoring.group import group_norm, group_select
 
 # ---- length debiasing ---------------------------------------------------------------------------
@@ -78,30 +78,6 @@ def test_combined_refuses_baselines_and_names_missing_columns() -> None:
     assert load_config(None, ["score.combine=[nll,-tracin]"]).score.combine == ("nll", "-tracin")
 
 
-# ---- baselines ----------------------------------------------------------------------------------
-
-def test_len_ratio_on_known_strings() -> None:
-    got = derived.len_ratio(["abc", "", "abcdefg", "ab"], ["abc", "abcdefg", "", "abcdef"])
-    np.testing.assert_allclose(got, [0.0, np.log(8), np.log(8), np.log(7 / 3)])
-
-
-def test_copy_overlap() -> None:
-    got = derived.copy_overlap(["The cat sleeps.", "The cat sleeps.", "abc"], ["the  Cat sleeps.", "Die Katze schläft.", "xyz"])
-    assert got[0] == 1.0 and got[2] == 0.0 and got[1] < 0.3
-
-
-def test_langid_flags_a_target_in_the_wrong_language() -> None:
-    texts = ["Ich habe gestern meinen Schlüssel im Büro vergessen.",  # German, as expected
-             "Das Wetter ist heute wirklich schön, wir gehen spazieren.",
-             "I forgot my keys at the office yesterday.",  # English where German is expected
-             "Ieri ho dimenticato le chiavi in ufficio.",  # Italian where German is expected
-             "Ieri ho dimenticato le chiavi in ufficio."]  # Italian, as expected
-    bad = derived.langid_badness(texts, ["de", "de", "de", "de", "it"], ["de", "en", "it"])
-    assert bad[0] < 0.2 and bad[1] < 0.2 and bad[4] < 0.2
-    assert bad[2] > 0.8 and bad[3] > 0.8
-    assert np.isnan(derived.langid_badness(["abc"], ["xx"]))[0]  # a language lingua does not know
-
-
 # ---- the table on real files --------------------------------------------------------------------
 
 def fake_run(root: Path) -> tuple[RunLayout, pd.DataFrame]:
@@ -131,16 +107,19 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     seconds: dict[str, float] = {}
     out = derived.add_columns(df, cfg, layout, seconds)
     assert {"el2n_debiased", "el2n_debiased@s1u10", "nll_debiased", "nll_debiased@s1u10", "combined",
-            "base_len_ratio", "base_langid", "base_copy"} <= set(out.columns)
-    assert set(seconds) >= {"base_langid", "combined", "el2n_debiased"}
-    # row 0 (de-en/9): English source, Italian target where German is expected
-    assert out["base_langid"][0] > 0.8 and out["base_langid"][1] < 0.2
+            "base_all", "combined_all", *baselines.COLUMNS} <= set(out.columns)
+    assert set(seconds) >= {"base_langid", "base_wordalign", "combined", "el2n_debiased"}
+    # row 0 (de-en/9): an Italian target where German is expected
+    assert out["base_langid_tgt"][0] == 1.0 and out["base_langid_tgt"][1] < 0.2
     # row 2 (de-en/7): the target is a copy of the source
-    assert out["base_copy"][2] == 1.0 and out["base_copy"][1] < 0.3
-    # row 3 is de-en/4 the other way round: German source, English target
-    np.testing.assert_allclose(out["base_len_ratio"][3], abs(np.log((52 + 1) / (41 + 1))))
-    np.testing.assert_allclose(out["base_len_ratio"][1], abs(np.log((41 + 1) / (52 + 1))))
-    assert out["base_langid"][3] < 0.2
+    assert out["base_similarity"][2] == 1.0 and out["base_similarity"][1] < 0.5
+    # row 3 is de-en/4 the other way round: German source, English target (scored with its own direction)
+    assert out["base_langid_src"][3] < 0.2 and out["base_langid_tgt"][3] < 0.2
+    np.testing.assert_allclose(out["base_lengthratio_char"][[1, 3]], 52 / 41)
+    # combined_all: the combine columns' ranks and the baselines', at most; base_all the baselines' alone
+    proxy = np.vstack([derived.combined(out, [c]) for c in cfg.score.combine])
+    np.testing.assert_allclose(out["combined_all"], np.vstack([proxy, derived.baseline_ranks(out)]).max(axis=0))
+    np.testing.assert_allclose(out["base_all"], derived.baseline_ranks(out).max(axis=0))
     # four rows make one length bin: el2n median 0.35, nll median 2.5
     np.testing.assert_allclose(out["el2n_debiased"], [0.15, 0.05, -0.05, -0.15])
     assert cfg.score.combine == ("nll_debiased", "el2n_debiased", "el2n_eos", "el2n_max")  # the default
@@ -153,7 +132,8 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     out.to_parquet(path)
     again = derived.add_columns(pd.read_parquet(path), load_config(None, ["score.combine_how=mean"]), layout)
     assert list(again.columns) == list(out.columns)
-    np.testing.assert_allclose(again["base_langid"], out["base_langid"])
+    for c in baselines.COLUMNS:  # word alignment included: reused from 04_score/shards/baselines.parquet
+        np.testing.assert_array_equal(again[c], out[c])
     np.testing.assert_allclose(again["combined"], derived.combined(out, ["nll", "el2n_eos", "el2n_debiased", "el2n_max"],
                                                                    "mean"))
     # baselines off: no base_* columns, and no raw text is read
@@ -207,10 +187,10 @@ def test_langid_scores_are_the_same_in_every_process() -> None:
     import subprocess
     import sys
 
-    code = ("from mtprune.scoring.derived import langid_badness; import sys; "
+    code = ("from mtprune.scoring.baselines import langid_badness; import sys; import numpy as np; "
             "texts = ['Das ist ein kleines Haus.', 'This is not German at all.', 'Questa è una frase.', "
             "'Ich weiß nicht, was ich sagen soll.'] * 50; "
-            "sys.stdout.write(langid_badness(texts, ['de'] * len(texts)).tobytes().hex())")
+            "sys.stdout.write(np.hstack(langid_badness([(t, t) for t in texts], 'de', 'en', ['de', 'en'])).tobytes().hex())")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(3)}
     assert len(runs) == 1

@@ -300,10 +300,17 @@ def test_score_stage_table_ranks_scores_by_auroc_with_precision_at_the_labelled_
     md, long, summary = labelled_noise_table(df, labels, "01_download/noise.ids")
     assert list(summary["auroc"]) == ["dual_xent", "-length", "el2n", "nll"]  # best first
     assert summary["labelled"] == 4 and summary["auroc"]["el2n"] == pytest.approx(15 / 24, abs=1e-4)
-    assert "| score | all | misaligned | truncated | precision@labelled | worst kind | spearman vs length |" in md
+    assert ("| score | all | misaligned | truncated | precision@labelled | worst kind (AUROC) | spearman vs length |"
+            in md)
     # 4 of 10 labelled: el2n's top 4 are 0.9, 0.8 (truncated), 0.6, 0.5 (clean); worst kind misaligned 3/12
-    assert "| el2n | 0.62 | 0.25 | 1.00 | 0.50 | 0.25 |" in md
-    assert "| dual_xent | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |" in md
+    assert "| el2n | 0.62 | 0.25 | 1.00 | 0.50 | misaligned (0.25) |" in md
+    assert "| dual_xent | 1.00 | 1.00 | 1.00 | 1.00 | misaligned (1.00) |" in md
+    assert "## Proxy, baselines, both" not in md  # none of combined, base_all, combined_all in this table
+    both = df.assign(combined=df["dual_xent"], base_all=df["el2n"])
+    md2 = labelled_noise_table(both, labels, "01_download/noise.ids")[0]
+    head, rest = md2.split("## Every score")
+    assert "## Proxy, baselines, both" in head and "| combined | 1.00 |" in head and "| base_all | 0.62 |" in head
+    assert "| combined | 1.00 |" in rest and "| base_all | 0.62 |" in rest
     t = long.set_index(["score", "kind"])
     assert t.loc[("el2n", "truncated"), "recall@labelled"] == 1.0
 

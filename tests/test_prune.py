@@ -169,13 +169,13 @@ def test_group_needs_a_sketch_that_matches_the_score_table(tmp_path) -> None:
 def test_derived_columns_and_group_are_accepted_strategies() -> None:
     from mtprune.config import load_config
 
-    names = ["group", "combined-high", "base_langid-high", "el2n_debiased-high", "base_len_ratio-high",
-             "base_copy-high", "nll_debiased-low"]
+    names = ["group", "combined-high", "base_langid_tgt-high", "el2n_debiased-high", "base_lengthratio_char-high",
+             "base_similarity-high", "nll_debiased-low", "combined_all-high", "base_wordalign_tgt-high"]
     assert load_config(None, [f"prune.strategies=[{','.join(names)}]"]).prune.strategies == tuple(names)
     df = table().assign(combined=[0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.05],
-                        base_langid=[0.0] * 9 + [0.99], el2n_debiased=table()["el2n"] - 0.5)
+                        base_langid_tgt=[0.0] * 9 + [0.99], el2n_debiased=table()["el2n"] - 0.5)
     assert sorted(df["sentence_id"][drop_mask(df, "combined-high", 0.2, "global", 1)]) == ["de-en/1", "en-fr/3"]
-    assert sorted(df["sentence_id"][drop_mask(df, "base_langid-high", 0.1, "global", 1)]) == ["en-fr/4"]
+    assert sorted(df["sentence_id"][drop_mask(df, "base_langid_tgt-high", 0.1, "global", 1)]) == ["en-fr/4"]
     assert sorted(df["sentence_id"][drop_mask(df, "el2n_debiased-high", 0.1, "global", 1)]) == ["en-fr/2"]
 
 
@@ -184,12 +184,12 @@ def test_score_writes_the_derived_columns_and_prune_runs_group_and_them(tiny_cop
     from conftest import TINY, cli, read
     from mtprune.config import load_config
     from mtprune.layout import RunLayout
-    from mtprune.scoring import derived
+    from mtprune.scoring import baselines, derived
     from mtprune.scoring.group import group_select
 
     layout = RunLayout(tiny_copy)
     scores = pd.read_parquet(layout.scores)
-    for col in ("el2n_debiased", "nll_debiased", "combined", "base_len_ratio", "base_langid", "base_copy"):
+    for col in ("el2n_debiased", "nll_debiased", "combined", "combined_all", "base_all", *baselines.COLUMNS):
         assert col in scores and not scores[col].isna().any(), col
     assert [c for c in scores if c.startswith("el2n_debiased@")] == [f"el2n_debiased@s{s}u{u}" for s in (1, 2)
                                                                     for u in (10, 20)]
@@ -197,11 +197,12 @@ def test_score_writes_the_derived_columns_and_prune_runs_group_and_them(tiny_cop
     again = derived.add_columns(scores, cfg, layout)  # recomputed from the table read back: the same
     pd.testing.assert_frame_equal(again[scores.columns], scores)
 
-    strategies = "[group,combined-high,base_langid-high,el2n_debiased-high]"
+    strategies = "[group,combined-high,base_wordalign_tgt-high,combined_all-high,el2n_debiased-high]"
     code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", "--set", f"prune.strategies={strategies}")
     assert code == 0, out
     n = len(scores)
-    for name in ("group-0.2", "combined-high-0.2", "base_langid-high-0.2", "el2n_debiased-high-0.2"):
+    for name in ("group-0.2", "combined-high-0.2", "base_wordalign_tgt-high-0.2", "combined_all-high-0.2",
+                 "el2n_debiased-high-0.2"):
         assert len(read(layout.kept_ids(name))) == n - round(0.2 * n), name
     # group: the dropped set is the selection on the sketch, in sentence-id order
     order = scores.sort_values("sentence_id", key=lambda s: s.map(lambda x: (x.rsplit("/", 1)[0], int(x.rsplit("/", 1)[1]))))

@@ -46,7 +46,8 @@ def test_the_columns_the_config_promises_are_the_columns_written(tiny_run: Path)
     numeric = {c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])} - {"index"}
     assert set(score_columns(cfg_for(tiny_run))) == numeric
     assert "combined" not in score_columns(cfg_for(tiny_run, "score.combine=[]"))
-    assert "base_copy" not in score_columns(cfg_for(tiny_run, "score.baselines=false"))
+    off = score_columns(cfg_for(tiny_run, "score.baselines=false"))
+    assert not [c for c in off if c.startswith("base_")] and "combined_all" not in off
 
 
 def test_ids_join_back_to_the_raw_text(tiny_run: Path) -> None:

@@ -17,15 +17,12 @@ after shards are merged), all with higher = worse:
   column whose bad side is low, e.g. ``-tracin``): each column's percentile rank (ties averaged), then
   the maximum (``score.combine_how: max``, a pair is as bad as its worst rank) or the mean. Baseline
   columns (``base_*``) never enter it.
-- baselines that need no proxy (``score.baselines``), named ``base_*``:
-  ``base_len_ratio`` = |log((chars_src + 1) / (chars_tgt + 1))| on the raw text (OpusFilter's length
-  ratio); ``base_langid`` = 1 - lingua's confidence that the target is in its expected language, among
-  the run's languages and ``EXTRA_LANGS`` (low-accuracy mode: on 10k Tatoeba targets 3.6 s + 1 s to
-  load against 12.4 s + 15 s, 95 MB instead of 600 MB, for AUROC 0.9955 against 0.9991 at telling a
-  target in another of the run's languages; Latin is left out, which took short English for Latin);
-  ``base_copy`` = Jaccard overlap of the lowercased character trigrams of source and target (1 for an
-  untranslated copy; it finds copies only: on Tatoeba a misaligned pair overlaps *less* than a
-  translation, which shares names, numbers and cognates).
+- ``base_*``: OpusFilter's filters on the raw text (``score.baselines``; ``mtprune/scoring/baselines.py``).
+- ``base_all``: the same rank maximum over ``BASE_ALL``, the baselines alone: what OpusFilter's scores find
+  together, without any proxy model.
+- ``combined_all``: the rank maximum over the ``score.combine`` columns and ``BASE_ALL``: proxy and baselines
+  together, the column to use when the best detector is wanted (``combined`` stays proxy-only so the two
+  compare).
 
 Length bins are global (all directions together), as in the calibration of issue 10.
 
@@ -44,6 +41,7 @@ import numpy as np
 from ..config import combine_problem
 from ..errors import UsageError
 from ..textio import read_lines
+from . import baselines
 
 log = logging.getLogger("mtprune")
 
@@ -51,14 +49,17 @@ MIN_BIN = 50
 DEBIASED = ("el2n", "nll")
 EL2N_WORST = ("el2n_debiased", "el2n_eos", "el2n_max")
 # besides the run's own languages, so that a target in another common language is recognised as such
-EXTRA_LANGS = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "nb", "pl", "cs", "ro", "hu", "fi", "tr",
-               "ru", "el", "ca", "eo", "zh", "ja", "ar")
+# base_* columns in base_all and combined_all: word alignment once per pair (the mean of its two directions'
+# ranks), language id of each side, the copy detector, the character length ratio, punctuation, repetition
+BASE_ALL = ("base_wordalign", "base_langid_src", "base_langid_tgt", "base_similarity", "base_lengthratio_char",
+            "base_terminalpunct", "base_repetition")
 
 
 def is_derived(column: str) -> bool:
     """Columns ``add_columns`` writes (and replaces when run again)."""
     base = column.split("@", 1)[0]
-    return base in {f"{f}_debiased" for f in DEBIASED} | {"combined", "el2n_worst"} or column.startswith("base_")
+    return (base in {f"{f}_debiased" for f in DEBIASED} | {"combined", "combined_all", "el2n_worst"}
+            or column.startswith("base_"))
 
 
 # ---- length debiasing ---------------------------------------------------------------------------
@@ -127,59 +128,24 @@ def combined(df: Any, columns: tuple[str, ...] | list[str], how: str = "max") ->
     return stacked.max(axis=0) if how == "max" else stacked.mean(axis=0)
 
 
-# ---- baselines on the raw text ------------------------------------------------------------------
+def baseline_ranks(df: Any) -> np.ndarray:
+    """One row of percentile ranks per ``BASE_ALL`` entry (``base_wordalign``: the mean of the two directions'
+    ranks); a missing value (a language lingua lacks, a corpus too small to align) ranks 0, no evidence."""
+    import pandas as pd
 
-def len_ratio(src: list[str], tgt: list[str]) -> np.ndarray:
-    """|log((chars_src + 1) / (chars_tgt + 1))|."""
-    a = np.array([len(s) for s in src], dtype=np.float64)
-    b = np.array([len(t) for t in tgt], dtype=np.float64)
-    return np.abs(np.log((a + 1) / (b + 1)))
+    def rank(column: str) -> np.ndarray:
+        return pd.Series(df[column].to_numpy(dtype=np.float64)).rank(method="average", pct=True).fillna(0.0).to_numpy()
 
-
-def _trigrams(text: str) -> set[str]:
-    t = " ".join(text.lower().split())
-    return {t[i:i + 3] for i in range(max(len(t) - 2, 1))}
-
-
-def copy_overlap(src: list[str], tgt: list[str]) -> np.ndarray:
-    """Jaccard overlap of lowercased character trigrams: 1 for a copy, near 0 for a translation."""
-    out = np.empty(len(src), dtype=np.float64)
-    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
-        a, b = _trigrams(s), _trigrams(t)
-        out[i] = len(a & b) / len(a | b) if a | b else 1.0
-    return out
+    rows = []
+    for entry in BASE_ALL:
+        if entry == "base_wordalign":
+            rows.append((rank("base_wordalign_src") + rank("base_wordalign_tgt")) / 2)
+        else:
+            rows.append(rank(entry))
+    return np.vstack(rows)
 
 
-def _lingua_language(code: str) -> Any:
-    from lingua import IsoCode639_1, Language
-
-    try:
-        return Language.from_iso_code_639_1(IsoCode639_1.from_str(code))
-    except (ValueError, AttributeError):
-        return None
-
-
-def langid_badness(texts: list[str], expected: list[str], run_langs: tuple[str, ...] | list[str] = ()) -> np.ndarray:
-    """1 - lingua's confidence that each text is in its expected language (ISO 639-1 code); NaN where
-    lingua does not know the expected language."""
-    from lingua import LanguageDetectorBuilder
-
-    known = {c: _lingua_language(c) for c in sorted({*EXTRA_LANGS, *run_langs, *expected})}
-    langs = sorted({lang for lang in known.values() if lang is not None}, key=str)
-    detector = LanguageDetectorBuilder.from_languages(*langs).with_low_accuracy_mode().build()
-    out = np.full(len(texts), np.nan)
-    codes = np.array(expected)
-    for code in sorted(set(expected)):
-        if known[code] is None:
-            log.warning("score: base_langid: lingua cannot identify %r; its rows get no base_langid", code)
-            continue
-        rows = np.flatnonzero(codes == code)
-        conf = detector.compute_language_confidence_in_parallel([texts[i] for i in rows], known[code])
-        out[rows] = 1.0 - np.asarray(conf, dtype=np.float64)
-    # lingua's confidences differ between processes in the last bits (its sums run in a varying order:
-    # 3e-15 measured); rounded to 1e-6 a rerun writes the same scores.parquet, bit for bit
-    return np.round(out, 6)
-
+# ---- the raw text ----------------------------------------------------------------------------
 
 def raw_text(df: Any, layout: Any) -> tuple[list[str], list[str], list[str]]:
     """Source text, target text and target language of every row, from ``01_download``."""
@@ -217,16 +183,10 @@ def add_columns(df: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None
         seconds[f"{family}_debiased"] = round(time.time() - t0, 3)
     if cfg.score.baselines and len(df):
         t0 = time.time()
-        src, tgt, tgt_lang = raw_text(df, layout)
+        src, tgt, _ = raw_text(df, layout)
         seconds["base_read_text"] = round(time.time() - t0, 3)
-        for name, fn in (("base_len_ratio", len_ratio), ("base_copy", copy_overlap)):
-            t0 = time.time()
-            new[name] = fn(src, tgt)
-            seconds[name] = round(time.time() - t0, 3)
-        t0 = time.time()
-        run_langs = sorted({lang for p in set(df["pair"]) for lang in p.split("-")})
-        new["base_langid"] = langid_badness(tgt, tgt_lang, run_langs)
-        seconds["base_langid"] = round(time.time() - t0, 3)
+        new.update(baselines.cached(layout.baseline_cache, df["sentence_id"].tolist(), df["direction"].tolist(),
+                                    src, tgt, layout.stage_dir("score"), seconds))
     df = df.assign(**new)
     if all(c in df.columns for c in EL2N_WORST) and len(df):
         t0 = time.time()
@@ -236,6 +196,13 @@ def add_columns(df: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None
         t0 = time.time()
         df = df.assign(combined=combined(df, cfg.score.combine, cfg.score.combine_how))
         seconds["combined"] = round(time.time() - t0, 3)
+    if cfg.score.baselines and len(df):
+        t0 = time.time()
+        df = df.assign(base_all=baseline_ranks(df).max(axis=0))
+        if cfg.score.combine:
+            proxy = np.vstack([combined(df, [c], "max") for c in cfg.score.combine])
+            df = df.assign(combined_all=np.vstack([proxy, baseline_ranks(df)]).max(axis=0))
+        seconds["base_all_combined_all"] = round(time.time() - t0, 3)
     log.info("score: derived columns in %.1fs (%s)", sum(seconds.values()),
              ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return df

@@ -119,6 +119,9 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float], scop
     return pd.DataFrame(rows)
 
 
+SIDE_BY_SIDE = ("combined", "base_all", "combined_all")  # noise.md shows these first, together
+
+
 def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[str, Any, dict[str, Any]]:
     """What ``mtprune score`` writes when the download labelled its noise: every score column ranked by
     AUROC, one column per kind, the precision among the highest-scoring pairs at the labelled fraction
@@ -139,16 +142,24 @@ def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[
     rows = []
     for name in dict.fromkeys(table["score"]):
         by_kind = [float(at.loc[(name, k), "auroc"]) for k in kinds]
+        worst = int(np.nanargmin(by_kind)) if by_kind and not all(math.isnan(x) for x in by_kind) else None
         rows.append([name, float(at.loc[(name, "all"), "auroc"]), *by_kind,
                      float(at.loc[(name, "all"), "precision@labelled"]),
-                     min(by_kind) if by_kind else float("nan"), spearman(cands[name], length)])
+                     "–" if worst is None else f"{kinds[worst]} ({by_kind[worst]:.2f})", spearman(cands[name], length)])
     rows.sort(key=lambda r: -1.0 if math.isnan(r[1]) else -r[1])
+    header = ["score", "all", *kinds, "precision@labelled", "worst kind (AUROC)", "spearman vs length"]
+    sides = [r for name in SIDE_BY_SIDE for r in rows if r[0] == name]
+    side_md = ""
+    if len(sides) > 1:
+        side_md = ("## Proxy, baselines, both\n\n`combined`: the proxy's scores alone (`score.combine`); `base_all`: "
+                   "OpusFilter's filters alone (`base_*`), no model; `combined_all`: both, each pair as suspect as its "
+                   "highest rank among them.\n\n" + md_table(header, sides) + "\n## Every score\n\n")
     md = (f"# Finding the labelled noise\n\n{n_noisy} of {n_all} pairs labelled ({source}). AUROC of each score "
           "(higher = more suspicious; `-length`: shorter target first; 0.5 is chance), for all labelled pairs "
           "and for each kind against the clean pairs; the share of noise among the "
-          f"{rate:.1%} highest-scoring pairs (random: {rate:.2f}); the worst kind; Spearman with the target "
-          "length. Per kind precision and recall in `noise.csv`.\n\n"
-          + md_table(["score", "all", *kinds, "precision@labelled", "worst kind", "spearman vs length"], rows))
+          f"{rate:.1%} highest-scoring pairs (random: {rate:.2f}); the kind the score finds worst, with its AUROC; "
+          "Spearman with the target length. Per kind precision and recall in `noise.csv`.\n\n"
+          + side_md + md_table(header, rows))
     summary = {"labelled": n_noisy, "auroc": {r[0]: None if math.isnan(r[1]) else round(r[1], 4) for r in rows}}
     return md, table, summary
 

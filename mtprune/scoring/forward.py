@@ -55,6 +55,7 @@ from ..cpus import usable_cpus
 from ..errors import UsageError
 from ..layout import RunLayout
 from ..textio import read_lines
+from .baselines import COLUMNS as BASELINE_COLUMNS
 
 log = logging.getLogger("mtprune")
 
@@ -367,7 +368,9 @@ def score_columns(cfg: Config) -> list[str]:
     for f in families:
         out += [f, *(f"{f}@{t}" for t in tags)]
     if cfg.score.baselines:
-        out += ["base_len_ratio", "base_copy", "base_langid"]
+        out += [*BASELINE_COLUMNS, "base_all"]
     if cfg.score.combine:
         out.append("combined")
+        if cfg.score.baselines:
+            out.append("combined_all")
     return out

@@ -1,0 +1,137 @@
+"""The base_* columns: OpusFilter's filters run for real on known pairs, eflomal on a corpus built so that the
+misaligned pairs are known, the cache that keeps word alignment stable across reruns, and base_all /
+combined_all."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtprune.config import load_config
+from mtprune.scoring import baselines, derived
+
+GOOD = ("I forgot my keys at the office yesterday.", "Ich habe gestern meinen Schlüssel im Büro vergessen.")
+PAIRS = [
+    GOOD,
+    ("We are going to the cinema tomorrow.", "We are going to the cinema tomorrow."),  # untranslated copy
+    ("We are going to the cinema tomorrow.", "Ieri ho dimenticato le chiavi in ufficio."),  # Italian target
+    ("The train leaves at 7:45 from platform 3.", "Der Zug fährt um 9:12 von Gleis 5 ab."),  # other numbers
+    ("Where is the station?", "Wo ist der Bahnhof? Wo ist der Bahnhof? Wo ist der Bahnhof?"),  # looping target
+    ("Wir gehen morgen ins Kino.", "We are going to the cinema tomorrow."),  # sides swapped
+    ("He said that he would come to the meeting on Monday morning.", "Er sagte."),  # truncated
+]
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    seconds: dict[str, float] = {}
+    out = baselines.compute([p[0] for p in PAIRS], [p[1] for p in PAIRS], ["en-de"] * len(PAIRS),
+                            tmp_path_factory.mktemp("wa"), seconds)
+    assert set(seconds) >= {"base_langid", "base_wordalign", "base_similarity"}
+    return out
+
+
+def test_every_column_is_written_and_higher_is_worse(known: dict[str, np.ndarray]) -> None:
+    assert set(known) == set(baselines.COLUMNS)
+    good = {c: v[0] for c, v in known.items()}
+    assert known["base_similarity"][1] == 1.0 > good["base_similarity"]  # the copy
+    assert known["base_langid_tgt"][2] == 1.0 and good["base_langid_tgt"] < 0.2  # Italian where German is due
+    assert known["base_langid_tgt"][1] == 1.0  # the copy is English where German is due
+    assert known["base_numerals"][3] > 0.5 and good["base_numerals"] == 0.0
+    assert known["base_repetition"][4] >= 2 > good["base_repetition"]
+    assert known["base_terminalpunct"][4] > 0 == good["base_terminalpunct"]
+    assert known["base_langid_src"][5] == 1.0 and known["base_langid_tgt"][5] == 1.0  # swapped: both sides wrong
+    assert good["base_langid_src"] < 0.2
+    ratio = len(PAIRS[6][0]) / len(PAIRS[6][1])
+    np.testing.assert_allclose(known["base_lengthratio_char"][6], ratio)
+    np.testing.assert_allclose(known["base_lengthratio_word"][6], 12 / 2)
+    assert np.isfinite(known["base_wordalign_src"]).all() and np.isfinite(known["base_wordalign_tgt"]).all()
+
+
+def test_a_language_lingua_lacks_gives_missing_values_not_an_error(tmp_path: Path) -> None:
+    out = baselines.compute(["abc def"], ["ghi jkl"], ["en-xx"], tmp_path)
+    assert np.isnan(out["base_langid_tgt"][0]) and not np.isnan(out["base_langid_src"][0])
+    assert np.isnan(out["base_wordalign_src"][0])  # one pair is no corpus to learn alignments from
+
+
+def toy_corpus(n: int = 400, n_bad: int = 40, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """Sentences over a made-up 60-word lexicon whose 'translation' maps each word to its own counterpart,
+    in the same order; `n_bad` targets belong to another sentence (misaligned)."""
+    rng = random.Random(seed)
+    src_words = [f"w{i}" for i in range(60)]
+    tgt_of = {w: f"v{i}x" for i, w in enumerate(src_words)}
+    src = [" ".join(rng.choice(src_words) for _ in range(rng.randint(5, 9))) for _ in range(n)]
+    tgt = [" ".join(tgt_of[w] for w in s.split()) for s in src]
+    bad = np.zeros(n, dtype=bool)
+    for i in rng.sample(range(n), n_bad):
+        j = (i + n // 2) % n
+        tgt[i] = " ".join(tgt_of[w] for w in src[j].split())
+        bad[i] = True
+    return src, tgt, bad
+
+
+def auroc(scores: np.ndarray, bad: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(bad, scores))
+
+
+def test_word_alignment_learnt_from_the_corpus_finds_its_misaligned_pairs(tmp_path: Path) -> None:
+    src, tgt, bad = toy_corpus()
+    out = baselines.compute(src, tgt, ["en-de"] * len(src), tmp_path)
+    assert auroc(out["base_wordalign_src"], bad) > 0.95
+    assert auroc(out["base_wordalign_tgt"], bad) > 0.95
+    assert not list(tmp_path.glob(".wordalign.*"))  # its temp folder is gone
+
+
+def test_the_cache_is_reused_for_the_same_text_and_redone_for_other_text(tmp_path: Path, monkeypatch) -> None:
+    src, tgt, _ = toy_corpus(120, 10)
+    ids = [f"en-de/{i}" for i in range(len(src))]
+    dirs = ["en-de"] * len(src)
+    path = tmp_path / "shards" / "baselines.parquet"
+    first = baselines.cached(path, ids, dirs, src, tgt, tmp_path)
+    assert path.is_file()
+
+    def no_compute(*a, **k):  # noqa: ANN002, ANN003
+        raise AssertionError("computed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(baselines, "compute", no_compute)
+        again = baselines.cached(path, ids, dirs, src, tgt, tmp_path)
+    for c in baselines.COLUMNS:  # eflomal is not reproducible bit for bit: only the cache gives equal values
+        np.testing.assert_array_equal(again[c], first[c])
+    tgt[3] = tgt[3] + " v1x"
+    with monkeypatch.context() as m, pytest.raises(AssertionError, match="computed again"):
+        m.setattr(baselines, "compute", no_compute)
+        baselines.cached(path, ids, dirs, src, tgt, tmp_path)
+    path.write_bytes(b"not parquet")  # a damaged cache is recomputed, not a traceback
+    redone = baselines.cached(path, ids, dirs, src, tgt, tmp_path)
+    assert len(redone["base_similarity"]) == len(src)
+
+
+def test_base_all_and_combined_all_are_rank_maxima_with_missing_values_as_no_evidence() -> None:
+    n = 8
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({c: rng.random(n) for c in baselines.COLUMNS})
+    df["base_langid_tgt"] = [np.nan] + [0.1] * (n - 1)
+    ranks = derived.baseline_ranks(df)
+    assert ranks.shape == (len(derived.BASE_ALL), n)
+    row = derived.BASE_ALL.index("base_langid_tgt")
+    assert ranks[row, 0] == 0.0  # missing: no evidence
+    wa = derived.BASE_ALL.index("base_wordalign")
+    expect = (df["base_wordalign_src"].rank(pct=True) + df["base_wordalign_tgt"].rank(pct=True)) / 2
+    np.testing.assert_allclose(ranks[wa], expect)
+    # the top pair of any one baseline is the top pair of base_all
+    top = int(np.argmax(df["base_similarity"]))
+    assert derived.baseline_ranks(df).max(axis=0)[top] == 1.0
+
+
+def test_combine_refuses_the_combined_columns() -> None:
+    from mtprune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'combined_all' is made from the combined columns"):
+        load_config(None, ["score.combine=[nll,combined_all]"])
