@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -197,15 +200,66 @@ def test_score_writes_the_derived_columns_and_prune_runs_group_and_them(tiny_cop
     again = derived.add_columns(scores, cfg, layout)  # recomputed from the table read back: the same
     pd.testing.assert_frame_equal(again[scores.columns], scores)
 
-    strategies = "[group,combined-high,base_wordalign_tgt-high,combined_all-high,el2n_debiased-high]"
+    strategies = "[group,combined-high,base_wordalign_tgt-high,combined_all-high,el2n_debiased-high,random-length]"
     code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", "--set", f"prune.strategies={strategies}")
     assert code == 0, out
     n = len(scores)
     for name in ("group-0.2", "combined-high-0.2", "base_wordalign_tgt-high-0.2", "combined_all-high-0.2",
-                 "el2n_debiased-high-0.2"):
+                 "el2n_debiased-high-0.2", "random-length-0.2"):
         assert len(read(layout.kept_ids(name))) == n - round(0.2 * n), name
+    # random-length drops el2n-high's target lengths (the default prune.length_match)
+    dropped_len = {name: sorted(scores.set_index("sentence_id")["n_tokens"].drop(read(layout.kept_ids(name))))
+                   for name in ("random-length-0.2",)}
+    ref = scores["n_tokens"][drop_mask(scores, "el2n-high", 0.2, "global", 1)]
+    assert dropped_len["random-length-0.2"] == sorted(ref)
+    run_stats = json.loads(layout.manifest("prune").read_text())["stats"]["runs"]["random-length-0.2"]
+    assert run_stats["length_match"] == "el2n-high" and 0 <= run_stats["overlap_with_length_match"] < round(0.2 * n)
     # group: the dropped set is the selection on the sketch, in sentence-id order
     order = scores.sort_values("sentence_id", key=lambda s: s.map(lambda x: (x.rsplit("/", 1)[0], int(x.rsplit("/", 1)[1]))))
     rows = order.index.to_numpy()
     dropped = set(scores["sentence_id"][rows[group_select(np.load(layout.grad_sketch)[rows], round(0.2 * n), 1)]])
     assert set(scores["sentence_id"]) - set(read(layout.kept_ids("group-0.2"))) == dropped
+
+
+def lengths_table(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Pairs of 3..30 target tokens whose el2n grows with length (plus noise), as a weak proxy's does."""
+    rng = np.random.default_rng(seed)
+    n_tokens = rng.integers(3, 31, n)
+    return pd.DataFrame({"index": range(n), "sentence_id": [f"de-en/{i}" for i in range(n)], "pair": "de-en",
+                         "direction": "en-de", "n_tokens": n_tokens,
+                         "el2n": n_tokens / 30 + rng.normal(0, 0.2, n), "nll": rng.random(n)})
+
+
+@pytest.mark.parametrize("scope", ["global", "per-pair"])
+def test_random_length_drops_the_lengths_the_matched_strategy_drops_but_other_pairs(scope: str) -> None:
+    df = lengths_table()
+    for sparsity in (0.1, 0.3):
+        ref = drop_mask(df, "el2n-high", sparsity, scope, 1)
+        got = drop_mask(df, "random-length", sparsity, scope, 1, length_match="el2n-high")
+        assert got.sum() == ref.sum()
+        # the same number of pairs of every target length
+        assert (df["n_tokens"][got].value_counts().sort_index() == df["n_tokens"][ref].value_counts().sort_index()).all()
+        assert df["n_tokens"][got].mean() > df["n_tokens"].mean() + 2  # el2n-high's length bias is kept
+        assert (got & ~ref).sum() > 0.3 * got.sum()  # but within a length, which pairs is left to chance
+        # seeded and independent of the table's row order
+        again = drop_mask(df.iloc[::-1].reset_index(drop=True), "random-length", sparsity, scope, 1)
+        assert sorted(df["sentence_id"][got]) == sorted(df["sentence_id"].iloc[::-1].reset_index(drop=True)[again])
+        other = drop_mask(df, "random-length", sparsity, scope, 2)
+        assert sorted(df["sentence_id"][got]) != sorted(df["sentence_id"][other])
+    low = drop_mask(df, "random-length", 0.3, scope, 1, length_match="el2n-low")
+    assert df["n_tokens"][low].mean() < df["n_tokens"].mean() - 2
+
+
+def test_random_length_needs_a_score_strategy_to_match() -> None:
+    from mtprune.config import load_config
+    from mtprune.errors import ConfigError
+    from mtprune.layout import RunLayout
+    from mtprune.stages.prune import check
+
+    with pytest.raises(ConfigError, match="prune.length_match: 'random' is not a <score>-high / <score>-low"):
+        load_config(None, ["prune.length_match=random"])
+    cfg = load_config(None, ["prune.strategies=[random-length]", "prune.length_match=foo-high"])
+    with pytest.raises(UsageError, match=r"random-length \(prune.length_match: foo-high\) needs a score column 'foo'"):
+        check(cfg, RunLayout(Path("unused")))
+    check(load_config(None, ["prune.strategies=[random-length,base_wordalign_tgt-high,combined_all-high]"]),
+          RunLayout(Path("unused")))

@@ -1,7 +1,9 @@
 """Stage 5: drop a fraction of the training pairs per strategy and sparsity, binarize the rest.
 
 ``<score>-high`` drops the highest values of a score column, ``<score>-low`` the lowest, ``random``
-a seeded random subset (nested: a larger sparsity drops a superset). Ties are broken by sentence id.
+a seeded random subset (nested: a larger sparsity drops a superset), ``random-length`` a seeded random subset
+with the same number of pairs of each target length as ``prune.length_match`` (a ``<score>-high/low``
+strategy) drops at that sparsity: the control that tells a score's choice of pairs from its length effect. Ties are broken by sentence id.
 ``group`` drops the set whose summed output-layer gradient sketch (``04_score/grad_sketch.npy``) has
 the smallest norm, the set whose removal changes the summed gradient least (``mtprune/scoring/group.py``).
 The kept pairs are copied token for token out of the full data-bin, so every pruned corpus shares
@@ -58,9 +60,14 @@ def check(cfg: Config, layout: RunLayout) -> None:
 
     known = [c for c in score_columns(cfg) if "@" not in c]
     for strategy in cfg.prune.strategies:
-        column = strategy.rsplit("-", 1)[0]
-        if strategy not in ("random", "group") and column not in known:
-            raise UsageError(f"prune.strategies: {strategy!r} needs a score column {column!r}, which the score "
+        column, label = strategy.rsplit("-", 1)[0], repr(strategy)
+        if strategy == "random-length":
+            column = cfg.prune.length_match.rsplit("-", 1)[0]
+            label = f"random-length (prune.length_match: {cfg.prune.length_match})"
+        elif strategy in ("random", "group"):
+            continue
+        if column not in known:
+            raise UsageError(f"prune.strategies: {label} needs a score column {column!r}, which the score "
                              f"stage does not write with these settings (it writes: {', '.join(known)})")
 
 
@@ -89,10 +96,37 @@ def load_sketch(layout: RunLayout, n_rows: int) -> np.ndarray:
     return sketch
 
 
+def length_matched_mask(df: Any, reference: np.ndarray, scope: str, seed: int) -> np.ndarray:
+    """A random subset with as many pairs of each target length (``n_tokens``; and of each language pair under
+    per-pair scope) as the ``reference`` mask drops."""
+    n = len(df)
+    lengths = df["n_tokens"].to_numpy()
+    pairs = df["pair"].to_numpy() if scope == "per-pair" else np.zeros(n, dtype=np.int64)
+    keys = [tuple(k) for k in np.stack([pairs.astype(str), lengths.astype(str)], axis=1)]
+    pairs_ids, nums, dirs = _id_order_key(df["sentence_id"].tolist(),
+                                          df["direction"].tolist() if "direction" in df else [""] * n)
+    order = np.lexsort((dirs, nums, pairs_ids))  # rows in sentence-id order: the draw ignores the table's order
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n, dtype=bool)
+    bins: dict[tuple[str, str], list[int]] = {}
+    for r in order:
+        bins.setdefault(keys[r], []).append(int(r))
+    for key in sorted(bins):
+        rows = np.array(bins[key])
+        k = int(reference[rows].sum())
+        if k:
+            mask[rows[rng.permutation(len(rows))[:k]]] = True
+    return mask
+
+
 def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
-              sketch: np.ndarray | None = None) -> np.ndarray:
+              sketch: np.ndarray | None = None, length_match: str = "el2n-high") -> np.ndarray:
     """Boolean mask over the rows of a score table: True where the pair is dropped. ``group`` needs
-    ``sketch``, the gradient sketch row-aligned with ``df``."""
+    ``sketch``, the gradient sketch row-aligned with ``df``; ``random-length`` matches the target lengths
+    that ``length_match`` drops at the same sparsity."""
+    if strategy == "random-length":
+        reference = drop_mask(df, length_match, sparsity, scope, seed, sketch)
+        return length_matched_mask(df, reference, scope, seed)
     n = len(df)
     groups = [np.arange(n)] if scope == "global" else [np.flatnonzero(df["pair"].to_numpy() == p)
                                                       for p in sorted(df["pair"].unique())]
@@ -180,7 +214,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     stats: dict[str, Any] = {"total": len(df), "runs": {}}
     for name, strategy, sparsity in runs(cfg):
         t0 = time.time()
-        mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
+        mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch, cfg.prune.length_match)
         kept = df[~mask]
         folder = layout.prune_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
@@ -192,6 +226,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         stats["runs"][name] = {"strategy": strategy, "sparsity": sparsity, "kept": int(len(kept)),
                                "dropped": int(mask.sum()), "per_pair": per_pair,
                                "select_seconds": round(time.time() - t0, 2)}
+        if strategy == "random-length":
+            ref = drop_mask(df, cfg.prune.length_match, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
+            stats["runs"][name].update(length_match=cfg.prune.length_match,
+                                       overlap_with_length_match=int((mask & ref).sum()))
         if sketch is not None and strategy == "group":
             from ..scoring.group import group_norm
 
