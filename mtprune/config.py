@@ -53,7 +53,7 @@ OPUS100_PAIRS = tuple("-".join(sorted(("en", x))) for x in OPUS100_LANGS)
 OPUS100_TEST_ONLY = tuple(f"{a}-{b}" for i, a in enumerate(("ar", "de", "fr", "nl", "ru", "zh"))
                           for b in ("ar", "de", "fr", "nl", "ru", "zh")[i + 1:])
 _LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
-_STRATEGY = re.compile(r"^(random|random-length|group|[A-Za-z0-9_]+-(high|low))$")
+_STRATEGY = re.compile(r"^(random|random-length|group|opusfilter|[A-Za-z0-9_]+-(high|low))$")
 _SCORE_STRATEGY = re.compile(r"^[A-Za-z0-9_]+-(high|low)$")
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
@@ -495,7 +495,7 @@ class PruneConfig(_Recorded):
     sparsities: Annotated[tuple[Float, ...], _check(_sparsity_problems)] = (0.1, 0.3, 0.5)
     strategies: Annotated[tuple[Str, ...], _entries(
         "strategy", "strategies", known=lambda s: bool(_STRATEGY.match(s)) and s != "full",
-        hint="random, random-length, group or <score>-high / <score>-low")] = ("el2n-high", "random")
+        hint="random, random-length, group, opusfilter or <score>-high / <score>-low")] = ("el2n-high", "random")
     scope: Annotated[Str, _one_of("global", "per-pair")] = "global"
     seed: Int = 1
     # random-length: a random subset that drops as many pairs of each target length as this strategy drops

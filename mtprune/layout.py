@@ -13,9 +13,10 @@ EXTRA_STAGES = ("export",)
 STAGE_DIRS.update({name: f"{len(STAGES) + i + 1:02d}_{name}" for i, name in enumerate(EXTRA_STAGES)})
 
 
-def run_name(strategy: str, sparsity: float) -> str:
-    """Folder name of one pruned corpus / model: ``el2n-high-0.3``; ``full`` for the baseline."""
-    return "full" if strategy == "full" else f"{strategy}-{sparsity:g}"
+def run_name(strategy: str, sparsity: float | None) -> str:
+    """Folder name of one pruned corpus / model: ``el2n-high-0.3``; ``full`` for the baseline, the strategy
+    alone for one whose fraction the data decides (``opusfilter``: sparsity None)."""
+    return strategy if strategy == "full" or sparsity is None else f"{strategy}-{sparsity:g}"
 
 
 def seed_run_name(name: str, seed: int) -> str:

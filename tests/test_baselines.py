@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SHARED_DATA, TINY, cli, read
 from mtprune.config import load_config
 from mtprune.scoring import baselines, derived
 
@@ -50,6 +51,14 @@ def test_every_column_is_written_and_higher_is_worse(known: dict[str, np.ndarray
     np.testing.assert_allclose(known["base_lengthratio_char"][6], ratio)
     np.testing.assert_allclose(known["base_lengthratio_word"][6], 12 / 2)
     assert np.isfinite(known["base_wordalign_src"]).all() and np.isfinite(known["base_wordalign_tgt"]).all()
+
+
+def test_base_opusfilter_counts_the_filters_that_reject_a_pair_at_their_defaults(known: dict[str, np.ndarray]) -> None:
+    n = known["base_opusfilter"]
+    assert n[0] == 0  # the good pair passes every filter (word alignment is not one of them)
+    assert n[1] >= 2  # the copy: similarity >= 0.9 and a target in the wrong language
+    assert n[2] >= 1 and n[5] >= 1  # a wrong-language target; swapped sides
+    assert n[6] >= 1  # 12 words against 2: word length ratio >= 3
 
 
 def test_a_language_lingua_lacks_gives_missing_values_not_an_error(tmp_path: Path) -> None:
@@ -135,3 +144,37 @@ def test_combine_refuses_the_combined_columns() -> None:
 
     with pytest.raises(ConfigError, match="'combined_all' is made from the combined columns"):
         load_config(None, ["score.combine=[nll,combined_all]"])
+
+
+TATOEBA = SHARED_DATA / "tatoeba-opus100-layout"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TATOEBA.is_dir(), reason="shared data not present")
+def test_a_sweep_prunes_by_opusfilter_random_length_and_word_alignment_on_real_text(tmp_path: Path) -> None:
+    """On real text (the made-up languages of the synthetic corpus fail language id everywhere): the three
+    strategies a user of OpusFilter compares against run through train, evaluate and report."""
+    import json
+
+    from mtprune.layout import RunLayout
+
+    run = tmp_path / "run"
+    sets = [f"download.source=local:{TATOEBA}", "download.pairs=[en-es]", "download.max_train_per_pair=600",
+            "download.max_valid_per_pair=40", "download.max_test_per_pair=40", "download.noise.rate=0.1",
+            "proxy.seeds=[1]", "train.seeds=[1]", "prune.sparsities=[0.2]",
+            "prune.strategies=[opusfilter,random-length,base_wordalign_tgt-high]"]
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "-q", *[a for s in sets for a in ("--set", s)])
+    assert code == 0, out
+    L = RunLayout(run)
+    scores = pd.read_parquet(L.scores)
+    rejected = set(scores["sentence_id"][scores["base_opusfilter"] > 0])
+    assert 0 < len(rejected) < len(scores) / 2
+    assert set(read(L.kept_ids("opusfilter"))) == set(scores["sentence_id"]) - rejected
+    results = pd.read_csv(L.report_file("results.csv"))
+    got = results[results["pair"] == "all"].set_index("strategy")["sparsity"]
+    assert set(got.index) == {"full", "opusfilter", "random-length", "base_wordalign_tgt-high"}
+    fraction = json.loads(L.manifest("prune").read_text())["stats"]["runs"]["opusfilter"]["sparsity"]
+    assert got["opusfilter"] == pytest.approx(len(rejected) / len(scores), abs=1e-4) == fraction
+    assert got["random-length"] == got["base_wordalign_tgt-high"] == 0.2
+    md = L.report_file("results.md").read_text()
+    assert "opusfilter" in md and "random-length" in md

@@ -263,3 +263,15 @@ def test_random_length_needs_a_score_strategy_to_match() -> None:
         check(cfg, RunLayout(Path("unused")))
     check(load_config(None, ["prune.strategies=[random-length,base_wordalign_tgt-high,combined_all-high]"]),
           RunLayout(Path("unused")))
+
+
+def test_opusfilter_drops_what_the_filters_reject_in_one_corpus_whatever_the_sparsities() -> None:
+    from mtprune.config import load_config
+    from mtprune.stages.prune import runs
+
+    df = table().assign(base_opusfilter=[0, 2, 0, 0, 1, 0, 0, 0, 0, 3])
+    assert sorted(df["sentence_id"][drop_mask(df, "opusfilter", 0.5, "global", 1)]) == ["de-en/1", "de-en/4", "en-fr/4"]
+    cfg = load_config(None, ["prune.strategies=[opusfilter,random]", "prune.sparsities=[0.1,0.3]"])
+    assert runs(cfg) == [("opusfilter", "opusfilter", None), ("random-0.1", "random", 0.1), ("random-0.3", "random", 0.3)]
+    with pytest.raises(UsageError, match="opusfilter needs the base_opusfilter column"):
+        drop_mask(table(), "opusfilter", 0.1, "global", 1)

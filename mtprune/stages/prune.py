@@ -1,7 +1,9 @@
 """Stage 5: drop a fraction of the training pairs per strategy and sparsity, binarize the rest.
 
 ``<score>-high`` drops the highest values of a score column, ``<score>-low`` the lowest, ``random``
-a seeded random subset (nested: a larger sparsity drops a superset), ``random-length`` a seeded random subset
+a seeded random subset (nested: a larger sparsity drops a superset), ``opusfilter`` exactly the pairs that
+OpusFilter's filters reject at their default thresholds (``base_opusfilter > 0``: one corpus whatever the
+sparsities, its fraction recorded in the manifest and used as its sparsity downstream), ``random-length`` a seeded random subset
 with the same number of pairs of each target length as ``prune.length_match`` (a ``<score>-high/low``
 strategy) drops at that sparsity: the control that tells a score's choice of pairs from its length effect. Ties are broken by sentence id.
 ``group`` drops the set whose summed output-layer gradient sketch (``04_score/grad_sketch.npy``) has
@@ -46,6 +48,8 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
     empty: fairseq-train would only fail later on the empty data-bin."""
     counts = Counter(pairs.tolist()) if cfg.prune.scope == "per-pair" else {"": len(pairs)}
     for _, strategy, sparsity in runs(cfg):  # every strategy drops as many; the first one is named
+        if sparsity is None:  # opusfilter: its own fraction, checked when its mask is known
+            continue
         for pair, n in sorted(counts.items()):
             if n_dropped(sparsity, n) >= n:
                 of = f" of {pair} (prune.scope: per-pair)" if pair else ""
@@ -61,7 +65,9 @@ def check(cfg: Config, layout: RunLayout) -> None:
     known = [c for c in score_columns(cfg) if "@" not in c]
     for strategy in cfg.prune.strategies:
         column, label = strategy.rsplit("-", 1)[0], repr(strategy)
-        if strategy == "random-length":
+        if strategy == "opusfilter":
+            column = "base_opusfilter"
+        elif strategy == "random-length":
             column = cfg.prune.length_match.rsplit("-", 1)[0]
             label = f"random-length (prune.length_match: {cfg.prune.length_match})"
         elif strategy in ("random", "group"):
@@ -127,6 +133,11 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
     if strategy == "random-length":
         reference = drop_mask(df, length_match, sparsity, scope, seed, sketch)
         return length_matched_mask(df, reference, scope, seed)
+    if strategy == "opusfilter":
+        if "base_opusfilter" not in df.columns:
+            raise UsageError("prune.strategies: opusfilter needs the base_opusfilter column (score.baselines: true); "
+                             "score again (mtprune score --overwrite)")
+        return df["base_opusfilter"].to_numpy(dtype=np.float64) > 0
     n = len(df)
     groups = [np.arange(n)] if scope == "global" else [np.flatnonzero(df["pair"].to_numpy() == p)
                                                       for p in sorted(df["pair"].unique())]
@@ -192,9 +203,23 @@ def write_subset(full_bin: Path, out_bin: Path, keep: np.ndarray) -> None:
     os.replace(tmp, out_bin)
 
 
-def runs(cfg: Config) -> list[tuple[str, str, float]]:
-    """(name, strategy, sparsity) of every pruned corpus."""
-    return [(run_name(st, sp), st, sp) for st in cfg.prune.strategies for sp in cfg.prune.sparsities]
+def runs(cfg: Config) -> list[tuple[str, str, float | None]]:
+    """(name, strategy, sparsity) of every pruned corpus; sparsity None for ``opusfilter``, whose one corpus
+    drops what the filters reject (``fraction_dropped`` gives it once pruned)."""
+    return [(run_name(st, None), st, None) if st == "opusfilter" else (run_name(st, sp), st, sp)
+            for st in cfg.prune.strategies for sp in (cfg.prune.sparsities[:1] if st == "opusfilter"
+                                                      else cfg.prune.sparsities)]
+
+
+def fraction_dropped(layout: RunLayout, name: str) -> float | None:
+    """The fraction a finished prune stage dropped for corpus ``name`` (None before it ran)."""
+    import json
+
+    try:
+        run = json.loads(layout.manifest("prune").read_text())["stats"]["runs"][name]
+        return round(run["dropped"] / (run["dropped"] + run["kept"]), 4)
+    except (OSError, ValueError, KeyError, ZeroDivisionError):
+        return None
 
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
@@ -216,6 +241,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         t0 = time.time()
         mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch, cfg.prune.length_match)
         kept = df[~mask]
+        if not len(kept):
+            raise UsageError(f"prune: {name} would leave none of the {len(df)} training pairs")
         folder = layout.prune_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
         lines = (kept["sentence_id"] + "\t" + kept["direction"]) if both else kept["sentence_id"]
@@ -223,7 +250,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         write_subset(layout.data_bin, layout.pruned_data_bin(name), kept["index"].to_numpy())
         per_pair = {p: {"kept": int(c), "dropped": int(Counter(df["pair"][mask]).get(p, 0))}
                     for p, c in sorted(Counter(kept["pair"]).items())}
-        stats["runs"][name] = {"strategy": strategy, "sparsity": sparsity, "kept": int(len(kept)),
+        stats["runs"][name] = {"strategy": strategy,
+                               "sparsity": round(float(mask.mean()), 4) if sparsity is None else sparsity,
+                               "kept": int(len(kept)),
                                "dropped": int(mask.sum()), "per_pair": per_pair,
                                "select_seconds": round(time.time() - t0, 2)}
         if strategy == "random-length":

@@ -31,6 +31,7 @@ from ..launch import Unit, all_units_done, note_kept_units, run_units, unit_sett
 from ..layout import RunLayout, seed_run_name
 from ..manifest import file_sha256
 from ..pipeline import StageResult
+from .prune import fraction_dropped
 from .prune import runs as pruned_runs
 
 SECTIONS = ("model", "train")
@@ -46,15 +47,17 @@ class Model:
     run: str
     name: str
     strategy: str
-    sparsity: float
+    sparsity: float | None  # None: opusfilter before prune has run (its fraction comes from the data)
     seed: int
     data_bin: Path
 
 
-def models(cfg: Config, layout: RunLayout) -> list[tuple[str, str, float, Path]]:
-    """(name, strategy, sparsity, data-bin) of every corpus to train on."""
-    out = [("full", "full", 0.0, layout.data_bin)] if cfg.train.include_full else []
-    return out + [(n, st, sp, layout.pruned_data_bin(n)) for n, st, sp in pruned_runs(cfg)]
+def models(cfg: Config, layout: RunLayout) -> list[tuple[str, str, float | None, Path]]:
+    """(name, strategy, sparsity, data-bin) of every corpus to train on; a corpus whose fraction the data
+    decides (``opusfilter``) has the fraction the prune stage dropped, None before it ran."""
+    out: list[tuple[str, str, float | None, Path]] = [("full", "full", 0.0, layout.data_bin)] if cfg.train.include_full else []
+    return out + [(n, st, fraction_dropped(layout, n) if sp is None else sp, layout.pruned_data_bin(n))
+                  for n, st, sp in pruned_runs(cfg)]
 
 
 def seed_models(cfg: Config, layout: RunLayout) -> list[Model]:
