@@ -478,6 +478,8 @@ class ScoreConfig(_Recorded):
     combine: Annotated[tuple[Str, ...], _check(_combine_problems)] = ("nll_debiased", "el2n_debiased", "el2n_eos",
                                                                       "el2n_max")
     combine_how: Annotated[Str, _one_of("max", "mean")] = "max"
+    # base_all and combined_all: fisher (sum of -log tail probabilities over the columns) or max (of the ranks)
+    combine_all_how: Annotated[Str, _one_of("fisher", "max")] = "fisher"
     # base_* columns from OpusFilter's filters (length ratios, language id, similarity, punctuation, numerals,
     # repetition, eflomal word alignment), their rank max base_all and combined_all (with the combine columns)
     baselines: Bool = True

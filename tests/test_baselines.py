@@ -122,21 +122,43 @@ def test_the_cache_is_reused_for_the_same_text_and_redone_for_other_text(tmp_pat
     assert len(redone["base_similarity"]) == len(src)
 
 
-def test_base_all_and_combined_all_are_rank_maxima_with_missing_values_as_no_evidence() -> None:
-    n = 8
+def test_fisher_sums_minus_log_tail_shares_and_missing_values_add_nothing() -> None:
+    df = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": [4.0, 3.0, 2.0, np.nan]})
+    ranks = derived.tail_ranks(df, ["a", "b", "-a"])
+    np.testing.assert_allclose(ranks, [[0.25, 0.5, 0.75, 1.0], [1.0, 2 / 3, 1 / 3, 0.0], [1.0, 0.75, 0.5, 0.25]])
+    # p = 1 - rank + 1/n: the top pair of a column has p = 1/n; a missing value p = 1
+    expect = -np.log([[1.0, 0.75, 0.5, 0.25], [0.25, 7 / 12, 11 / 12, 1.0], [0.25, 0.5, 0.75, 1.0]]).sum(axis=0)
+    np.testing.assert_allclose(derived.fisher(ranks), expect)
+    np.testing.assert_allclose(derived.combine_ranks(ranks, "max"), [1.0, 0.75, 0.75, 1.0])
+
+
+def test_max_ranks_one_extreme_column_first_and_fisher_evidence_on_many() -> None:
+    """The two ways of combining: pair 0 is the most extreme of 1,000 on one column and middling on seven
+    others; pair 1 is at the 90th percentile of all eight. The maximum puts 0 first; Fisher's sum puts 1 first
+    (8 x -log 0.1 = 18.4 against -log 0.001 + 7 x -log 0.5 = 11.7)."""
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({c: rng.random(n) for c in baselines.COLUMNS})
-    df["base_langid_tgt"] = [np.nan] + [0.1] * (n - 1)
-    ranks = derived.baseline_ranks(df)
-    assert ranks.shape == (len(derived.BASE_ALL), n)
-    row = derived.BASE_ALL.index("base_langid_tgt")
-    assert ranks[row, 0] == 0.0  # missing: no evidence
-    wa = derived.BASE_ALL.index("base_wordalign")
-    expect = (df["base_wordalign_src"].rank(pct=True) + df["base_wordalign_tgt"].rank(pct=True)) / 2
-    np.testing.assert_allclose(ranks[wa], expect)
-    # the top pair of any one baseline is the top pair of base_all
-    top = int(np.argmax(df["base_similarity"]))
-    assert derived.baseline_ranks(df).max(axis=0)[top] == 1.0
+    df = pd.DataFrame({f"c{j}": rng.random(1000) for j in range(8)})
+    df.loc[0, :] = 0.5
+    df.loc[0, "c0"] = 10.0
+    df.loc[1, :] = 0.9
+    ranks = derived.tail_ranks(df, list(df.columns))
+    assert np.argmax(derived.combine_ranks(ranks, "max")) == 0
+    f = derived.fisher(ranks)
+    assert np.argmax(f) == 1
+    np.testing.assert_allclose(f[0], -np.log(1 / 1000) - np.log(1 - ranks[1:, 0] + 1 / 1000).sum())
+
+
+def test_base_all_and_combined_all_follow_score_combine_all_how(tmp_path: Path) -> None:
+    from test_derived import fake_run
+
+    layout, df = fake_run(tmp_path)
+    for how in ("fisher", "max"):
+        cfg = load_config(None, [f"score.combine_all_how={how}"])
+        out = derived.add_columns(df, cfg, layout)
+        np.testing.assert_allclose(out["base_all"], derived.combine_ranks(derived.tail_ranks(out, derived.BASE_ALL), how))
+        both = derived.tail_ranks(out, (*cfg.score.combine, *derived.BASE_ALL))
+        np.testing.assert_allclose(out["combined_all"], derived.combine_ranks(both, how))
+    assert set(derived.BASE_ALL) <= set(baselines.COLUMNS)
 
 
 def test_combine_refuses_the_combined_columns() -> None:

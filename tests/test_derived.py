@@ -116,10 +116,10 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     # row 3 is de-en/4 the other way round: German source, English target (scored with its own direction)
     assert out["base_langid_src"][3] < 0.2 and out["base_langid_tgt"][3] < 0.2
     np.testing.assert_allclose(out["base_lengthratio_char"][[1, 3]], 52 / 41)
-    # combined_all: the combine columns' ranks and the baselines', at most; base_all the baselines' alone
-    proxy = np.vstack([derived.combined(out, [c]) for c in cfg.score.combine])
-    np.testing.assert_allclose(out["combined_all"], np.vstack([proxy, derived.baseline_ranks(out)]).max(axis=0))
-    np.testing.assert_allclose(out["base_all"], derived.baseline_ranks(out).max(axis=0))
+    # combined_all: Fisher's sum over the combine columns and the baselines; base_all over the baselines alone
+    both = derived.tail_ranks(out, (*cfg.score.combine, *derived.BASE_ALL))
+    np.testing.assert_allclose(out["combined_all"], derived.fisher(both))
+    np.testing.assert_allclose(out["base_all"], derived.fisher(derived.tail_ranks(out, derived.BASE_ALL)))
     # four rows make one length bin: el2n median 0.35, nll median 2.5
     np.testing.assert_allclose(out["el2n_debiased"], [0.15, 0.05, -0.05, -0.15])
     assert cfg.score.combine == ("nll_debiased", "el2n_debiased", "el2n_eos", "el2n_max")  # the default

@@ -152,8 +152,8 @@ def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[
     side_md = ""
     if len(sides) > 1:
         side_md = ("## Proxy, baselines, both\n\n`combined`: the proxy's scores alone (`score.combine`); `base_all`: "
-                   "OpusFilter's filters alone (`base_*`), no model; `combined_all`: both, each pair as suspect as its "
-                   "highest rank among them.\n\n" + md_table(header, sides) + "\n## Every score\n\n")
+                   "OpusFilter's filters alone (`base_*`), no model; `combined_all`: both (`score.combine_all_how`: "
+                   "Fisher's sum of -log tail shares by default).\n\n" + md_table(header, sides) + "\n## Every score\n\n")
     md = (f"# Finding the labelled noise\n\n{n_noisy} of {n_all} pairs labelled ({source}). AUROC of each score "
           "(higher = more suspicious; `-length`: shorter target first; 0.5 is chance), for all labelled pairs "
           "and for each kind against the clean pairs; the share of noise among the "

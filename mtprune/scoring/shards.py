@@ -33,7 +33,7 @@ log = logging.getLogger("mtprune")
 
 
 # read only when the finished pass is merged into scores.parquet: changing one re-merges, it does not rescore
-MERGE_ONLY = ("combine", "combine_how", "baselines", "proto_clusters")
+MERGE_ONLY = ("combine", "combine_how", "combine_all_how", "baselines", "proto_clusters")
 
 
 def shard_key(stage_config: dict[str, Any], inputs: dict[str, str | None]) -> str:
