@@ -406,11 +406,11 @@ def test_two_fairseq_processes_train_one_model_over_gloo_on_cpu(tiny_run: Path, 
 @pytest.mark.slow
 def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_unit(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # the tiny sweep made smaller still (one language pair, one proxy seed of 4 updates, two retraining runs
-    # of 4 updates, 10 test sentences): every kind of job still runs, each in a process of its own
+    # the tiny sweep made smaller still (one language pair, one proxy seed of 4 updates, no baseline columns,
+    # two retraining runs of 4 updates, 10 test sentences): every kind of job still runs, each in a process of its own
     small = ["download.pairs=[de-en]", "download.max_test_per_pair=10", "proxy.seeds=[1]", "proxy.checkpoints=[2,4]",
-             "proxy.warmup_updates=1", "prune.strategies=[random]", "train.max_update=4", "train.warmup_updates=1",
-             "launch.score_shards=2"]
+             "proxy.warmup_updates=1", "score.baselines=false", "prune.strategies=[random]", "train.max_update=4",
+             "train.warmup_updates=1", "launch.score_shards=2"]
     sets = ["-c", str(TINY), "--run-dir", str(run), *[a for s in small for a in ("--set", s)]]
     code, out = cli("sweep", *sets, "--launcher", "submitit-local")
     assert code == 0, out

@@ -15,28 +15,32 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, cli
+from conftest import ROOT, TINY, built_once, cli
 from mtprune import config
 from mtprune.layout import RunLayout
 
 pytestmark = pytest.mark.slow
 
-# one proxy seed and one retrained model, four updates each
-SETS = ["proxy.seeds=[1]", "proxy.checkpoints=[2,4]", "proxy.warmup_updates=1", "prune.strategies=[random]",
-        "train.include_full=false", "train.max_update=4", "train.warmup_updates=1"]
+# one proxy seed and one retrained model, four updates each; no baseline columns (no strategy here reads them)
+SETS = ["proxy.seeds=[1]", "proxy.checkpoints=[2,4]", "proxy.warmup_updates=1", "score.baselines=false",
+        "prune.strategies=[random]", "train.include_full=false", "train.max_update=4", "train.warmup_updates=1"]
 
 
 def args(run: Path, *more: str) -> list[str]:
     return ["-c", str(TINY), "--run-dir", str(run), *[a for s in [*SETS, *more] for a in ("--set", s)]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("units") / "run"
-    for stage in ("download", "prepare", "proxy", "score", "prune", "train"):
-        code, out = cli(stage, *args(run), "-q")
-        assert code == 0, out
-    return run
+    """The small run taken through train, once per test session (pytest-xdist's workers share it): copy it
+    (``run``) before changing anything in it."""
+
+    def build(folder: Path) -> None:
+        for stage in ("download", "prepare", "proxy", "score", "prune", "train"):
+            code, out = cli(stage, *args(folder / "run"), "-q")
+            assert code == 0, out
+
+    return built_once(tmp_path_factory, "units", build) / "run"
 
 
 @pytest.fixture
