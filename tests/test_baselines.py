@@ -182,8 +182,9 @@ def test_a_sweep_prunes_by_opusfilter_random_length_and_word_alignment_on_real_t
 
     run = tmp_path / "run"
     sets = [f"download.source=local:{TATOEBA}", "download.pairs=[en-es]", "download.max_train_per_pair=600",
-            "download.max_valid_per_pair=40", "download.max_test_per_pair=40", "download.noise.rate=0.1",
-            "proxy.seeds=[1]", "train.seeds=[1]", "prune.sparsities=[0.2]",
+            "download.max_valid_per_pair=20", "download.max_test_per_pair=20", "download.noise.rate=0.1",
+            "score.baselines=true", "proxy.seeds=[1]", "train.seeds=[1]", "train.max_update=8",
+            "prune.sparsities=[0.2]",
             "prune.strategies=[opusfilter,random-length,base_wordalign_tgt-high]"]
     code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "-q", *[a for s in sets for a in ("--set", s)])
     assert code == 0, out

@@ -136,10 +136,11 @@ def _score_files(layout: RunLayout) -> dict[str, bytes]:
 def _clear_score_but_baselines(layout: RunLayout) -> None:
     """Remove 04_score but for its cache of the base_* columns (keyed by the training text, computed after the
     merge, slower than the tiny scoring pass): each merge below reads them from there."""
-    cache = layout.baseline_cache.read_bytes()
+    cache = layout.baseline_cache.read_bytes() if layout.baseline_cache.is_file() else None  # off in tiny.yaml
     shutil.rmtree(layout.stage_dir("score"))
-    layout.baseline_cache.parent.mkdir(parents=True)
-    layout.baseline_cache.write_bytes(cache)
+    if cache is not None:
+        layout.baseline_cache.parent.mkdir(parents=True)
+        layout.baseline_cache.write_bytes(cache)
 
 
 @pytest.mark.slow  # tiny_run trains the proxies

@@ -188,20 +188,27 @@ def test_score_writes_the_derived_columns_and_prune_runs_group_and_them(tiny_cop
     from mtprune.config import load_config
     from mtprune.layout import RunLayout
     from mtprune.scoring import baselines, derived
+    from mtprune.scoring.forward import score_columns
     from mtprune.scoring.group import group_select
 
     layout = RunLayout(tiny_copy)
+    on = ["--set", "score.baselines=true"]  # off in the tiny config: a re-merge adds them to the kept pass
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", *on)
+    assert code == 0, out
     scores = pd.read_parquet(layout.scores)
+    numeric = {c for c in scores.columns if pd.api.types.is_numeric_dtype(scores[c])} - {"index"}
+    assert set(score_columns(load_config(TINY, ["score.baselines=true"], str(tiny_copy)))) == numeric
     for col in ("el2n_debiased", "nll_debiased", "combined", "combined_all", "base_all", *baselines.COLUMNS):
         assert col in scores and not scores[col].isna().any(), col
     assert [c for c in scores if c.startswith("el2n_debiased@")] == [f"el2n_debiased@s{s}u{u}" for s in (1, 2)
                                                                     for u in (10, 20)]
-    cfg = load_config(TINY, [], str(tiny_copy))
+    cfg = load_config(TINY, ["score.baselines=true"], str(tiny_copy))
     again = derived.add_columns(scores, cfg, layout)  # recomputed from the table read back: the same
     pd.testing.assert_frame_equal(again[scores.columns], scores)
 
     strategies = "[group,combined-high,base_wordalign_tgt-high,combined_all-high,el2n_debiased-high,random-length]"
-    code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", "--set", f"prune.strategies={strategies}")
+    code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", "--set", f"prune.strategies={strategies}",
+                    *on)
     assert code == 0, out
     n = len(scores)
     for name in ("group-0.2", "combined-high-0.2", "base_wordalign_tgt-high-0.2", "combined_all-high-0.2",

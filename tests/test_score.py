@@ -127,10 +127,11 @@ def clear_score_but_baselines(L: RunLayout) -> None:
     """Remove 04_score but for its cache of the base_* columns: they depend on the training text alone (the
     cache is keyed by the rows, in order, with their text), are computed after the merge, and take longer to
     compute than the tiny scoring pass itself."""
-    cache = L.baseline_cache.read_bytes()
+    cache = L.baseline_cache.read_bytes() if L.baseline_cache.is_file() else None  # off in tiny.yaml
     shutil.rmtree(L.stage_dir("score"))
-    L.baseline_cache.parent.mkdir(parents=True)
-    L.baseline_cache.write_bytes(cache)
+    if cache is not None:
+        L.baseline_cache.parent.mkdir(parents=True)
+        L.baseline_cache.write_bytes(cache)
 
 
 def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
@@ -147,12 +148,16 @@ def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
     merged = pd.read_parquet(L.scores)
     assert merged["index"].tolist() == full["index"].tolist()
     # other batch compositions change float32 sums in the last digits only (proto's k-means included);
-    # a rank combination moves by a rank or two where two pairs' scores tie to that precision
+    # a rank combination moves by a rank or two where two pairs' scores tie to that precision, and so does
+    # the rank of Fisher's sum over such ranks (base_all, combined_all), whose value may move far more
     ranked = [c for c in full.columns if c in ("combined", "el2n_worst")]
-    pd.testing.assert_frame_equal(merged.drop(columns=ranked), full.drop(columns=ranked),
+    fisher = [c for c in full.columns if c in ("base_all", "combined_all")]
+    pd.testing.assert_frame_equal(merged.drop(columns=ranked + fisher), full.drop(columns=ranked + fisher),
                                   check_exact=False, rtol=1e-5, atol=1e-6)
     for c in ranked:
         assert (merged[c] - full[c]).abs().max() <= 2 / len(full), c
+    for c in fisher:
+        assert (merged[c].rank(pct=True) - full[c].rank(pct=True)).abs().max() <= 4 / len(full), c
     # the gradient sketch: each shard's slice, concatenated in row order
     np.testing.assert_allclose(np.load(L.grad_sketch), full_sketch, rtol=1e-4, atol=1e-5 * np.abs(full_sketch).max())
     # per-token values: each shard keeps its own, the merge joins them (a merge with them on raised NameError)
