@@ -61,7 +61,7 @@ def same_files(a: Path, b: Path, pattern: str) -> list[str]:
 COMPARE = {  # outputs that must be byte-identical to the uninterrupted run's
     "download": ["01_download/*/*"],
     "prepare": ["02_prepare/train.ids", "02_prepare/spm.model", "02_prepare/data-bin/*.bin", "02_prepare/data-bin/*.idx"],
-    "proxy": [],  # compared below: the models' weights, or through `score` where the rerun trained again
+    "proxy": [],  # compared below: the models' EL2N and NLL per pair, or `score`'s table where the rerun trained
     "score": ["04_score/scores.parquet"],
     "prune": ["05_prune/*/kept.ids", "05_prune/*/data-bin/*.bin", "05_prune/*/data-bin/*.idx"],
     "train": [],
