@@ -67,6 +67,11 @@ def test_a_language_lingua_lacks_gives_missing_values_not_an_error(tmp_path: Pat
     assert np.isnan(out["base_wordalign_src"][0])  # one pair is no corpus to learn alignments from
 
 
+def test_an_infinite_alignment_score_becomes_the_worst_finite_one() -> None:
+    got = baselines.finite(np.array([[1.5, np.inf], [-np.inf, np.nan]]))
+    np.testing.assert_array_equal(got, [[1.5, baselines.RATIO_CAP], [-baselines.RATIO_CAP, np.nan]])
+
+
 def toy_corpus(n: int = 400, n_bad: int = 40, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
     """Sentences over a made-up 60-word lexicon whose 'translation' maps each word to its own counterpart,
     in the same order; `n_bad` targets belong to another sentence (misaligned)."""

@@ -114,7 +114,14 @@ def wordalign(pairs: list[tuple[str, str]], src: str, tgt: str, workdir: Path) -
         make_priors(str(s_file), str(t_file), str(priors), src_tokenizer=toks[0], tgt_tokenizer=toks[1])
         f = WordAlignFilter(priors=str(priors), src_tokenizer=toks[0], tgt_tokenizer=toks[1])
         scores = np.array(list(f.score(pairs)), dtype=np.float64).reshape(len(pairs), 2)
+    scores = finite(scores)
     return scores[:, 0], scores[:, 1]
+
+
+def finite(scores: np.ndarray) -> np.ndarray:
+    """eflomal gives an infinite score to a pair it cannot align at all; the ranks, the noise table's AUROC and
+    the plots need numbers: +-inf becomes +-RATIO_CAP (still the worst / best value of the column)."""
+    return np.where(np.isinf(scores), np.sign(scores) * RATIO_CAP, scores)
 
 
 def _simple(pairs: list[tuple[str, str]]) -> dict[str, tuple[Any, Any]]:
