@@ -151,7 +151,7 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
             known = [c for c in df.columns if c not in ("sentence_id", "pair", "direction", "index")]
             raise UsageError(f"prune.strategies: {strategy!r} needs a score column {column!r}; "
                              f"scores.parquet has: {', '.join(known)} (scored by an older mtprune? "
-                             "`mtprune score --overwrite` re-merges the kept pass with today's columns)")
+                             "`mtprune score --overwrite` scores again with today's columns)")
         values = df[column].to_numpy(dtype=np.float64)
         if np.isnan(values).any():
             raise UsageError(f"prune: score column {column!r} has missing values "
