@@ -53,8 +53,9 @@ OPUS100_PAIRS = tuple("-".join(sorted(("en", x))) for x in OPUS100_LANGS)
 OPUS100_TEST_ONLY = tuple(f"{a}-{b}" for i, a in enumerate(("ar", "de", "fr", "nl", "ru", "zh"))
                           for b in ("ar", "de", "fr", "nl", "ru", "zh")[i + 1:])
 _LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
-_STRATEGY = re.compile(r"^(random|random-length|group|opusfilter|[A-Za-z0-9_]+-(high|low))$")
-_SCORE_STRATEGY = re.compile(r"^[A-Za-z0-9_]+-(high|low)$")
+_SCORE = r"[A-Za-z0-9_]+-(high|low)"  # <score column>-high / -low
+_STRATEGY = re.compile(rf"^(random|random-length|group|opusfilter|{_SCORE})$")
+_SCORE_STRATEGY = re.compile(rf"^{_SCORE}$")
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
 # because one of them changed (a GPU user would lose hours to a batch-size tweak). Dotted keys; a key

@@ -190,12 +190,14 @@ def cached(path: Path, sentence_ids: list[str], directions: list[str], src_text:
 
     key = text_key(sentence_ids, directions, src_text, tgt_text)
     if path.is_file():
-        try:
-            table = pq.read_table(path)
-            meta = json.loads((table.schema.metadata or {}).get(b"mtprune", b"{}"))
-            if meta.get("key") == key and table.num_rows == len(sentence_ids) and set(COLUMNS) <= set(table.column_names):
-                log.info("score: baseline columns reused from %s", path)
-                return {c: table.column(c).to_numpy() for c in COLUMNS}
+        try:  # the key from the file's metadata first: the columns are read only when they are the ones wanted
+            schema = pq.read_schema(path)
+            meta = json.loads((schema.metadata or {}).get(b"mtprune", b"{}"))
+            if meta.get("key") == key and set(COLUMNS) <= set(schema.names):
+                table = pq.read_table(path, columns=list(COLUMNS))
+                if table.num_rows == len(sentence_ids):
+                    log.info("score: baseline columns reused from %s", path)
+                    return {c: table.column(c).to_numpy() for c in COLUMNS}
         except (OSError, ValueError, pa.ArrowException) as e:
             log.warning("score: %s unreadable (%s); computing the baselines again", path, e)
     path.parent.mkdir(parents=True, exist_ok=True)

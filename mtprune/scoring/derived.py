@@ -212,8 +212,7 @@ def add_columns(df: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None
         t0 = time.time()
         how = cfg.score.combine_all_how
         df = df.assign(base_all=combine_ranks(tail_ranks(df, BASE_ALL), how))
-        if cfg.score.combine:
-            combined(df, cfg.score.combine)  # its checks: every entry a proxy column without missing values
+        if cfg.score.combine:  # its entries were checked when `combined` was made above
             df = df.assign(combined_all=combine_ranks(tail_ranks(df, (*cfg.score.combine, *BASE_ALL)), how))
         seconds["base_all_combined_all"] = round(time.time() - t0, 3)
     log.info("score: derived columns in %.1fs (%s)", sum(seconds.values()),

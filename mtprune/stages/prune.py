@@ -1,11 +1,12 @@
 """Stage 5: drop a fraction of the training pairs per strategy and sparsity, binarize the rest.
 
 ``<score>-high`` drops the highest values of a score column, ``<score>-low`` the lowest, ``random``
-a seeded random subset (nested: a larger sparsity drops a superset), ``opusfilter`` exactly the pairs that
-OpusFilter's filters reject at their default thresholds (``base_opusfilter > 0``: one corpus whatever the
-sparsities, its fraction recorded in the manifest and used as its sparsity downstream), ``random-length`` a seeded random subset
-with the same number of pairs of each target length as ``prune.length_match`` (a ``<score>-high/low``
-strategy) drops at that sparsity: the control that tells a score's choice of pairs from its length effect. Ties are broken by sentence id.
+a seeded random subset (nested: a larger sparsity drops a superset). Ties are broken by sentence id.
+``opusfilter`` drops exactly the pairs that OpusFilter's filters reject at their default thresholds
+(``base_opusfilter > 0``): one corpus whatever the sparsities, its fraction recorded in the manifest and used
+as its sparsity downstream. ``random-length`` is a seeded random subset with the same number of pairs of each
+target length as ``prune.length_match`` (a ``<score>-high/low`` strategy) drops at that sparsity: the control
+that tells a score's choice of pairs from its length effect.
 ``group`` drops the set whose summed output-layer gradient sketch (``04_score/grad_sketch.npy``) has
 the smallest norm, the set whose removal changes the summed gradient least (``mtprune/scoring/group.py``).
 The kept pairs are copied token for token out of the full data-bin, so every pruned corpus shares
@@ -28,7 +29,7 @@ from ..config import Config
 from ..errors import UsageError
 from ..faults import crash_point
 from ..layout import RunLayout, run_name
-from ..manifest import temp_path, write_lines
+from ..manifest import Manifest, temp_path, write_lines
 from ..pipeline import StageResult
 from ..scoring.finding import n_dropped
 
@@ -213,14 +214,10 @@ def runs(cfg: Config) -> list[tuple[str, str, float | None]]:
 
 
 def fraction_dropped(layout: RunLayout, name: str) -> float | None:
-    """The fraction a finished prune stage dropped for corpus ``name`` (None before it ran)."""
-    import json
-
-    try:
-        run = json.loads(layout.manifest("prune").read_text())["stats"]["runs"][name]
-        return round(run["dropped"] / (run["dropped"] + run["kept"]), 4)
-    except (OSError, ValueError, KeyError, ZeroDivisionError):
-        return None
+    """The fraction a finished prune stage dropped for corpus ``name``, as its manifest records it (None before
+    it ran)."""
+    m = Manifest.read(layout.manifest("prune"))
+    return None if m is None else m.stats.get("runs", {}).get(name, {}).get("sparsity")
 
 
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
@@ -240,7 +237,11 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     stats: dict[str, Any] = {"total": len(df), "runs": {}}
     for name, strategy, sparsity in runs(cfg):
         t0 = time.time()
-        mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch, cfg.prune.length_match)
+        if strategy == "random-length":  # its reference mask, kept for the overlap recorded below
+            ref = drop_mask(df, cfg.prune.length_match, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
+            mask = length_matched_mask(df, ref, cfg.prune.scope, cfg.prune.seed)
+        else:
+            mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
         kept = df[~mask]
         if not len(kept):
             raise UsageError(f"prune: {name} would leave none of the {len(df)} training pairs")
@@ -257,7 +258,6 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                                "dropped": int(mask.sum()), "per_pair": per_pair,
                                "select_seconds": round(time.time() - t0, 2)}
         if strategy == "random-length":
-            ref = drop_mask(df, cfg.prune.length_match, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
             stats["runs"][name].update(length_match=cfg.prune.length_match,
                                        overlap_with_length_match=int((mask & ref).sum()))
         if sketch is not None and strategy == "group":
