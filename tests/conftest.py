@@ -165,3 +165,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         info = getattr(item, "_fixtureinfo", None)
         if info and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def clear_score_but_baselines(layout) -> None:  # noqa: ANN001 (a RunLayout)
+    """Remove 04_score but for its cache of the base_* columns, when there is one (off in tiny.yaml): they
+    depend on the training text alone (the cache is keyed by the rows, in order, with their text), are
+    computed after the merge, and take longer than the tiny scoring pass itself."""
+    cache = layout.baseline_cache.read_bytes() if layout.baseline_cache.is_file() else None
+    shutil.rmtree(layout.stage_dir("score"))
+    if cache is not None:
+        layout.baseline_cache.parent.mkdir(parents=True)
+        layout.baseline_cache.write_bytes(cache)

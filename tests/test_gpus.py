@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TINY, cli, error_lines
+from conftest import TINY, clear_score_but_baselines, cli, error_lines
 from mtprune import gpus
 from mtprune.config import load_config
 from mtprune.errors import UsageError
@@ -133,29 +133,19 @@ def _score_files(layout: RunLayout) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (layout.scores, layout.grad_sketch)}
 
 
-def _clear_score_but_baselines(layout: RunLayout) -> None:
-    """Remove 04_score but for its cache of the base_* columns (keyed by the training text, computed after the
-    merge, slower than the tiny scoring pass): each merge below reads them from there."""
-    cache = layout.baseline_cache.read_bytes() if layout.baseline_cache.is_file() else None  # off in tiny.yaml
-    shutil.rmtree(layout.stage_dir("score"))
-    if cache is not None:
-        layout.baseline_cache.parent.mkdir(parents=True)
-        layout.baseline_cache.write_bytes(cache)
-
-
 @pytest.mark.slow  # tiny_run trains the proxies
 def test_score_runs_one_shard_process_per_gpu(tiny_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = RunLayout(tiny_copy)
     args = ("-c", str(TINY), "--run-dir", str(tiny_copy))
     # the reference: two shards scored by hand, then merged by `mtprune score`
-    _clear_score_but_baselines(layout)
+    clear_score_but_baselines(layout)
     for i in range(2):
         code, out = cli("score", *args, "--shard", f"{i}/2", "-q")
         assert code == 0, out
     code, out = cli("score", *args, "-q")
     assert code == 0, out
     by_hand = _score_files(layout)
-    _clear_score_but_baselines(layout)
+    clear_score_but_baselines(layout)
 
     _gpus(monkeypatch, 2)
     jobs = score_shard_jobs(load_config(TINY, [], run_dir=str(tiny_copy)), layout, gpus.visible())

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, cli, error_lines
+from conftest import TINY, clear_score_but_baselines, cli, error_lines
 from mtprune.config import load_config
 from mtprune.el2n import reference_el2n_nll
 from mtprune.errors import UsageError
@@ -121,17 +121,6 @@ def test_a_pair_scores_the_same_alone_and_inside_a_padded_batch(tiny_run: Path) 
         batched = score_batch(model, collate(src, tgt, idx, d.pad(), d.eos()), d.pad(), 1024, "cpu", None)
     for name in ("el2n", "nll", "el2n_max", "el2n_eos"):
         assert abs(float(alone[name][0]) - float(batched[name][0])) <= 1e-5 * float(alone[name][0]), name
-
-
-def clear_score_but_baselines(L: RunLayout) -> None:
-    """Remove 04_score but for its cache of the base_* columns: they depend on the training text alone (the
-    cache is keyed by the rows, in order, with their text), are computed after the merge, and take longer to
-    compute than the tiny scoring pass itself."""
-    cache = L.baseline_cache.read_bytes() if L.baseline_cache.is_file() else None  # off in tiny.yaml
-    shutil.rmtree(L.stage_dir("score"))
-    if cache is not None:
-        L.baseline_cache.parent.mkdir(parents=True)
-        L.baseline_cache.write_bytes(cache)
 
 
 def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
