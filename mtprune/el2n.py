@@ -132,8 +132,9 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
                 chunk_tokens: int, gradient_scores: bool = False) -> dict[str, torch.Tensor]:
     """Per-pair scores for a padded batch: ``feats`` (S, T, D) decoder states, ``target``/``mask`` (S, T).
 
-    Always: ``el2n`` / ``nll`` (token means), ``el2n_max``, ``el2n_eos`` (the last real token) and the
-    per-token ``tok_el2n`` / ``tok_nll`` (S, T; 0 at padding). With ``gradient_scores``: ``grand``,
+    Always: ``el2n`` / ``nll`` (token means), ``el2n_max``, ``el2n_eos`` (the last real token), the
+    per-token ``tok_el2n`` / ``tok_nll`` (S, T; 0 at padding) and ``tok_correct`` (S, T; the target
+    among the largest logits, False at padding). With ``gradient_scores``: ``grand``,
     and ``tracin_dot`` / ``sketch`` (S, k²) when the layer carries ``dev_grad`` / ``sketch``.
     Chunks are whole sentences (rows), about ``chunk_tokens`` tokens each. Pads must be right-padded.
     """
@@ -142,6 +143,7 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
     lengths = mask.sum(1)
     tok_e = torch.zeros(s_rows, length, dtype=dt, device=target.device)
     tok_n = torch.zeros_like(tok_e)
+    tok_c = torch.zeros(s_rows, length, dtype=torch.bool, device=target.device)
     out: dict[str, torch.Tensor] = {}
     if gradient_scores:
         out["grand"] = torch.empty(s_rows, dtype=torch.float64, device=target.device)
@@ -156,7 +158,11 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
             sl = slice(start, start + step)
             m, y = mask[sl], target[sl]
             h = layer.features(feats[sl], m)
-            q, r, e, n = _token_terms(h @ layer.weight.T, y)
+            z = h @ layer.weight.T
+            q, r, e, n = _token_terms(z, y)
+            # the target among the largest logits: what forgetting events count (ties count as right)
+            tok_c[sl] = (z.gather(-1, y.unsqueeze(-1)).squeeze(-1) >= z.amax(-1)) & m
+            del z
             fm = m.to(dt)
             tok_e[sl], tok_n[sl] = e * fm, n * fm
             if not gradient_scores:
@@ -184,8 +190,25 @@ def pair_scores(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, l
     out["nll"] = tok_n.double().sum(1) / n_tok
     out["el2n_max"] = tok_e.amax(1).double()
     out["el2n_eos"] = tok_e.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1).double()
-    out["tok_el2n"], out["tok_nll"] = tok_e, tok_n
+    out["tok_el2n"], out["tok_nll"], out["tok_correct"] = tok_e, tok_n, tok_c
     return out
+
+
+def forgetting(correct: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per-pair forgetting (float64, (S,)) from one proxy run's checkpoints in update order.
+
+    ``correct``: for each checkpoint a bool (S, T) tensor, True where the target token was among the
+    model's most likely tokens; ``mask`` (S, T): the real tokens. A token's forgetting events are the
+    consecutive checkpoints where it goes from right to wrong; a token no checkpoint gets right counts
+    ``len(correct)`` events, more than any learnt token can have, so that, as in Toneva et al. (2019),
+    never-learnt examples rank above every forgotten one. The pair's score: the mean over its real tokens.
+    """
+    events = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    for before, after in zip(correct[:-1], correct[1:], strict=True):
+        events += (before & ~after).double()
+    never = mask & ~torch.stack(correct).any(0)
+    events = torch.where(never, float(len(correct)), events) * mask.double()
+    return events.sum(1) / mask.sum(1).clamp(min=1).double()
 
 
 def output_gradient(feats: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, layer: OutputLayer,

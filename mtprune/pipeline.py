@@ -241,6 +241,10 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
             # kept aside until the new run succeeds, so that a failure leaves the last good artifacts
             os.replace(sd, previous)
     sd.mkdir(parents=True, exist_ok=True)
+    for rel in getattr(mod, "KEPT_CACHES", ()):  # caches keyed by their own content survive a clear
+        if (previous / rel).is_file() and not (sd / rel).exists():
+            (sd / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(previous / rel, sd / rel)
     layout.manifest(stage).unlink(missing_ok=True)
     atomic_write_text(layout.in_progress(stage), json.dumps(key))
 

@@ -206,3 +206,10 @@ def test_a_sweep_prunes_by_opusfilter_random_length_and_word_alignment_on_real_t
     assert got["random-length"] == got["base_wordalign_tgt-high"] == 0.2
     md = L.report_file("results.md").read_text()
     assert "opusfilter" in md and "random-length" in md
+    # score --overwrite scores again but keeps the baselines it cannot redraw bit for bit (eflomal)
+    code, out = cli("score", "-c", str(TINY), "--run-dir", str(run), "-q", "--overwrite",
+                    *[a for s in sets for a in ("--set", s)])
+    assert code == 0, out
+    again = pd.read_parquet(L.scores)
+    for c in ("base_wordalign_src", "base_wordalign_tgt", "base_all"):
+        np.testing.assert_array_equal(again[c], scores[c])

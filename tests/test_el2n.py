@@ -218,3 +218,36 @@ def test_a_batch_that_overflows_fp16_is_scored_again_in_float32(tiny_run) -> Non
     assert torch.isfinite(out["el2n"]).all() and torch.isfinite(out["nll"]).all()
     torch.testing.assert_close(out["el2n"], ref["el2n"], rtol=0, atol=0)
     torch.testing.assert_close(out["nll"], ref["nll"], rtol=0, atol=0)
+
+
+def test_tok_correct_is_the_target_at_the_argmax_of_the_reference_logits() -> None:
+    from mtprune.el2n import pair_scores
+
+    h, y, mask, w, b, layer = _padded(5, bias=True)
+    z = h @ w.T + b
+    y = torch.where(torch.arange(y.shape[1]) % 2 == 0, z.argmax(-1), y)  # every other token predicted
+    out = pair_scores(h, y, mask, layer, chunk_tokens=7)
+    want = (z.argmax(-1) == y) & mask
+    assert torch.equal(out["tok_correct"], want)
+    assert bool(want.any()) and bool((mask & ~want).any())  # both kinds present
+    assert not bool(out["tok_correct"][~mask].any())  # padding is never "right"
+
+
+def test_forgetting_counts_right_to_wrong_and_ranks_never_learnt_highest() -> None:
+    from mtprune.el2n import forgetting
+
+    t, f = True, False
+    # 3 pairs × 3 token slots, 4 checkpoints; row 2's last slot is padding
+    seq = {  # per (pair, token): right/wrong at checkpoints 1..4
+        (0, 0): (t, t, t, t), (0, 1): (f, t, t, t), (0, 2): (t, t, t, t),  # learnt, never forgotten: 0
+        (1, 0): (t, f, t, f), (1, 1): (f, t, f, t), (1, 2): (t, t, t, f),  # 2, 1, 1 events
+        (2, 0): (f, f, f, f), (2, 1): (t, f, f, f), (2, 2): (t, f, t, f),  # never (4), 1, padding
+    }
+    correct = [torch.zeros(3, 3, dtype=torch.bool) for _ in range(4)]
+    for (i, j), marks in seq.items():
+        for k, m in enumerate(marks):
+            correct[k][i, j] = m
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[2, 2] = False
+    got = forgetting(correct, mask)
+    torch.testing.assert_close(got, torch.tensor([0.0, 4 / 3, 5 / 2], dtype=torch.float64))

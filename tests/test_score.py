@@ -111,6 +111,36 @@ def test_scores_equal_a_float64_reference_on_fairseqs_own_batches(tiny_run: Path
         assert abs(got[i][1] - float(n.mean())) <= 1e-5 * float(n.mean()), i
 
 
+def test_forget_column_counts_what_fairseqs_own_forward_predicts_at_each_checkpoint(tiny_run: Path) -> None:
+    """``forget`` from the table equals forgetting counted by hand from each proxy checkpoint's argmax."""
+    L = RunLayout(tiny_run)
+    df = pd.read_parquet(L.scores).set_index("index")
+    idx = np.random.default_rng(1).permutation(len(df))[:50]
+    task_ds = None
+    right = {}  # (seed, updates) -> {pair index: [bool per target token]}
+    for seed in (1, 2):
+        for updates in (10, 20):
+            model, task = load_model(L.proxy_checkpoint(seed, updates), L.data_bin, "cpu")
+            if task_ds is None:
+                task.load_dataset("train")
+                task_ds = task.dataset("train")
+            sample = task_ds.collater([task_ds[int(i)] for i in idx])
+            with torch.inference_mode():
+                logits, _ = model(**sample["net_input"])
+            pad = task.target_dictionary.pad()
+            right[seed, updates] = {
+                int(i): (logits[row].argmax(-1) == sample["target"][row])[sample["target"][row].ne(pad)].tolist()
+                for row, i in enumerate(sample["id"].tolist())}
+    for i in idx.tolist():
+        per_seed = []
+        for seed in (1, 2):
+            a, b = right[seed, 10][i], right[seed, 20][i]
+            events = [2 if not (x or y) else int(x and not y) for x, y in zip(a, b, strict=True)]
+            per_seed.append(sum(events) / len(events))
+        assert abs(df.loc[i, "forget"] - sum(per_seed) / 2) < 1e-9, i
+    assert 0 < df["forget"].mean() < 2  # the tiny proxies get some tokens right and miss others
+
+
 def test_a_pair_scores_the_same_alone_and_inside_a_padded_batch(tiny_run: Path) -> None:
     model, src, tgt, d = _model_and_data(tiny_run)
     lengths = np.asarray(tgt.sizes)

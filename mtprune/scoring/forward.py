@@ -20,6 +20,12 @@ see ``el2n.py``). From the same logits and probabilities, per pair and checkpoin
   source tokens, k-means per language pair and direction (``score.proto_clusters``, scikit-learn,
   fixed seed) on the L2-normalised states, cosine distance to the nearest centroid; per checkpoint,
   then averaged. Computed after the pass (after the merge with shards).
+- ``forget``: forgetting events (Toneva et al. 2019) per target token: how often the token goes from
+  predicted (the target among the largest logits) to not between a proxy run's consecutive checkpoints;
+  a token no checkpoint predicts counts as many events as the run has checkpoints (never learnt ranks
+  above every forgotten token). Mean over the pair's tokens, averaged over the runs (seeds); with the
+  default two checkpoints per run it separates never learnt, forgotten once and kept. More
+  ``proxy.checkpoints`` give it a finer scale.
 - ``04_score/grad_sketch.npy``: float32 (rows of scores.parquet, 256), row i = mean over checkpoints
   of vec(R_Vᵀ G_i R_D) with seeded Gaussian R_V (V × 16) / 4, R_D (D × 16) / 4, so that
   ⟨sketch_i, sketch_j⟩ ≈ ⟨G_i, G_j⟩_F (Johnson–Lindenstrauss); for the ``group`` prune strategy.
@@ -207,20 +213,26 @@ GRADIENT = ("grand", "tracin_dot")
 def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, indices: np.ndarray,
                   batch_tokens: int, chunk_tokens: int, device: str, dtype: Any, dump_tokens: bool = False,
                   desc: str = "score", *, layers: list[Any] | None = None, full: bool = False,
-                  sketch_out: np.ndarray | None = None, pooled_out: np.ndarray | None = None) -> dict[str, Any]:
+                  sketch_out: np.ndarray | None = None, pooled_out: np.ndarray | None = None,
+                  runs: list[list[int]] | None = None) -> dict[str, Any]:
     """The scoring loop: one pass over length-bucketed batches, every model on each batch.
 
     Returns per-pair (len(indices), len(models)) float64 arrays aligned with ``indices``: ``el2n``,
     ``nll``, ``el2n_max``, ``el2n_eos`` and, with ``full``, ``grand`` and ``tracin_dot`` (⟨G_pair,
     G_dev⟩, when ``layers`` carry a dev gradient). With ``full``, ``sketch_out`` (len(indices), k²)
     receives the mean over models of each pair's gradient sketch and ``pooled_out``
-    (len(indices), len(models), D) the mean-pooled encoder states (both may be memory maps).
+    (len(indices), len(models), D) the mean-pooled encoder states (both may be memory maps). With
+    ``runs`` (the model positions of each proxy run, in update order), ``forget`` (len(indices),): the
+    pairs' forgetting (``el2n.forgetting``) averaged over the runs.
     """
     import torch
     from tqdm import tqdm
 
+    from ..el2n import forgetting
+
     pad, eos = dictionary.pad(), dictionary.eos()
     layers = [output_layer(m) for m in models] if layers is None else layers
+    forget = np.zeros(len(indices), dtype=np.float64) if runs else None
     pos = np.empty(int(indices.max()) + 1 if len(indices) else 0, dtype=np.int64)
     pos[indices] = np.arange(len(indices))
     names = PER_PAIR + (GRADIENT if full else ())
@@ -235,8 +247,10 @@ def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, 
             batch = collate(src_ds, tgt_ds, b, pad, eos)
             rows = pos[b]
             tok_sum = sketch = None
+            correct = []
             for k, (model, layer) in enumerate(zip(models, layers, strict=True)):
                 out = score_batch(model, batch, pad, chunk_tokens, device, dtype, layer, full)
+                correct.append(out["tok_correct"])
                 for name in names:
                     if name in out:
                         arrays[name][rows, k] = out[name].cpu().numpy()
@@ -251,8 +265,12 @@ def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, 
                 sketch_out[rows] = (sketch / len(models)).float().cpu().numpy()
             if tok_sum is not None:
                 _collect_tokens(tokens, batch, b, tok_sum / len(models), pad, dictionary)
+            if forget is not None:
+                mask = batch["target"].ne(pad).to(correct[0].device)
+                forget[rows] = sum(forgetting([correct[k] for k in run], mask).cpu().numpy() for run in runs) / len(runs)
             bar.update(len(b))
-    return {**arrays, "n_tokens": np.asarray(tgt_ds.sizes)[indices].astype(np.int64),
+    extra = {} if forget is None else {"forget": forget}
+    return {**arrays, **extra, "n_tokens": np.asarray(tgt_ds.sizes)[indices].astype(np.int64),
             "tokens": tokens, "seconds": time.time() - t0}
 
 
@@ -288,13 +306,19 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
     pooled = open_npy(pooled_path, (len(indices), len(models), dim))
     res = score_dataset(models, src_ds, tgt_ds, dictionary, indices, cfg.score.batch_tokens,
                         cfg.score.chunk_tokens, device, dtype, cfg.score.dump_tokens, desc,
-                        layers=layers, full=True, sketch_out=sketch, pooled_out=pooled)
+                        layers=layers, full=True, sketch_out=sketch, pooled_out=pooled, runs=proxy_runs(ckpts))
     flush_npy(sketch)
     flush_npy(pooled)
     del sketch, pooled
     lrs = [proxy_lr(cfg.proxy.lr, cfg.proxy.warmup_updates, c.updates) for c in ckpts]
     res["tracin"] = res.pop("tracin_dot") * np.asarray(lrs)[None, :] / max(len(vtgt), 1)
     return {**res, "checkpoints": ckpts, "device": device, "dev_seconds": dev_seconds, "n_dev": len(vtgt)}
+
+
+def proxy_runs(ckpts: list[Checkpoint]) -> list[list[int]]:
+    """The positions in ``ckpts`` of each proxy run's (seed's) checkpoints, in update order."""
+    seeds = sorted({c.seed for c in ckpts})
+    return [sorted((k for k, c in enumerate(ckpts) if c.seed == s), key=lambda k: ckpts[k].updates) for s in seeds]
 
 
 def open_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -348,6 +372,7 @@ def score_table(cfg: Config, layout: RunLayout, indices: np.ndarray, res: dict[s
         cols[name] = pa.array(res[name].mean(axis=1))
     # TracIn sums over the checkpoints of a run; the runs (seeds) are averaged
     cols["tracin"] = pa.array(res["tracin"].sum(axis=1) / n_seeds)
+    cols["forget"] = pa.array(res["forget"])
     for name in MEAN_SCORES + ("tracin",):
         for k, c in enumerate(ckpts):
             cols[f"{name}@{c.tag}"] = pa.array(res[name][:, k])
@@ -364,7 +389,7 @@ def score_columns(cfg: Config) -> list[str]:
     if cfg.proxy.dual:
         families += ["nll_reverse", "dual_xent"]
     families += [f"{f}_debiased" for f in ("el2n", "nll")]
-    out = ["n_tokens", "el2n_std", "el2n_worst"]
+    out = ["n_tokens", "el2n_std", "el2n_worst", "forget"]
     for f in families:
         out += [f, *(f"{f}@{t}" for t in tags)]
     if cfg.score.baselines:

@@ -191,7 +191,7 @@ def _between_seeds(df: Any, column: str) -> float:
     return float(np.mean([spearman(means[a], means[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]))
 
 
-IN_PASS = ("el2n", "el2n_std", "el2n_max", "el2n_eos", "nll", "grand", "tracin", "proto")
+IN_PASS = ("el2n", "el2n_std", "el2n_max", "el2n_eos", "nll", "grand", "tracin", "proto", "forget")
 
 
 def _score_seconds(stats: dict[str, Any], column: str) -> str:

@@ -51,6 +51,9 @@ UPSTREAM = ("prepare", "proxy")
 
 
 KEEPS_UNITS = True  # shards in 04_score/shards carry their own key
+# the base_* columns, keyed by the text they were computed from: eflomal cannot draw them again bit for bit,
+# so --overwrite and a changed config keep them (delete the file to compute them again)
+KEPT_CACHES = ("shards/baselines.parquet",)
 
 
 log = logging.getLogger("mtprune")
