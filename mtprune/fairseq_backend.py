@@ -233,6 +233,11 @@ class Schedule:
     seed: int
     save_interval_updates: int  # also the validation interval
     wandb_project: str | None = None  # log to Weights & Biases (fairseq's --wandb-project); None: no
+    order: str = "shuffled"  # train.order (mtprune.curriculum); anything else trains with the mtprune_ordered task
+    order_file: str | None = None  # .npy, one hardness per training pair (higher = harder)
+    competence_c0: float = 0.01
+    competence_updates: int = 0
+    record_batches: str | None = None  # append "update<TAB>ids" per batch to this file (tests, audits)
 
 
 # Flags that train_argv sets and the kept checkpoints, resumption and precision depend on:
@@ -334,6 +339,19 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
             "--validate-interval-updates", str(s.save_interval_updates),
             "--log-format", "simple", "--log-interval", "50", "--num-workers", "0",
             "--skip-invalid-size-inputs-valid-test", "--required-batch-size-multiple", "1"]
+    if s.order != "shuffled" or s.record_batches:
+        from .curriculum import TASK, USER_DIR
+
+        argv[argv.index("--task") + 1] = TASK
+        argv += ["--user-dir", str(USER_DIR), "--train-order", s.order,
+                 "--batches-per-update", str(s.update_freq * world_size(use_cuda))]
+        if s.order != "shuffled":
+            if not s.order_file:
+                raise UsageError(f"train.order {s.order}: no order file")
+            argv += ["--order-file", s.order_file, "--competence-c0", str(s.competence_c0),
+                     "--competence-updates", str(s.competence_updates)]
+        if s.record_batches:
+            argv += ["--record-batches", s.record_batches]
     if model.share_all_embeddings:
         argv.append("--share-all-embeddings")
     # training curves beside the checkpoints (TensorBoard event files; mtprune report reads train.log)

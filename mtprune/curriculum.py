@@ -1,0 +1,164 @@
+"""Training order (``train.order``): which training pairs fairseq-train sees at which update.
+
+``shuffled`` is fairseq's own batching (length-bucketed batches in a new random order every epoch). The
+other orders rank the corpus by a score column (``train.order_by``; higher = harder, ``-name`` for a
+column whose hard side is low) and replace fairseq's batch list with one of their own, inside
+fairseq-train's own iterator (a task registered from ``mtprune_user_dir`` with ``--user-dir``):
+
+- ``easy-first`` / ``hard-first``: every epoch presents the corpus from the easiest (hardest) pair to the
+  hardest (easiest), in batches of consecutive ranks built by fairseq's ``batch_by_size``.
+- ``competence`` (Platanios et al. 2019): the batch for update t is drawn at random from the easiest
+  ``c(t)`` share of the corpus, ``c(t) = min(1, sqrt(t (1 − c0²) / T + c0²))``; from update T on it is the
+  whole corpus. An epoch is as many batches as fairseq's own batching makes of the corpus.
+
+Each epoch's batches depend only on the order file, the seed and the epoch, so a run resumed from a
+checkpoint (fairseq's iterator skips the batches the epoch had already served) sees the batches the
+uninterrupted run would have seen.
+"""
+
+# no `from __future__ import annotations`: fairseq reads the task config's field types as types, not strings
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ORDERS = ("shuffled", "easy-first", "hard-first", "competence")
+TASK = "mtprune_ordered"
+USER_DIR = Path(__file__).parent / "fairseq_user" / "mtprune_user_dir"  # fairseq-train --user-dir
+
+
+def competence(update: int, c0: float, updates: int) -> float:
+    """Platanios et al.'s square-root competence: the share of the corpus (easiest first) open at ``update``."""
+    if update >= updates:  # also no schedule at all (updates 0): the whole corpus
+        return 1.0
+    return min(1.0, math.sqrt(update * (1 - c0 * c0) / updates + c0 * c0))
+
+
+def difficulty(values: np.ndarray, column: str) -> np.ndarray:
+    """Higher = harder, float64: ``values`` of ``column`` as they are, negated for ``-name``. Missing values
+    (NaN) count as the hardest."""
+    v = np.asarray(values, dtype=np.float64)
+    v = -v if column.startswith("-") else v
+    return np.where(np.isnan(v), np.inf, v)
+
+
+def easiest_first(hardness: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+    """``indices`` (default: all) from the easiest to the hardest; ties in index order."""
+    idx = np.arange(len(hardness)) if indices is None else np.asarray(indices)
+    return idx[np.argsort(hardness[idx], kind="stable")]
+
+
+def competence_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: int, first_batch: int,
+                       batches_per_update: int, c0: float, updates: int, max_tokens: int | None,
+                       max_sentences: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n_batches`` batches drawn in turn; batch b (``first_batch + b`` counted over the whole run) belongs to
+    update ``(first_batch + b) // batches_per_update`` and holds distinct pairs drawn uniformly from the easiest
+    ``competence`` share of ``ranked`` (indices easiest first), as many as fit fairseq's rule (pairs × longest
+    ≤ max_tokens, at most max_sentences)."""
+    n = len(ranked)
+    cap_sent = max_sentences or n
+    smallest = max(int(num_tokens[ranked].min()), 1) if n else 1
+    draws = min(cap_sent, (max_tokens // smallest) if max_tokens else cap_sent) + 1
+    out = []
+    for b in range(n_batches):
+        c = competence((first_batch + b) // batches_per_update, c0, updates)
+        pool = max(1, min(n, math.ceil(c * n)))
+        pick = rng.integers(0, pool, size=min(draws, 4 * pool))
+        _, first = np.unique(pick, return_index=True)
+        cand = ranked[pick[np.sort(first)]]  # distinct, in drawing order
+        count = np.arange(1, len(cand) + 1)
+        fits = count <= cap_sent
+        if max_tokens:
+            fits &= count * np.maximum.accumulate(num_tokens[cand]) <= max_tokens
+        k = max(1, int(np.argmin(fits)) if not fits.all() else len(cand))
+        out.append(cand[:k].astype(np.int64))
+    return out
+
+
+def register() -> None:
+    """Register the ``mtprune_ordered`` fairseq task (a translation task with train.order); idempotent."""
+    from dataclasses import dataclass, field
+
+    from fairseq.data import iterators
+    from fairseq.tasks import TASK_REGISTRY, register_task
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    if TASK in TASK_REGISTRY:
+        return
+
+    @dataclass
+    class OrderedTranslationConfig(TranslationConfig):
+        train_order: str = field(default="shuffled", metadata={"help": "one of " + ", ".join(ORDERS)})
+        order_file: str = field(default="", metadata={"help": ".npy: one hardness per training pair, higher = harder"})
+        competence_c0: float = field(default=0.01, metadata={"help": "competence at update 0"})
+        competence_updates: int = field(default=0, metadata={"help": "update at which competence reaches 1"})
+        batches_per_update: int = field(default=1, metadata={"help": "update_freq x GPUs"})
+        record_batches: str = field(default="", metadata={"help": "append 'update<TAB>ids' per training batch"})
+
+    @register_task(TASK, dataclass=OrderedTranslationConfig)
+    class OrderedTranslationTask(TranslationTask):
+        def _hardness(self, dataset: Any) -> np.ndarray:
+            h = np.load(self.cfg.order_file, mmap_mode="r")
+            if len(h) != len(dataset):
+                raise ValueError(f"{self.cfg.order_file}: {len(h)} values for {len(dataset)} training pairs")
+            return np.asarray(h, dtype=np.float64)
+
+        def get_batch_iterator(self, dataset: Any, max_tokens: int | None = None, max_sentences: int | None = None,
+                               max_positions: Any = None, ignore_invalid_inputs: bool = False,
+                               required_batch_size_multiple: int = 1, seed: int = 1, num_shards: int = 1,
+                               shard_id: int = 0, num_workers: int = 0, epoch: int = 1, data_buffer_size: int = 0,
+                               disable_iterator_cache: bool = False, skip_remainder_batch: bool = False,
+                               grouped_shuffling: bool = False, update_epoch_batch_itr: bool = False) -> Any:
+            kw = dict(max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                      ignore_invalid_inputs=ignore_invalid_inputs,
+                      required_batch_size_multiple=required_batch_size_multiple, seed=seed, num_shards=num_shards,
+                      shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                      disable_iterator_cache=disable_iterator_cache, skip_remainder_batch=skip_remainder_batch,
+                      grouped_shuffling=grouped_shuffling, update_epoch_batch_itr=update_epoch_batch_itr)
+            if self.cfg.train_order == "shuffled" or dataset is not self.datasets.get("train"):
+                return super().get_batch_iterator(dataset, **kw)
+            if self.cfg.train_order not in ORDERS:
+                raise ValueError(f"--train-order {self.cfg.train_order!r}: one of {', '.join(ORDERS)}")
+            dataset.set_epoch(epoch)
+            valid = np.arange(len(dataset))
+            if max_positions is not None:
+                valid = self.filter_indices_by_size(valid, dataset, max_positions, ignore_invalid_inputs)
+            ranked = easiest_first(self._hardness(dataset), valid)
+            if self.cfg.train_order == "hard-first":
+                ranked = ranked[::-1].copy()
+
+            def by_rank(order: np.ndarray) -> list[np.ndarray]:
+                return dataset.batch_by_size(order, max_tokens=max_tokens, max_sentences=max_sentences,
+                                             required_batch_size_multiple=required_batch_size_multiple)
+
+            if self.cfg.train_order in ("easy-first", "hard-first"):
+                sampler: Any = by_rank(ranked)
+            else:
+                # an epoch: as many batches as fairseq's length-bucketed batching makes of the corpus
+                n_batches = len(by_rank(valid[np.argsort(dataset.num_tokens_vec(valid), kind="stable")]))
+                tokens = dataset.num_tokens_vec(np.arange(len(dataset)))
+                cfg = self.cfg
+
+                def sampler(ds: Any, ep: int) -> list[np.ndarray]:
+                    rng = np.random.default_rng([seed, ep])
+                    return competence_batches(ranked, tokens, n_batches, (ep - 1) * n_batches,
+                                              cfg.batches_per_update, cfg.competence_c0, cfg.competence_updates,
+                                              max_tokens, max_sentences, rng)
+
+            return iterators.EpochBatchIterator(
+                dataset=dataset, collate_fn=dataset.collater, batch_sampler=sampler, seed=seed,
+                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                buffer_size=data_buffer_size, disable_shuffling=True, skip_remainder_batch=skip_remainder_batch,
+                grouped_shuffling=False, reuse_dataloader=False)
+
+        def train_step(self, sample: Any, model: Any, criterion: Any, optimizer: Any, update_num: int,
+                       ignore_grad: bool = False) -> Any:
+            if self.cfg.record_batches and not ignore_grad and sample:
+                import torch.distributed as dist
+
+                rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+                path = self.cfg.record_batches + (f".rank{rank}" if rank else "")
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(f"{update_num}\t{' '.join(map(str, sample['id'].tolist()))}\n")
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

@@ -1,0 +1,121 @@
+"""train.order: the batches fairseq-train itself draws (recorded by the mtprune_ordered task's train_step),
+competence's window, resumption and the unit key."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from mtprune.config import load_config
+from mtprune.curriculum import competence, competence_batches, difficulty, easiest_first
+from mtprune.fairseq_backend import Schedule, load_train_pairs, parse_train_argv, train, train_argv
+from mtprune.layout import RunLayout
+
+
+def test_competence_follows_the_square_root_schedule() -> None:
+    assert competence(0, 0.01, 100) == pytest.approx(0.01)
+    assert competence(100, 0.01, 100) == 1.0 == competence(500, 0.01, 100)
+    assert competence(25, 0.1, 100) == pytest.approx(math.sqrt(25 * 0.99 / 100 + 0.01))
+    assert competence(7, 0.3, 0) == 1.0  # no schedule: the whole corpus from the start
+
+
+def test_difficulty_negates_a_minus_column_and_ranks_missing_values_hardest() -> None:
+    h = difficulty(np.array([0.2, np.nan, -1.0]), "-tracin")
+    assert list(easiest_first(h)) == [0, 2, 1]
+    assert list(easiest_first(difficulty(np.array([3.0, 1.0, 1.0]), "el2n"))) == [1, 2, 0]
+
+
+def test_competence_batches_stay_in_the_open_window_and_fit_fairseqs_token_rule() -> None:
+    rng = np.random.default_rng(0)
+    n = 1000
+    ranked = rng.permutation(n)
+    tokens = rng.integers(3, 30, size=n)
+    batches = competence_batches(ranked, tokens, n_batches=60, first_batch=0, batches_per_update=2, c0=0.05,
+                                 updates=20, max_tokens=200, max_sentences=None, rng=np.random.default_rng(1))
+    rank = np.empty(n, dtype=np.int64)
+    rank[ranked] = np.arange(n)
+    widest = []
+    for b, batch in enumerate(batches):
+        c = competence(b // 2, 0.05, 20)
+        assert rank[batch].max() < math.ceil(c * n), b
+        assert len(set(batch.tolist())) == len(batch)
+        assert len(batch) * tokens[batch].max() <= 200
+        widest.append(rank[batch].max())
+    assert widest[0] < 0.05 * n < max(widest[-10:])  # the window opens up to the whole corpus
+
+
+def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | None, max_update: int,
+           c0: float = 0.01, t: int = 0) -> list[tuple[int, list[int]]]:
+    cfg = load_config(TINY, [])
+    order_file = None
+    if hardness is not None:
+        order_file = str(save_dir.parent / f"{save_dir.name}.order.npy")
+        np.save(order_file, hardness)
+    record = save_dir.parent / f"{save_dir.name}.batches.tsv"
+    s = Schedule(max_update=max_update, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=1,
+                 label_smoothing=0.1, precision="fp32", seed=1, save_interval_updates=3, order=order,
+                 order_file=order_file, competence_c0=c0, competence_updates=t, record_batches=str(record))
+    train(data_bin, save_dir, cfg.model, s, threads=1, use_cuda=False, prefix="")
+    out = []
+    for line in record.read_text().splitlines():
+        u, ids = line.split("\t")
+        out.append((int(u), [int(i) for i in ids.split()]))
+    return out
+
+
+def test_easy_first_trains_on_the_lowest_scored_pairs_first_and_hard_first_on_the_highest(
+        tiny_run: Path, tmp_path: Path) -> None:
+    L = RunLayout(tiny_run)
+    _, tgt, _ = load_train_pairs(L.data_bin)
+    n = len(tgt)
+    hardness = np.random.default_rng(3).permutation(n).astype(np.float64)  # rank r has hardness r
+    for order, first_ranks in (("easy-first", range(0, 60)), ("hard-first", range(n - 60, n))):
+        seen = _train(L.data_bin, tmp_path / order, order, hardness, max_update=3)
+        assert [u for u, _ in seen] == [0, 1, 2]
+        first = seen[0][1]
+        assert set(hardness[first].astype(int)) <= set(first_ranks), order  # fairseq's actual first batch
+        # consecutive batches go on along the ranking
+        means = [hardness[ids].mean() for _, ids in seen]
+        assert means == (sorted(means) if order == "easy-first" else sorted(means, reverse=True)), order
+
+
+def test_competence_opens_the_window_as_the_schedule_says_on_fairseqs_batches(tiny_run: Path,
+                                                                              tmp_path: Path) -> None:
+    L = RunLayout(tiny_run)
+    _, tgt, _ = load_train_pairs(L.data_bin)
+    n = len(tgt)
+    hardness = np.random.default_rng(4).permutation(n).astype(np.float64)
+    seen = _train(L.data_bin, tmp_path / "c", "competence", hardness, max_update=12, c0=0.1, t=10)
+    assert [u for u, _ in seen] == list(range(12))
+    for u, ids in seen:
+        assert hardness[ids].max() < math.ceil(competence(u, 0.1, 10) * n), u
+    assert hardness[seen[0][1]].max() < 0.1 * n < max(hardness[ids].max() for _, ids in seen[-3:])
+
+
+def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(tiny_run: Path, tmp_path: Path) -> None:
+    L = RunLayout(tiny_run)
+    _, tgt, _ = load_train_pairs(L.data_bin)
+    hardness = np.random.default_rng(5).permutation(len(tgt)).astype(np.float64)
+    for order in ("competence", "easy-first"):
+        straight = dict(_train(L.data_bin, tmp_path / f"{order}-a", order, hardness, max_update=12, c0=0.2, t=8))
+        _train(L.data_bin, tmp_path / f"{order}-b", order, hardness, max_update=6, c0=0.2, t=8)  # stops at 6
+        resumed = dict(_train(L.data_bin, tmp_path / f"{order}-b", order, hardness, max_update=12, c0=0.2, t=8))
+        assert sorted(resumed) == list(range(12))
+        assert resumed == straight, order
+
+
+def test_fairseqs_own_parser_reads_the_ordered_task_and_its_settings(tmp_path: Path) -> None:
+    cfg = load_config(TINY, [])
+    s = Schedule(max_update=40, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=2, label_smoothing=0.1,
+                 precision="fp32", seed=1, save_interval_updates=10, order="competence",
+                 order_file=str(tmp_path / "o.npy"), competence_c0=0.05, competence_updates=30)
+    args = parse_train_argv(train_argv(tmp_path, tmp_path / "ckpt", cfg.model, s, use_cuda=False))
+    assert args.task == "mtprune_ordered"
+    assert (args.train_order, args.order_file, args.competence_c0, args.competence_updates,
+            args.batches_per_update) == ("competence", str(tmp_path / "o.npy"), 0.05, 30, 2)
+    plain = parse_train_argv(train_argv(tmp_path, tmp_path / "ckpt", cfg.model,
+                                        Schedule(**{**s.__dict__, "order": "shuffled", "order_file": None}),
+                                        use_cuda=False))
+    assert plain.task == "translation"  # shuffled is fairseq's own task, as before train.order existed
