@@ -526,6 +526,15 @@ class TrainConfig(_Recorded):
     seed: Int | None = None  # before train.seeds: `seed: k` is read as `seeds: [k]`
     include_full: Bool = True  # also train on the unpruned corpus (strategy "full")
     parallel: Parallel = 0
+    # the order fairseq-train presents the pairs in (mtprune/curriculum.py): shuffled (fairseq's own batches),
+    # easy-first / hard-first (every epoch from the easiest / hardest pair on), competence (batches drawn from the
+    # easiest competence(t) share, Platanios et al. 2019); ranked by order_by, a score column, higher = harder
+    # (-name: low = harder)
+    order: Annotated[Str, _one_of("shuffled", "easy-first", "hard-first", "competence")] = "shuffled"
+    order_by: Str = "el2n"
+    competence_c0: Annotated[Float, _check(lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")] = 0.01
+    # the update at which competence reaches the whole corpus (null: half of each model's updates)
+    competence_updates: Annotated[Int | None, _at_least(1, or_null=True)] = None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -555,6 +564,13 @@ class TrainConfig(_Recorded):
         return v
 
     _one_way_to_size_an_update = _tokens_or_update_freq("train")
+
+    @field_validator("order")
+    @classmethod
+    def _an_order_counts_updates(cls, v: str, info: ValidationInfo) -> str:
+        if v != "shuffled" and info.data.get("budget") == "epochs":
+            _fail([f"{v} needs train.budget: updates (a curriculum's schedule is counted in updates)"])
+        return v
 
 
 Lang = Annotated[Str, _check(lambda v: None if v in _LANGS else

@@ -119,3 +119,51 @@ def test_fairseqs_own_parser_reads_the_ordered_task_and_its_settings(tmp_path: P
                                         Schedule(**{**s.__dict__, "order": "shuffled", "order_file": None}),
                                         use_cuda=False))
     assert plain.task == "translation"  # shuffled is fairseq's own task, as before train.order existed
+
+
+def test_the_order_is_part_of_a_models_key_and_reaches_fairseq_through_order_npy(tiny_copy: Path) -> None:
+    import pandas as pd
+
+    from conftest import cli
+    from mtprune.stages.train import units
+
+    sets = ["prune.strategies=[random]", "train.max_update=4"]
+    args = [a for s in sets for a in ("--set", s)]
+    code, out = cli("prune", "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", *args)
+    assert code == 0, out
+    L = RunLayout(tiny_copy)
+
+    def keys(*more: str) -> dict[str, dict]:
+        cfg = load_config(TINY, [*sets, *more], run_dir=str(tiny_copy))
+        return {u.name: u.key for u in units(cfg, L, use_cuda=False)}
+
+    shuffled = keys()
+    assert all("order_data" not in k and "order" not in k["train"] for k in shuffled.values())  # keys as before
+    easy = keys("train.order=easy-first")
+    assert easy.keys() == shuffled.keys() and all(easy[n] != shuffled[n] for n in easy)
+    assert keys("train.order=easy-first", "train.competence_c0=0.5") == easy  # not a setting of easy-first
+    assert all(keys("train.order=easy-first", "train.order_by=nll")[n] != easy[n] for n in easy)
+    comp = keys("train.order=competence")
+    assert keys("train.order=competence", "train.competence_c0=0.5") != comp
+
+    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
+    assert code == 0, out
+    scores = pd.read_parquet(L.scores).sort_values("index")
+    el2n = dict(zip(scores["sentence_id"], scores["el2n"], strict=True))
+    np.testing.assert_array_equal(np.load(L.train_dir("full") / "order.npy"), scores["el2n"].to_numpy())
+    kept = [el2n[i] for i in (L.kept_ids("random-0.2")).read_text().split()]
+    np.testing.assert_array_equal(np.load(L.train_dir("random-0.2") / "order.npy"), kept)
+    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
+    assert code == 0 and "nothing to do" in out, out
+    before = (L.train_dir("full") / "checkpoint_last.pt").stat().st_mtime_ns
+    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), *args)  # back to shuffled: trains again
+    assert code == 0 and "already done" not in out, out
+    assert (L.train_dir("full") / "checkpoint_last.pt").stat().st_mtime_ns != before
+
+
+def test_an_order_by_column_the_score_stage_does_not_write_is_refused_before_training(tiny_copy: Path) -> None:
+    from conftest import cli
+
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(tiny_copy), "--dry-run",
+                    "--set", "train.order=competence", "--set", "train.order_by=-bleu")
+    assert code == 2 and "train.order_by: '-bleu' names no score column" in out, out

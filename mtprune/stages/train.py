@@ -6,10 +6,15 @@ trains every corpus for ``train.max_epoch`` passes. For ``epochs`` the update co
 ``max_epoch`` times its updates per epoch, counted with fairseq-train's own batch iterator on that
 corpus (same batching, GPU count and update_freq), so training stops exactly at the end of the last
 pass and checkpoints, validation and the learning-rate schedule stay update-based as for ``updates``.
+
+``train.order`` other than ``shuffled`` presents each corpus in the order of a score column
+(``mtprune/curriculum.py``): the unit folder gets ``order.npy``, one hardness per training pair of its
+corpus, and the model's key holds the order's settings and a hash of those values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ from ..launch import Unit, all_units_done, note_kept_units, run_units, unit_sett
 from ..layout import RunLayout, seed_run_name
 from ..manifest import file_sha256
 from ..pipeline import StageResult
+from ..textio import read_lines
 from .prune import fraction_dropped
 from .prune import runs as pruned_runs
 
@@ -103,15 +109,67 @@ def max_updates(cfg: Config, m: Model, use_cuda: bool) -> int:
     return t.max_epoch * updates_per_epoch(m.data_bin, cfg, use_cuda)
 
 
-def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None, use_cuda: bool = False) -> Schedule:
-    """fairseq-train's schedule for one model (by default: the first seed, ``train.max_update``)."""
+def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None, use_cuda: bool = False,
+             order_file: Path | None = None) -> Schedule:
+    """fairseq-train's schedule for one model (by default: the first seed, ``train.max_update``); an ordered
+    one (``train.order``) reads its hardness from ``order_file``."""
     t = cfg.train
     seed = t.seeds[0] if seed is None else seed
     max_update = t.max_update if max_update is None else max_update
     update_freq = update_freq_for(t.tokens_per_update, t.update_freq, t.max_tokens, world_size(use_cuda))
     return Schedule(max_update=max_update, lr=t.lr, warmup_updates=t.warmup_updates, max_tokens=t.max_tokens,
                     update_freq=update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
-                    seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project)
+                    seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project,
+                    order=t.order, order_file=None if order_file is None else str(order_file),
+                    competence_c0=t.competence_c0, competence_updates=competence_updates(cfg, max_update))
+
+
+def competence_updates(cfg: Config, max_update: int) -> int:
+    """The update at which competence reaches the whole corpus: train.competence_updates, else half the run."""
+    return cfg.train.competence_updates or max(1, max_update // 2)
+
+
+class OrderData:
+    """Per model, the hardness (``curriculum.difficulty`` of ``train.order_by``) of each training pair of its
+    corpus, in the corpus's data-bin order; the scores are read once for all models."""
+
+    def __init__(self, cfg: Config, layout: RunLayout) -> None:
+        self.cfg, self.layout = cfg, layout
+        self._by_key: dict[str, int] | None = None
+        self._hardness: Any = None
+
+    def _load(self) -> None:
+        import pandas as pd
+
+        from ..curriculum import difficulty
+
+        col = self.cfg.train.order_by.lstrip("-")
+        df = pd.read_parquet(self.layout.scores, columns=["index", "sentence_id", "direction", col])
+        df = df.sort_values("index", kind="stable").reset_index(drop=True)
+        self._hardness = difficulty(df[col].to_numpy(), self.cfg.train.order_by)
+        self._ids = df["sentence_id"].tolist()
+        self._dirs = df["direction"].tolist()
+
+    def hardness(self, m: Model) -> Any:
+        """None while the corpus or the scores are not there yet (a plan before prune ran)."""
+        if not self.layout.scores.is_file() or (m.strategy != "full" and not self.layout.kept_ids(m.name).is_file()):
+            return None
+        if self._hardness is None:
+            self._load()
+        if m.strategy == "full":
+            return self._hardness
+        lines = read_lines(self.layout.kept_ids(m.name))
+        if self._by_key is None:
+            both = any("\t" in ln for ln in lines[:1])
+            keys = [f"{i}\t{d}" for i, d in zip(self._ids, self._dirs, strict=True)] if both else self._ids
+            self._by_key = {k: r for r, k in enumerate(keys)}
+        return self._hardness[[self._by_key[ln] for ln in lines]]
+
+    def digest(self, m: Model) -> str | None:
+        import numpy as np
+
+        h = self.hardness(m)
+        return None if h is None else hashlib.sha256(np.ascontiguousarray(h, dtype=np.float64).tobytes()).hexdigest()
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
@@ -124,6 +182,14 @@ def check(cfg: Config, layout: RunLayout) -> None:
     A GPU-less job that only writes the manifest of models trained elsewhere is not refused: the units (whose
     keys hash the training data) are looked at only when the settings would be."""
     use_cuda = cuda_available()
+    if cfg.train.order != "shuffled":
+        from ..scoring.forward import score_columns
+
+        column = cfg.train.order_by.lstrip("-")
+        if column not in score_columns(cfg):
+            known = [c for c in score_columns(cfg) if "@" not in c]
+            raise UsageError(f"train.order_by: {cfg.train.order_by!r} names no score column the score stage writes "
+                             f"with these settings (it writes: {', '.join(known)})")
     try:
         check_training("train", cfg.train.precision, cfg.model, use_cuda)
     except UsageError:
@@ -146,18 +212,37 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     if cfg.train.budget == "updates":  # the key of a model trained before train.budget existed
         settings["train"].pop("budget", None)
         settings["train"].pop("max_epoch", None)
+    ordered = cfg.train.order != "shuffled"
+    for name in ("order", "order_by", "competence_c0", "competence_updates"):
+        if not ordered or (name.startswith("competence") and cfg.train.order != "competence"):
+            settings["train"].pop(name, None)  # the key of a model trained before train.order existed
+    orders = OrderData(cfg, layout) if ordered else None
     out = []
     for m in seed_models(cfg, layout):
         def work(folder: Path, threads: int, m: Model = m) -> dict[str, Any]:
+            import numpy as np
+
             n = max_updates(cfg, m, use_cuda)
-            s = schedule(cfg, m.seed, n, use_cuda)
+            order_file = None
+            if orders is not None:
+                order_file = folder / "order.npy"
+                tmp = folder / ".order.npy.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, orders.hardness(m))
+                tmp.replace(order_file)
+            s = schedule(cfg, m.seed, n, use_cuda, order_file)
             result = train(m.data_bin, folder, cfg.model, s, threads, use_cuda, prefix=f"[train {m.run}] ")
             for f in folder.glob("checkpoint_*_*.pt"):  # interval checkpoints only served resumption
                 f.unlink()
-            return {**result, "max_update": n, **batch_record(s, use_cuda)}
+            extra = {} if orders is None else {"order": cfg.train.order, "order_by": cfg.train.order_by}
+            if cfg.train.order == "competence":
+                extra["competence_updates"] = s.competence_updates
+            return {**result, "max_update": n, **batch_record(s, use_cuda), **extra}
 
         key = {**settings, "train": {**settings["train"], "seed": m.seed},
                "data": file_sha256(m.data_bin / "train.src-tgt.tgt.bin")}
+        if orders is not None:
+            key["order_data"] = orders.digest(m)
         out.append(Unit(f"train {m.run}", layout.train_dir(m.run), key, work,
                         ["checkpoint_best.pt", "checkpoint_last.pt"], layout.lock,
                         inputs=data_inputs(m.data_bin, valid=True)))
