@@ -530,11 +530,16 @@ class TrainConfig(_Recorded):
     # easy-first / hard-first (every epoch from the easiest / hardest pair on), competence (batches drawn from the
     # easiest competence(t) share, Platanios et al. 2019); ranked by order_by, a score column, higher = harder
     # (-name: low = harder)
-    order: Annotated[Str, _one_of("shuffled", "easy-first", "hard-first", "competence")] = "shuffled"
+    order: Annotated[Str, _one_of("shuffled", "easy-first", "hard-first", "competence", "self-paced")] = "shuffled"
     order_by: Str = "el2n"
     competence_c0: Annotated[Float, _check(lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")] = 0.01
     # the update at which competence reaches the whole corpus (null: half of each model's updates)
     competence_updates: Annotated[Int | None, _at_least(1, or_null=True)] = None
+    # self-paced: competence's window over the trained model's own ranking, by rescore_by (el2n or nll), scored
+    # every rescore_every updates on all training pairs or a random sample of rescore_sample of them (null: all)
+    rescore_every: Positive = 200
+    rescore_by: Annotated[Str, _one_of("el2n", "nll")] = "el2n"
+    rescore_sample: Annotated[Int | None, _at_least(1, or_null=True)] = None
 
     @model_validator(mode="wrap")
     @classmethod

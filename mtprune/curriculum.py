@@ -10,6 +10,12 @@ fairseq-train's own iterator (a task registered from ``mtprune_user_dir`` with `
 - ``competence`` (Platanios et al. 2019): the batch for update t is drawn at random from the easiest
   ``c(t)`` share of the corpus, ``c(t) = min(1, sqrt(t (1 − c0²) / T + c0²))``; from update T on it is the
   whole corpus. An epoch is as many batches as fairseq's own batching makes of the corpus.
+- ``self-paced``: competence's window over the ranking of the model being trained. Every ``rescore_every``
+  updates (an "epoch" of this task is that many updates) the model scores the training pairs (EL2N or
+  NLL, with mtprune's scoring pass; a random sample of them when asked) and the next updates draw from
+  the easiest share of that ranking; before the first rescoring, the order file's ranking. The ranking
+  is kept in the save directory until the next one, so a resumed run uses the one its epoch started
+  with, and each rescoring's time goes to the log (``self-paced: rescored``).
 
 Each epoch's batches depend only on the order file, the seed and the epoch, so a run resumed from a
 checkpoint (fairseq's iterator skips the batches the epoch had already served) sees the batches the
@@ -23,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-ORDERS = ("shuffled", "easy-first", "hard-first", "competence")
+ORDERS = ("shuffled", "easy-first", "hard-first", "competence", "self-paced")
 TASK = "mtprune_ordered"
 USER_DIR = Path(__file__).parent / "fairseq_user" / "mtprune_user_dir"  # fairseq-train --user-dir
 
@@ -76,6 +82,23 @@ def competence_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: in
     return out
 
 
+def rescore(model: Any, dataset: Any, dictionary: Any, indices: np.ndarray, metric: str,
+            batch_tokens: int = 6000, chunk_tokens: int = 128) -> np.ndarray:
+    """``metric`` (``el2n`` or ``nll``) of the model as it is now for each of ``indices`` of a fairseq
+    LanguagePairDataset, with mtprune's scoring pass in eval mode (the model's mode is restored)."""
+    from .scoring.forward import score_dataset
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device.type
+        res = score_dataset([model], dataset.src, dataset.tgt, dictionary, np.asarray(indices, dtype=np.int64),
+                            batch_tokens, chunk_tokens, device, None, desc="self-paced")
+    finally:
+        model.train(was_training)
+    return res[metric][:, 0]
+
+
 def register() -> None:
     """Register the ``mtprune_ordered`` fairseq task (a translation task with train.order); idempotent."""
     from dataclasses import dataclass, field
@@ -95,9 +118,52 @@ def register() -> None:
         competence_updates: int = field(default=0, metadata={"help": "update at which competence reaches 1"})
         batches_per_update: int = field(default=1, metadata={"help": "update_freq x GPUs"})
         record_batches: str = field(default="", metadata={"help": "append 'update<TAB>ids' per training batch"})
+        rescore_every: int = field(default=0, metadata={"help": "self-paced: updates between rescorings"})
+        rescore_by: str = field(default="el2n", metadata={"help": "self-paced: el2n or nll of the model"})
+        rescore_sample: int = field(default=0, metadata={"help": "self-paced: pairs scored each time (0: all)"})
+        order_state_dir: str = field(default="", metadata={"help": "self-paced: where the current ranking is kept"})
 
     @register_task(TASK, dataclass=OrderedTranslationConfig)
     class OrderedTranslationTask(TranslationTask):
+        def build_model(self, cfg: Any, from_checkpoint: bool = False) -> Any:
+            model = super().build_model(cfg, from_checkpoint)
+            self._trained_model = model  # self-paced scores the training pairs with it (same parameters)
+            return model
+
+        def _self_paced_ranking(self, dataset: Any, valid: np.ndarray, epoch: int, seed: int) -> np.ndarray:
+            """``valid`` (or the epoch's sample of it) from the easiest to the hardest for the model as it was
+            when ``epoch`` began; epoch 1: by the order file."""
+            import logging
+            import os
+            import time
+
+            log = logging.getLogger("mtprune.curriculum")
+            state = Path(self.cfg.order_state_dir or ".")
+            path = state / f"self-paced-epoch{epoch}.npy"
+            pool = valid
+            if self.cfg.rescore_sample and self.cfg.rescore_sample < len(valid):
+                pool = np.sort(np.random.default_rng([seed, epoch, 1]).choice(valid, self.cfg.rescore_sample,
+                                                                              replace=False))
+            if epoch == 1:
+                return easiest_first(self._hardness(dataset), pool)
+            if path.is_file():  # a resumed run: the ranking its epoch started with
+                hard = np.load(path)
+            else:
+                t0 = time.time()
+                hard = np.full(len(dataset), np.inf)
+                hard[pool] = rescore(self._trained_model, dataset, self.tgt_dict, pool, self.cfg.rescore_by)
+                state.mkdir(parents=True, exist_ok=True)
+                tmp = state / f".{path.name}.tmp"
+                with open(tmp, "wb") as f:
+                    np.save(f, hard)
+                os.replace(tmp, path)
+                for old in state.glob("self-paced-epoch*.npy"):
+                    if old != path:
+                        old.unlink()
+                log.info("self-paced: rescored %d pairs by %s at update %d in %.1fs", len(pool),
+                         self.cfg.rescore_by, (epoch - 1) * self.cfg.rescore_every, time.time() - t0)
+            return easiest_first(hard, pool)
+
         def _hardness(self, dataset: Any) -> np.ndarray:
             h = np.load(self.cfg.order_file, mmap_mode="r")
             if len(h) != len(dataset):
@@ -132,13 +198,23 @@ def register() -> None:
                 return dataset.batch_by_size(order, max_tokens=max_tokens, max_sentences=max_sentences,
                                              required_batch_size_multiple=required_batch_size_multiple)
 
+            cfg = self.cfg
+            tokens = dataset.num_tokens_vec(np.arange(len(dataset)))
             if self.cfg.train_order in ("easy-first", "hard-first"):
                 sampler: Any = by_rank(ranked)
+            elif self.cfg.train_order == "self-paced":
+                if cfg.rescore_every < 1:
+                    raise ValueError("--train-order self-paced needs --rescore-every >= 1")
+                per_epoch = cfg.rescore_every * cfg.batches_per_update
+
+                def sampler(ds: Any, ep: int) -> list[np.ndarray]:
+                    order = self._self_paced_ranking(ds, valid, ep, seed)
+                    return competence_batches(order, tokens, per_epoch, (ep - 1) * per_epoch,
+                                              cfg.batches_per_update, cfg.competence_c0, cfg.competence_updates,
+                                              max_tokens, max_sentences, np.random.default_rng([seed, ep]))
             else:
                 # an epoch: as many batches as fairseq's length-bucketed batching makes of the corpus
                 n_batches = len(by_rank(valid[np.argsort(dataset.num_tokens_vec(valid), kind="stable")]))
-                tokens = dataset.num_tokens_vec(np.arange(len(dataset)))
-                cfg = self.cfg
 
                 def sampler(ds: Any, ep: int) -> list[np.ndarray]:
                     rng = np.random.default_rng([seed, ep])

@@ -238,6 +238,9 @@ class Schedule:
     competence_c0: float = 0.01
     competence_updates: int = 0
     record_batches: str | None = None  # append "update<TAB>ids" per batch to this file (tests, audits)
+    rescore_every: int = 0  # self-paced: updates between rescorings by the model being trained
+    rescore_by: str = "el2n"
+    rescore_sample: int = 0  # self-paced: pairs scored each time (0: all)
 
 
 # Flags that train_argv sets and the kept checkpoints, resumption and precision depend on:
@@ -350,6 +353,9 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
                 raise UsageError(f"train.order {s.order}: no order file")
             argv += ["--order-file", s.order_file, "--competence-c0", str(s.competence_c0),
                      "--competence-updates", str(s.competence_updates)]
+        if s.order == "self-paced":
+            argv += ["--rescore-every", str(s.rescore_every), "--rescore-by", s.rescore_by,
+                     "--rescore-sample", str(s.rescore_sample), "--order-state-dir", str(save_dir)]
         if s.record_batches:
             argv += ["--record-batches", s.record_batches]
     if model.share_all_embeddings:
@@ -573,6 +579,9 @@ def load_model(checkpoint: Path, data_bin: Path, device: str) -> tuple[Any, Any]
     quiet_fairseq()
     from fairseq import checkpoint_utils
 
+    from .curriculum import register
+
+    register()  # a model trained with train.order names the mtprune_ordered task in its checkpoint
     if not checkpoint.is_file():
         raise UsageError(f"{checkpoint}: checkpoint not found")
     trained = checkpoint.parent / DICT_RECORD

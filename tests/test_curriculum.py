@@ -47,7 +47,7 @@ def test_competence_batches_stay_in_the_open_window_and_fit_fairseqs_token_rule(
 
 
 def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | None, max_update: int,
-           c0: float = 0.01, t: int = 0) -> list[tuple[int, list[int]]]:
+           c0: float = 0.01, t: int = 0, rescore_every: int = 0, save_every: int = 3) -> list[tuple[int, list[int]]]:
     cfg = load_config(TINY, [])
     order_file = None
     if hardness is not None:
@@ -55,8 +55,9 @@ def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | No
         np.save(order_file, hardness)
     record = save_dir.parent / f"{save_dir.name}.batches.tsv"
     s = Schedule(max_update=max_update, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=1,
-                 label_smoothing=0.1, precision="fp32", seed=1, save_interval_updates=3, order=order,
-                 order_file=order_file, competence_c0=c0, competence_updates=t, record_batches=str(record))
+                 label_smoothing=0.1, precision="fp32", seed=1, save_interval_updates=save_every, order=order,
+                 order_file=order_file, competence_c0=c0, competence_updates=t, record_batches=str(record),
+                 rescore_every=rescore_every)
     train(data_bin, save_dir, cfg.model, s, threads=1, use_cuda=False, prefix="")
     out = []
     for line in record.read_text().splitlines():
@@ -155,6 +156,9 @@ def test_the_order_is_part_of_a_models_key_and_reaches_fairseq_through_order_npy
     np.testing.assert_array_equal(np.load(L.train_dir("random-0.2") / "order.npy"), kept)
     code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
     assert code == 0 and "nothing to do" in out, out
+    # its checkpoints name the mtprune_ordered task: evaluate loads them like any other
+    code, out = cli("evaluate", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
+    assert code == 0, out
     before = (L.train_dir("full") / "checkpoint_last.pt").stat().st_mtime_ns
     code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), *args)  # back to shuffled: trains again
     assert code == 0 and "already done" not in out, out
@@ -167,3 +171,39 @@ def test_an_order_by_column_the_score_stage_does_not_write_is_refused_before_tra
     code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(tiny_copy), "--dry-run",
                     "--set", "train.order=competence", "--set", "train.order_by=-bleu")
     assert code == 2 and "train.order_by: '-bleu' names no score column" in out, out
+
+
+def test_self_paced_draws_from_the_easiest_pairs_by_the_trained_models_own_el2n(tiny_run: Path,
+                                                                               tmp_path: Path) -> None:
+    from mtprune.curriculum import rescore
+    from mtprune.fairseq_backend import load_model
+
+    L = RunLayout(tiny_run)
+    _, tgt, _ = load_train_pairs(L.data_bin)
+    n = len(tgt)
+    hardness = np.random.default_rng(6).permutation(n).astype(np.float64)  # the proxy's order: update 0-3 only
+    run = tmp_path / "sp"
+    seen = dict(_train(L.data_bin, run, "self-paced", hardness, max_update=12, c0=0.3, t=8, rescore_every=4,
+                       save_every=4))
+    assert sorted(seen) == list(range(12))
+    for u in range(4):
+        assert hardness[seen[u]].max() < math.ceil(competence(u, 0.3, 8) * n), u
+    log = (run / "train.log").read_text()
+    assert f"self-paced: rescored {n} pairs by el2n at update 4" in log
+    assert f"self-paced: rescored {n} pairs by el2n at update 8" in log
+    assert sorted(p.name for p in run.glob("self-paced-epoch*.npy")) == ["self-paced-epoch3.npy"]  # the latest
+    ranking = np.load(run / "self-paced-epoch3.npy")
+    model, task = load_model(next(run.glob("checkpoint_*_8.pt")), L.data_bin, "cpu")  # the model at update 8
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    np.testing.assert_allclose(ranking, rescore(model, ds, task.target_dictionary, np.arange(n), "el2n"), rtol=1e-5)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(ranking, kind="stable")] = np.arange(n)
+    for u in range(8, 12):  # drawn from the easiest share by the model's own EL2N at update 8
+        assert rank[seen[u]].max() < math.ceil(competence(u, 0.3, 8) * n), u
+    # a run stopped at update 6, mid-period, resumes with the ranking its period began with
+    _train(L.data_bin, tmp_path / "sp2", "self-paced", hardness, max_update=6, c0=0.3, t=8, rescore_every=4,
+           save_every=4)
+    resumed = dict(_train(L.data_bin, tmp_path / "sp2", "self-paced", hardness, max_update=12, c0=0.3, t=8,
+                          rescore_every=4, save_every=4))
+    assert resumed == seen

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,8 @@ def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None
                     update_freq=update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
                     seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project,
                     order=t.order, order_file=None if order_file is None else str(order_file),
-                    competence_c0=t.competence_c0, competence_updates=competence_updates(cfg, max_update))
+                    competence_c0=t.competence_c0, competence_updates=competence_updates(cfg, max_update),
+                    rescore_every=t.rescore_every, rescore_by=t.rescore_by, rescore_sample=t.rescore_sample or 0)
 
 
 def competence_updates(cfg: Config, max_update: int) -> int:
@@ -213,9 +215,15 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
         settings["train"].pop("budget", None)
         settings["train"].pop("max_epoch", None)
     ordered = cfg.train.order != "shuffled"
-    for name in ("order", "order_by", "competence_c0", "competence_updates"):
-        if not ordered or (name.startswith("competence") and cfg.train.order != "competence"):
-            settings["train"].pop(name, None)  # the key of a model trained before train.order existed
+    used = {"order", "order_by"} if ordered else set()  # shuffled: the key of a model trained before train.order
+    if cfg.train.order in ("competence", "self-paced"):
+        used |= {"competence_c0", "competence_updates"}
+    if cfg.train.order == "self-paced":
+        used |= {"rescore_every", "rescore_by", "rescore_sample"}
+    for name in ("order", "order_by", "competence_c0", "competence_updates", "rescore_every", "rescore_by",
+                 "rescore_sample"):
+        if name not in used:
+            settings["train"].pop(name, None)
     orders = OrderData(cfg, layout) if ordered else None
     out = []
     for m in seed_models(cfg, layout):
@@ -235,8 +243,13 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
             for f in folder.glob("checkpoint_*_*.pt"):  # interval checkpoints only served resumption
                 f.unlink()
             extra = {} if orders is None else {"order": cfg.train.order, "order_by": cfg.train.order_by}
-            if cfg.train.order == "competence":
+            if cfg.train.order in ("competence", "self-paced"):
                 extra["competence_updates"] = s.competence_updates
+            if cfg.train.order == "self-paced":  # what rescoring cost, from fairseq-train's log
+                spent = [float(x) for x in re.findall(r"self-paced: rescored \d+ pairs .* in ([\d.]+)s",
+                                                       (folder / "train.log").read_text(encoding="utf-8"))]
+                extra.update(rescorings=len(spent), rescore_seconds=round(sum(spent), 1))
+                log.info("[train %s] self-paced: %d rescorings, %.1fs in all", m.run, len(spent), sum(spent))
             return {**result, "max_update": n, **batch_record(s, use_cuda), **extra}
 
         key = {**settings, "train": {**settings["train"], "seed": m.seed},
