@@ -27,11 +27,26 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "
   exit 0
 fi
 
-"${pip[@]}" install --upgrade "pip>=24" setuptools
+# pip's own output (warnings about the machine's index settings, build logs) goes to a log file; a failing
+# step prints its tail
+log="$venv/setup.log"
+: > "$log"
+run_pip() {
+  if ! "${pip[@]}" "$@" >>"$log" 2>&1; then
+    echo "setup: 'pip $*' failed; the end of $log:" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+echo "setup: installing from the package index (pip's output: $log)"
+run_pip install --upgrade "pip>=24" setuptools
 # torch first: fairseq's build imports it, and without build isolation it must already be there.
-"$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" install "$torch_spec"
-"${pip[@]}" install wheel cython numpy
-"$venv/bin/python" -c "import fairseq" 2>/dev/null || "${pip[@]}" install --no-build-isolation "$fairseq_spec"
-"${pip[@]}" install --no-build-isolation -e ".[dev]"
+"$venv/bin/python" -c "import torch" 2>/dev/null || run_pip install "$torch_spec"
+run_pip install wheel cython numpy
+if ! "$venv/bin/python" -c "import fairseq" 2>/dev/null; then
+  echo "setup: building $fairseq_spec (about 3 minutes the first time; pip's cache makes it fast after)"
+  run_pip install --no-build-isolation "$fairseq_spec"
+fi
+run_pip install --no-build-isolation -e ".[dev]"
 echo "$want" > "$stamp"
 echo "setup: .venv ready ($("$venv/bin/python" -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)' 2>/dev/null))"

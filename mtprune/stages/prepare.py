@@ -206,7 +206,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                         out[f"reverse valid.{TGT}"].write(" ".join(a) + "\n")
             n_train += kept
             stats["tasks"][name] = {"train": kept, "dropped_too_many_tokens": dropped}
-            log.info("prepare: %s: %d training pairs encoded (%d over %d pieces dropped)", name, kept, dropped, limit)
+            log.log(logging.INFO if dropped else logging.DEBUG, "prepare: %s: %d training pairs encoded (%d over %d "
+                    "pieces dropped)", name, kept, dropped, limit)
+    log.info("prepare: %d training pairs encoded in %d task(s) (%d over %d pieces dropped)", n_train,
+             len(stats["tasks"]), sum(t["dropped_too_many_tokens"] for t in stats["tasks"].values()), limit)
     stats["train_pairs"] = n_train
     stats["train_target_tokens"] = n_target_tokens
 
