@@ -39,6 +39,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .curriculum import ORDERS
 from .errors import ConfigError
 
 OPUS_PAIRS = ("de-en", "en-es", "en-fr", "en-it")  # the default pairs (and the synthetic corpus's)
@@ -526,11 +527,13 @@ class TrainConfig(_Recorded):
     seed: Int | None = None  # before train.seeds: `seed: k` is read as `seeds: [k]`
     include_full: Bool = True  # also train on the unpruned corpus (strategy "full")
     parallel: Parallel = 0
-    # the order fairseq-train presents the pairs in (mtprune/curriculum.py): shuffled (fairseq's own batches),
-    # easy-first / hard-first (every epoch from the easiest / hardest pair on), competence (batches drawn from the
-    # easiest competence(t) share, Platanios et al. 2019); ranked by order_by, a score column, higher = harder
-    # (-name: low = harder)
-    order: Annotated[Str, _one_of("shuffled", "easy-first", "hard-first", "competence", "self-paced")] = "shuffled"
+    # the order(s) fairseq-train presents the pairs in (mtprune/curriculum.py), one name or a list (every corpus
+    # is trained once per order and seed): shuffled (fairseq's own batches), easy-first / hard-first (every epoch
+    # from the easiest / hardest pair on), competence (batches drawn from the easiest competence(t) share,
+    # Platanios et al. 2019), self-paced (competence over the trained model's own ranking); ranked by order_by, a
+    # score column, higher = harder (-name: low = harder)
+    order: Annotated[tuple[Str, ...], _entries("order", known=lambda v: v in ORDERS,
+                                               hint="known: " + ", ".join(ORDERS))] = ("shuffled",)
     order_by: Str = "el2n"
     competence_c0: Annotated[Float, _check(lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")] = 0.01
     # the update at which competence reaches the whole corpus (null: half of each model's updates)
@@ -570,11 +573,17 @@ class TrainConfig(_Recorded):
 
     _one_way_to_size_an_update = _tokens_or_update_freq("train")
 
+    @field_validator("order", mode="before")
+    @classmethod
+    def _one_order_is_a_list_of_one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
     @field_validator("order")
     @classmethod
-    def _an_order_counts_updates(cls, v: str, info: ValidationInfo) -> str:
-        if v != "shuffled" and info.data.get("budget") == "epochs":
-            _fail([f"{v} needs train.budget: updates (a curriculum's schedule is counted in updates)"])
+    def _an_order_counts_updates(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        ordered = [o for o in v if o != "shuffled"]
+        if ordered and info.data.get("budget") == "epochs":
+            _fail([f"{ordered[0]} needs train.budget: updates (a curriculum's schedule is counted in updates)"])
         return v
 
 

@@ -122,7 +122,7 @@ def test_fairseqs_own_parser_reads_the_ordered_task_and_its_settings(tmp_path: P
     assert plain.task == "translation"  # shuffled is fairseq's own task, as before train.order existed
 
 
-def test_the_order_is_part_of_a_models_key_and_reaches_fairseq_through_order_npy(tiny_copy: Path) -> None:
+def test_each_order_is_a_model_of_its_own_with_the_order_in_its_key_and_its_report_rows(tiny_copy: Path) -> None:
     import pandas as pd
 
     from conftest import cli
@@ -139,30 +139,40 @@ def test_the_order_is_part_of_a_models_key_and_reaches_fairseq_through_order_npy
         return {u.name: u.key for u in units(cfg, L, use_cuda=False)}
 
     shuffled = keys()
+    assert set(shuffled) == {"train full", "train random-0.2"}
     assert all("order_data" not in k and "order" not in k["train"] for k in shuffled.values())  # keys as before
+    both = keys("train.order=[shuffled,easy-first]")
+    assert set(both) == {"train full", "train random-0.2", "train full+easy-first", "train random-0.2+easy-first"}
+    assert {n: both[n] for n in shuffled} == shuffled  # another order leaves the shuffled models' keys alone
     easy = keys("train.order=easy-first")
-    assert easy.keys() == shuffled.keys() and all(easy[n] != shuffled[n] for n in easy)
+    assert easy == {n: k for n, k in both.items() if "+" in n}
     assert keys("train.order=easy-first", "train.competence_c0=0.5") == easy  # not a setting of easy-first
     assert all(keys("train.order=easy-first", "train.order_by=nll")[n] != easy[n] for n in easy)
     comp = keys("train.order=competence")
+    assert set(comp) == {"train full+competence", "train random-0.2+competence"}
     assert keys("train.order=competence", "train.competence_c0=0.5") != comp
 
-    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
-    assert code == 0, out
+    both_args = [*args, "--set", "train.order=[shuffled,easy-first]"]
+    for stage in ("train", "evaluate", "report"):  # ordered checkpoints name mtprune_ordered: evaluate loads them
+        code, out = cli(stage, "-c", str(TINY), "--run-dir", str(tiny_copy), *both_args)
+        assert code == 0, out
     scores = pd.read_parquet(L.scores).sort_values("index")
     el2n = dict(zip(scores["sentence_id"], scores["el2n"], strict=True))
-    np.testing.assert_array_equal(np.load(L.train_dir("full") / "order.npy"), scores["el2n"].to_numpy())
+    np.testing.assert_array_equal(np.load(L.train_dir("full+easy-first") / "order.npy"), scores["el2n"].to_numpy())
     kept = [el2n[i] for i in (L.kept_ids("random-0.2")).read_text().split()]
-    np.testing.assert_array_equal(np.load(L.train_dir("random-0.2") / "order.npy"), kept)
-    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
-    assert code == 0 and "nothing to do" in out, out
-    # its checkpoints name the mtprune_ordered task: evaluate loads them like any other
-    code, out = cli("evaluate", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "train.order=easy-first", *args)
-    assert code == 0, out
-    before = (L.train_dir("full") / "checkpoint_last.pt").stat().st_mtime_ns
-    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), *args)  # back to shuffled: trains again
-    assert code == 0 and "already done" not in out, out
-    assert (L.train_dir("full") / "checkpoint_last.pt").stat().st_mtime_ns != before
+    np.testing.assert_array_equal(np.load(L.train_dir("random-0.2+easy-first") / "order.npy"), kept)
+    assert not (L.train_dir("full") / "order.npy").exists()
+    results = pd.read_csv(L.report_file("results.csv"))
+    got = results[results["pair"] == "all"].set_index("strategy")
+    assert got.loc["full+easy-first", "order"] == "easy-first" and got.loc["random", "order"] == "shuffled"
+    assert got.loc["random+easy-first", "sparsity"] == 0.2
+    assert got.loc["random+easy-first", "n_train"] == got.loc["random", "n_train"]
+
+    mtimes = {d: (L.train_dir(d) / "checkpoint_last.pt").stat().st_mtime_ns for d in ("full", "full+easy-first")}
+    code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), *both_args, "--set", "train.order_by=nll")
+    assert code == 0 and "train full: already done" in out and "train full+easy-first: already done" not in out, out
+    assert (L.train_dir("full") / "checkpoint_last.pt").stat().st_mtime_ns == mtimes["full"]
+    assert (L.train_dir("full+easy-first") / "checkpoint_last.pt").stat().st_mtime_ns != mtimes["full+easy-first"]
 
 
 def test_an_order_by_column_the_score_stage_does_not_write_is_refused_before_training(tiny_copy: Path) -> None:

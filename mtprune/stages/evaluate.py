@@ -246,8 +246,10 @@ def _evaluate_model(cfg: Config, layout: RunLayout, m: Any, sets: list[dict[str,
     if reused:
         log.info("evaluate: %s: checkpoint unchanged, reused the hypotheses of %d test set(s) (%s)", m.run,
                  len(reused), ", ".join(reused))
-    n_train, per_pair = _n_train(m.strategy, m.name, prepare_stats, prune_stats)
-    metrics = {"name": m.name, "run": m.run, "strategy": m.strategy, "sparsity": m.sparsity, "seed": m.seed,
+    corpus, corpus_strategy = m.pruned_as
+    n_train, per_pair = _n_train(corpus_strategy, corpus, prepare_stats, prune_stats)
+    metrics = {"name": m.name, "run": m.run, "strategy": m.strategy, "order": m.order, "sparsity": m.sparsity,
+               "seed": m.seed,
                "checkpoint": str(ckpt.name), "checkpoint_sha256": ckpt_sha,
                "n_train": n_train, "n_train_per_pair": per_pair, "results": results}
     atomic_write_text(layout.metrics(m.run), json.dumps(metrics, indent=2) + "\n")

@@ -37,7 +37,8 @@ from .train import seed_models
 SECTIONS = ("report",)
 UPSTREAM = ("download", "score", "evaluate")
 log = logging.getLogger("mtprune")
-CSV_COLUMNS = ("strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train")
+# strategy: the corpus's strategy, with "+<order>" for a model trained in another order than shuffled (train.order)
+CSV_COLUMNS = ("strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train", "order")
 
 
 def external_inputs(cfg: Config) -> list[str]:
@@ -53,7 +54,8 @@ def results_rows(cfg: Config, layout: RunLayout) -> list[dict[str, Any]]:
         m = json.loads(layout.metrics(model.run).read_text())
         per = m["results"]
         opus = {k: v for k, v in per.items() if ":" not in k or v["pair"] in cfg.download.pairs}
-        head = {"strategy": m["strategy"], "sparsity": m["sparsity"], "seed": model.seed}
+        head = {"strategy": m["strategy"], "sparsity": m["sparsity"], "seed": model.seed,
+                "order": m.get("order", "shuffled")}
         for key, r in per.items():
             rows.append({**head, "pair": key, "bleu": r["bleu"], "chrf": r["chrf"],
                          "n_train": m["n_train_per_pair"].get(r["pair"], "")})

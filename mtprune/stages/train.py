@@ -49,7 +49,10 @@ log = logging.getLogger("mtprune")
 
 @dataclass(frozen=True)
 class Model:
-    """One model to train: a corpus (``name``: ``full``, ``el2n-high-0.3``) and a seed; ``run`` names its folders."""
+    """One model to train: a corpus (``corpus``: ``full``, ``el2n-high-0.3``), a training order and a seed.
+
+    ``name`` and ``strategy`` are the system's in the report: the corpus's own for ``shuffled``, with
+    ``+<order>`` for another order (``full+competence``, ``el2n-high+competence``); ``run`` names its folders."""
 
     run: str
     name: str
@@ -57,6 +60,14 @@ class Model:
     sparsity: float | None  # None: opusfilter before prune has run (its fraction comes from the data)
     seed: int
     data_bin: Path
+    corpus: str = ""  # prune's name of the corpus ("full" for the unpruned one); "" = name
+    order: str = "shuffled"
+    corpus_strategy: str = ""  # the strategy that made the corpus; "" = strategy
+
+    @property
+    def pruned_as(self) -> tuple[str, str]:
+        """(the corpus's name, the strategy that made it), as the prune stage knows them."""
+        return self.corpus or self.name, self.corpus_strategy or self.strategy
 
 
 def models(cfg: Config, layout: RunLayout) -> list[tuple[str, str, float | None, Path]]:
@@ -68,9 +79,13 @@ def models(cfg: Config, layout: RunLayout) -> list[tuple[str, str, float | None,
 
 
 def seed_models(cfg: Config, layout: RunLayout) -> list[Model]:
-    """Every model: each corpus of ``models`` once per ``train.seeds``, corpus after corpus."""
-    return [Model(seed_run_name(n, s), n, st, sp, s, b) for n, st, sp, b in models(cfg, layout)
-            for s in cfg.train.seeds]
+    """Every model: each corpus of ``models`` once per ``train.order`` and ``train.seeds``, corpus after corpus."""
+    out = []
+    for n, st, sp, b in models(cfg, layout):
+        for order in cfg.train.order:
+            name, strategy = (n, st) if order == "shuffled" else (f"{n}+{order}", f"{st}+{order}")
+            out += [Model(seed_run_name(name, s), name, strategy, sp, s, b, n, order, st) for s in cfg.train.seeds]
+    return out
 
 
 def updates_per_epoch(data_bin: Path, cfg: Config, use_cuda: bool) -> int:
@@ -111,9 +126,9 @@ def max_updates(cfg: Config, m: Model, use_cuda: bool) -> int:
 
 
 def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None, use_cuda: bool = False,
-             order_file: Path | None = None) -> Schedule:
-    """fairseq-train's schedule for one model (by default: the first seed, ``train.max_update``); an ordered
-    one (``train.order``) reads its hardness from ``order_file``."""
+             order: str = "shuffled", order_file: Path | None = None) -> Schedule:
+    """fairseq-train's schedule for one model (by default: the first seed, ``train.max_update``, shuffled); an
+    ordered one reads its hardness from ``order_file``."""
     t = cfg.train
     seed = t.seeds[0] if seed is None else seed
     max_update = t.max_update if max_update is None else max_update
@@ -121,7 +136,7 @@ def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None
     return Schedule(max_update=max_update, lr=t.lr, warmup_updates=t.warmup_updates, max_tokens=t.max_tokens,
                     update_freq=update_freq, label_smoothing=t.label_smoothing, precision=t.precision,
                     seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project,
-                    order=t.order, order_file=None if order_file is None else str(order_file),
+                    order=order, order_file=None if order_file is None else str(order_file),
                     competence_c0=t.competence_c0, competence_updates=competence_updates(cfg, max_update),
                     rescore_every=t.rescore_every, rescore_by=t.rescore_by, rescore_sample=t.rescore_sample or 0)
 
@@ -154,13 +169,14 @@ class OrderData:
 
     def hardness(self, m: Model) -> Any:
         """None while the corpus or the scores are not there yet (a plan before prune ran)."""
-        if not self.layout.scores.is_file() or (m.strategy != "full" and not self.layout.kept_ids(m.name).is_file()):
+        corpus, strategy = m.pruned_as
+        if not self.layout.scores.is_file() or (strategy != "full" and not self.layout.kept_ids(corpus).is_file()):
             return None
         if self._hardness is None:
             self._load()
-        if m.strategy == "full":
+        if strategy == "full":
             return self._hardness
-        lines = read_lines(self.layout.kept_ids(m.name))
+        lines = read_lines(self.layout.kept_ids(corpus))
         if self._by_key is None:
             both = any("\t" in ln for ln in lines[:1])
             keys = [f"{i}\t{d}" for i, d in zip(self._ids, self._dirs, strict=True)] if both else self._ids
@@ -184,7 +200,7 @@ def check(cfg: Config, layout: RunLayout) -> None:
     A GPU-less job that only writes the manifest of models trained elsewhere is not refused: the units (whose
     keys hash the training data) are looked at only when the settings would be."""
     use_cuda = cuda_available()
-    if cfg.train.order != "shuffled":
+    if set(cfg.train.order) != {"shuffled"}:
         from ..scoring.forward import score_columns
 
         column = cfg.train.order_by.lstrip("-")
@@ -205,6 +221,22 @@ def plan_note(cfg: Config, layout: RunLayout, upstream_runs: list[str]) -> str:
                       lambda: units(cfg, layout, cuda_available()), upstream_runs)
 
 
+ORDER_SETTINGS = ("order", "order_by", "competence_c0", "competence_updates", "rescore_every", "rescore_by",
+                  "rescore_sample")
+
+
+def used_order_settings(order: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The train.order settings a model trained in ``order`` depends on, with its own order (none: shuffled)."""
+    if order == "shuffled":
+        return {}
+    names = ["order_by"]
+    if order in ("competence", "self-paced"):
+        names += ["competence_c0", "competence_updates"]
+    if order == "self-paced":
+        names += ["rescore_every", "rescore_by", "rescore_sample"]
+    return {"order": order, **{k: settings[k] for k in names if settings.get(k) is not None}}
+
+
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     """One work unit per model and seed (``full``, ``el2n-high-0.3-seed2``, ...); a cluster runs them as one
     job array. The key holds ``train.seed`` as a single-seed key did, so finished seed-1 models stay done."""
@@ -214,17 +246,8 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     if cfg.train.budget == "updates":  # the key of a model trained before train.budget existed
         settings["train"].pop("budget", None)
         settings["train"].pop("max_epoch", None)
-    ordered = cfg.train.order != "shuffled"
-    used = {"order", "order_by"} if ordered else set()  # shuffled: the key of a model trained before train.order
-    if cfg.train.order in ("competence", "self-paced"):
-        used |= {"competence_c0", "competence_updates"}
-    if cfg.train.order == "self-paced":
-        used |= {"rescore_every", "rescore_by", "rescore_sample"}
-    for name in ("order", "order_by", "competence_c0", "competence_updates", "rescore_every", "rescore_by",
-                 "rescore_sample"):
-        if name not in used:
-            settings["train"].pop(name, None)
-    orders = OrderData(cfg, layout) if ordered else None
+    order_settings = {k: settings["train"].pop(k, None) for k in ORDER_SETTINGS}  # a shuffled model's key has none
+    orders = OrderData(cfg, layout)
     out = []
     for m in seed_models(cfg, layout):
         def work(folder: Path, threads: int, m: Model = m) -> dict[str, Any]:
@@ -232,29 +255,29 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
 
             n = max_updates(cfg, m, use_cuda)
             order_file = None
-            if orders is not None:
+            if m.order != "shuffled":
                 order_file = folder / "order.npy"
                 tmp = folder / ".order.npy.tmp"
                 with open(tmp, "wb") as f:
                     np.save(f, orders.hardness(m))
                 tmp.replace(order_file)
-            s = schedule(cfg, m.seed, n, use_cuda, order_file)
+            s = schedule(cfg, m.seed, n, use_cuda, m.order, order_file)
             result = train(m.data_bin, folder, cfg.model, s, threads, use_cuda, prefix=f"[train {m.run}] ")
             for f in folder.glob("checkpoint_*_*.pt"):  # interval checkpoints only served resumption
                 f.unlink()
-            extra = {} if orders is None else {"order": cfg.train.order, "order_by": cfg.train.order_by}
-            if cfg.train.order in ("competence", "self-paced"):
+            extra = {} if m.order == "shuffled" else {"order": m.order, "order_by": cfg.train.order_by}
+            if m.order in ("competence", "self-paced"):
                 extra["competence_updates"] = s.competence_updates
-            if cfg.train.order == "self-paced":  # what rescoring cost, from fairseq-train's log
+            if m.order == "self-paced":  # what rescoring cost, from fairseq-train's log
                 spent = [float(x) for x in re.findall(r"self-paced: rescored \d+ pairs .* in ([\d.]+)s",
                                                        (folder / "train.log").read_text(encoding="utf-8"))]
                 extra.update(rescorings=len(spent), rescore_seconds=round(sum(spent), 1))
                 log.info("[train %s] self-paced: %d rescorings, %.1fs in all", m.run, len(spent), sum(spent))
             return {**result, "max_update": n, **batch_record(s, use_cuda), **extra}
 
-        key = {**settings, "train": {**settings["train"], "seed": m.seed},
+        key = {**settings, "train": {**settings["train"], "seed": m.seed, **used_order_settings(m.order, order_settings)},
                "data": file_sha256(m.data_bin / "train.src-tgt.tgt.bin")}
-        if orders is not None:
+        if m.order != "shuffled":
             key["order_data"] = orders.digest(m)
         out.append(Unit(f"train {m.run}", layout.train_dir(m.run), key, work,
                         ["checkpoint_best.pt", "checkpoint_last.pt"], layout.lock,
