@@ -69,6 +69,7 @@ SPEED_ONLY = (
     "score.batch_tokens",
     "score.chunk_tokens",
     "train.parallel",
+    "train.valid_bleu",  # monitoring: the trained weights are the same with and without it (tests/test_curriculum.py)
     "evaluate.max_tokens",
     "download.cache_dir",
     "launch.*",
@@ -543,6 +544,9 @@ class TrainConfig(_Recorded):
     rescore_every: Positive = 200
     rescore_by: Annotated[Str, _one_of("el2n", "nll")] = "el2n"
     rescore_sample: Annotated[Int | None, _at_least(1, or_null=True)] = None
+    # also log BLEU on the validation set (greedy, SentencePiece removed, sacrebleu 13a) at every validation: the
+    # report draws it against updates (does an order reach a BLEU sooner?); the weights trained do not change
+    valid_bleu: Bool = False
 
     @model_validator(mode="wrap")
     @classmethod

@@ -4,7 +4,8 @@ fairseq-train writes each run's log to ``train.log`` beside its checkpoints (``0
 ``06_train/<run>/``), and TensorBoard event files to ``tb/`` there. The report reads the text log, which
 every run has whatever is installed: ``train_inner`` lines (the mean loss over the last ``--log-interval``
 updates), ``train`` lines (the mean over a whole epoch, at its last update, and over the part of the last
-epoch trained) and ``valid`` lines (at every save interval and at the last update), each with ``num_updates``.
+epoch trained) and ``valid`` lines (at every save interval and at the last update), each with ``num_updates``,
+and with ``train.valid_bleu`` the validation BLEU of those lines (a fourth panel: BLEU against updates).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ CURVES_PNG = "training_curves.png"
 _KIND = re.compile(r"\| (train_inner|train|valid) \|")
 _LOSS = re.compile(r"(?<![\w])loss[= ](-?[\d.]+(?:e-?\d+)?)")
 _UPDATES = re.compile(r"num_updates[= ](\d+)")
+_BLEU = re.compile(r"\| bleu[= ](-?[\d.]+) ")
 _SEED = re.compile(r"(.+)-seed(\d+)")
 
 Curve = list[tuple[int, float]]  # (updates, loss), by updates
@@ -34,15 +36,18 @@ def read_curves(log: Path) -> dict[str, Curve]:
     to it; a later line for the same update wins). ``train``: the ``train_inner`` points only; ``epoch``: the
     epoch means, kept apart because while the loss falls an epoch's mean lies above the interval points around
     it (it includes the epoch's first updates); ``valid``: every validation."""
-    found: dict[str, dict[int, float]] = {"train_inner": {}, "train": {}, "valid": {}}
+    found: dict[str, dict[int, float]] = {"train_inner": {}, "train": {}, "valid": {}, "bleu": {}}
     if log.is_file():
         with open(log, encoding="utf-8", errors="replace") as f:
             for line in f:
                 kind, loss, upd = _KIND.search(line), _LOSS.search(line), _UPDATES.search(line)
                 if kind and loss and upd:
                     found[kind.group(1)][int(upd.group(1))] = float(loss.group(1))
+                    bleu = _BLEU.search(line) if kind.group(1) == "valid" else None
+                    if bleu:
+                        found["bleu"][int(upd.group(1))] = float(bleu.group(1))
     return {"train": sorted(found["train_inner"].items()), "epoch": sorted(found["train"].items()),
-            "valid": sorted(found["valid"].items())}
+            "valid": sorted(found["valid"].items()), "bleu": sorted(found["bleu"].items())}
 
 
 def run_logs(layout: RunLayout, units: dict[str, set[str]] | None = None) -> dict[str, list[tuple[str, Path]]]:
@@ -58,17 +63,19 @@ def run_logs(layout: RunLayout, units: dict[str, set[str]] | None = None) -> dic
 
 def parse_run_name(name: str) -> tuple[str, float | None, int]:
     """(strategy, sparsity, seed) of a final model's folder, the inverse of ``layout.run_name`` and
-    ``seed_run_name``: ``el2n-high-0.2-seed2`` -> ("el2n-high", 0.2, 2), ``full`` -> ("full", 0.0, 1); a name
-    that is neither gives (name, None, 1)."""
+    ``seed_run_name``: ``el2n-high-0.2-seed2`` -> ("el2n-high", 0.2, 2), ``full`` -> ("full", 0.0, 1),
+    ``full+competence`` -> ("full+competence", 0.0, 1) (a model trained in another order, ``train.order``); a
+    name that is none of these gives (name, None, 1)."""
     m = _SEED.fullmatch(name)
-    corpus, seed = (m.group(1), int(m.group(2))) if m else (name, 1)
+    system, seed = (m.group(1), int(m.group(2))) if m else (name, 1)
+    corpus, plus, order = system.partition("+")
     if corpus == "full":
-        return "full", 0.0, seed
+        return "full" + plus + order, 0.0, seed
     strategy, _, sparsity = corpus.rpartition("-")
     try:
-        return strategy, float(sparsity), seed
+        return strategy + plus + order, float(sparsity), seed
     except ValueError:
-        return corpus, None, seed
+        return system, None, seed
 
 
 def _training_points(curves: list[dict[str, Curve]]) -> tuple[str, str]:
@@ -97,7 +104,7 @@ def _final_styles(names: list[str]) -> dict[str, dict[str, Any]]:
             color = colormaps[_FAMILIES[strategies.index(st) % len(_FAMILIES)]](
                 0.85 if len(sps) == 1 else 0.5 + 0.45 * j / (len(sps) - 1))
         out[n] = {"color": color, "ls": SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)],
-                  "corpus": "full" if st == "full" else (st if sp is None else f"{st} {sp:g}"), "seed": seed,
+                  "corpus": st if st == "full" or not sp else f"{st} {sp:g}", "seed": seed,
                   "order": (st != "full", st, -1.0 if sp is None else sp, seed)}
     return dict(sorted(out.items(), key=lambda kv: kv[1]["order"]))  # full first, then by strategy and sparsity
 
@@ -114,11 +121,15 @@ def curves_figure(layout: RunLayout, units: dict[str, set[str]] | None = None) -
 
     groups = run_logs(layout, units)
     ylabel = "loss (label-smoothed cross-entropy, base 2)"
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    finals = [(label, read_curves(log)) for label, log in groups["train"]]
+    with_bleu = any(c["bleu"] for _, c in finals)
+    fig, axes = plt.subplots(1, 4 if with_bleu else 3, figsize=(22.5 if with_bleu else 17, 4.8))
     for ax in axes:
         ax.set_xlabel("updates")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    if with_bleu:
+        axes[3].set_ylabel("BLEU on the validation set (greedy)")
 
     ax = axes[0]
     proxies = [(label, read_curves(log)) for label, log in groups["proxy"]]
@@ -136,17 +147,20 @@ def curves_figure(layout: RunLayout, units: dict[str, set[str]] | None = None) -
     if proxies:
         ax.legend(fontsize=7)
 
-    finals = [(label, read_curves(log)) for label, log in groups["train"]]
     kind, what = _training_points([c for _, c in finals])
     styles = _final_styles([label for label, _ in finals])
-    for ax, k, title in ((axes[1], kind, f"final models (06_train): training loss\n{what}"),
-                         (axes[2], "valid", "final models (06_train): validation loss\nat every save interval")):
+    panels = [(axes[1], kind, f"final models (06_train): training loss\n{what}"),
+              (axes[2], "valid", "final models (06_train): validation loss\nat every save interval")]
+    if with_bleu:
+        panels.append((axes[3], "bleu", "final models (06_train): validation BLEU\nat every save interval "
+                       "(train.valid_bleu)"))
+    for ax, k, title in panels:
         ax.set_title(title, fontsize=9)
         for label, c in finals:
             if c[k]:
                 s = styles[label]
                 ax.plot(*zip(*c[k], strict=True), color=s["color"], ls=s["ls"], lw=1.2,
-                        marker="x" if k == "valid" else ".", ms=4, gid=f"{label}:{k}")
+                        marker="x" if k in ("valid", "bleu") else ".", ms=4, gid=f"{label}:{k}")
     if finals:
         # one legend entry per corpus (all its seeds share the colour) and one per seed (its line style)
         handles = [Line2D([], [], color=s["color"], lw=2, label=s["corpus"])
@@ -155,7 +169,7 @@ def curves_figure(layout: RunLayout, units: dict[str, set[str]] | None = None) -
         if len(seeds) > 1:
             handles += [Line2D([], [], color="grey", ls=SEED_STYLES[i % len(SEED_STYLES)], label=f"seed {seed}")
                         for i, seed in enumerate(seeds)]
-        axes[2].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+        axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                        title="colour: strategy\nshade: sparsity (darker:\nmore pruned)" +
                        ("\nline style: seed" if len(seeds) > 1 else ""), title_fontsize=7)
     for ax, logs in ((axes[0], proxies), (axes[1], finals), (axes[2], finals)):

@@ -241,6 +241,7 @@ class Schedule:
     rescore_every: int = 0  # self-paced: updates between rescorings by the model being trained
     rescore_by: str = "el2n"
     rescore_sample: int = 0  # self-paced: pairs scored each time (0: all)
+    valid_bleu: bool = False  # fairseq's --eval-bleu at every validation (greedy), for BLEU-vs-updates curves
 
 
 # Flags that train_argv sets and the kept checkpoints, resumption and precision depend on:
@@ -358,6 +359,9 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
                      "--rescore-sample", str(s.rescore_sample), "--order-state-dir", str(save_dir)]
         if s.record_batches:
             argv += ["--record-batches", s.record_batches]
+    if s.valid_bleu:  # validation BLEU in train.log: greedy, pieces joined back (the data-bin holds SentencePiece pieces)
+        argv += ["--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
+                 "--eval-bleu-detok", "space", "--eval-bleu-remove-bpe", "sentencepiece"]
     if model.share_all_embeddings:
         argv.append("--share-all-embeddings")
     # training curves beside the checkpoints (TensorBoard event files; mtprune report reads train.log)

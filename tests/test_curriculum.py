@@ -217,3 +217,26 @@ def test_self_paced_draws_from_the_easiest_pairs_by_the_trained_models_own_el2n(
     resumed = dict(_train(L.data_bin, tmp_path / "sp2", "self-paced", hardness, max_update=12, c0=0.3, t=8,
                           rescore_every=4, save_every=4))
     assert resumed == seen
+
+
+def test_valid_bleu_is_logged_at_every_validation_and_leaves_the_trained_weights_alone(tiny_run: Path,
+                                                                                      tmp_path: Path) -> None:
+    import torch
+
+    from mtprune.curves import read_curves
+
+    cfg = load_config(TINY, [])
+    L = RunLayout(tiny_run)
+    last = {}
+    for bleu in (False, True):
+        s = Schedule(max_update=6, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=1, label_smoothing=0.1,
+                     precision="fp32", seed=1, save_interval_updates=3, valid_bleu=bleu)
+        train(L.data_bin, tmp_path / str(bleu), cfg.model, s, threads=1, use_cuda=False, prefix="")
+        last[bleu] = torch.load(tmp_path / str(bleu) / "checkpoint_last.pt", map_location="cpu",
+                                weights_only=False)["model"]
+    assert last[True].keys() == last[False].keys()
+    for k in last[True]:
+        assert torch.equal(last[True][k], last[False][k]), k
+    curves = read_curves(tmp_path / "True" / "train.log")  # fairseq's own log lines, as the report reads them
+    assert [u for u, _ in curves["bleu"]] == [3, 6] and all(0 <= b <= 100 for _, b in curves["bleu"])
+    assert read_curves(tmp_path / "False" / "train.log")["bleu"] == []

@@ -113,6 +113,27 @@ def test_final_models_are_coloured_by_strategy_shaded_by_sparsity_and_styled_by_
     assert legend == ["full", "el2n-high 0.2", "el2n-high 0.4", "random 0.2", "random 0.4", "seed 1", "seed 2"]
 
 
+def test_validation_bleu_gets_a_fourth_panel_and_orders_parse_as_strategies_of_their_own(tmp_path: Path) -> None:
+    from mtprune.curves import parse_run_name
+
+    assert parse_run_name("full+competence-seed2") == ("full+competence", 0.0, 2)
+    assert parse_run_name("el2n-high-0.2+self-paced") == ("el2n-high+self-paced", 0.2, 1)
+    names = ["full", "full+competence"]
+    layout = _runs(tmp_path / "run", names)
+    assert len(curves_figure(layout).axes) == 3  # no BLEU logged: no BLEU panel
+    for i, name in enumerate(names):
+        log = layout.train_dir(name) / "train.log"
+        lines = [ln.replace("| best_loss", f"| bleu {10 + i + u / 30:.2f} | best_loss") if "valid on" in ln else ln
+                 for u, ln in enumerate(log.read_text().splitlines(keepends=True))]
+        log.write_text("".join(lines))
+    fig = curves_figure(layout)
+    bleu = _lines(fig.axes[3])
+    assert set(bleu) == {"full:bleu", "full+competence:bleu"}
+    assert [int(x) for x in bleu["full:bleu"].get_xdata()] == [37, 74, 111, 148, 150]
+    legend = [x.get_text() for x in fig.axes[3].get_legend().get_texts()]
+    assert legend == ["full", "full+competence"]
+
+
 def test_runs_shorter_than_the_log_interval_draw_epoch_means_for_the_whole_panel(tmp_path: Path) -> None:
     fig = curves_figure(_runs(tmp_path / "run", ["full", "random-0.2"], updates=20, save=5, epoch_len=6))
     t = _lines(fig.axes[1])

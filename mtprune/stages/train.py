@@ -138,7 +138,8 @@ def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None
                     seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project,
                     order=order, order_file=None if order_file is None else str(order_file),
                     competence_c0=t.competence_c0, competence_updates=competence_updates(cfg, max_update),
-                    rescore_every=t.rescore_every, rescore_by=t.rescore_by, rescore_sample=t.rescore_sample or 0)
+                    rescore_every=t.rescore_every, rescore_by=t.rescore_by, rescore_sample=t.rescore_sample or 0,
+                    valid_bleu=t.valid_bleu)
 
 
 def competence_updates(cfg: Config, max_update: int) -> int:
