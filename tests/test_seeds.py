@@ -153,3 +153,24 @@ def test_seeds_name_the_units_and_the_older_train_seed_is_read_as_one_seed(tmp_p
     assert code == 2 and "train: give train.seeds only (train.seed is the older single-seed form)" in out, out
     code, out = cli("train", "-c", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", "train.budget=epochs")
     assert code == 2 and "train.max_epoch: needed with train.budget: epochs" in out, out
+
+
+def test_the_report_tests_the_length_matched_strategy_against_random_length_and_says_what_each_corpus_dropped(
+        tiny_copy: Path) -> None:
+    sets = ["prune.strategies=[el2n-high,random-length,random]", "prune.sparsities=[0.3]", "train.max_update=4",
+            "train.include_full=false"]
+    args = [a for s in sets for a in ("--set", s)]
+    for stage in ("prune", "train", "evaluate", "report"):
+        code, out = cli(stage, "-c", str(TINY), "--run-dir", str(tiny_copy), "-q", *args)
+        assert code == 0, out
+    L = RunLayout(tiny_copy)
+    md = L.report_file("results.md").read_text()
+    assert "| p vs random-length |" in md
+    stats = json.loads(L.manifest("report").read_text())["stats"]
+    assert set(stats["significance"]["p_vs_random_length"]) == {"el2n-high-0.3"}
+    dropped = stats["dropped"]
+    assert set(dropped) == {"el2n-high-0.3", "random-length-0.3", "random-0.3"}
+    # random-length drops exactly el2n-high's target lengths, so their mean too
+    assert dropped["random-length-0.3"]["dropped_mean_tokens"] == pytest.approx(dropped["el2n-high-0.3"]["dropped_mean_tokens"])
+    assert dropped["el2n-high-0.3"]["dropped"] == dropped["random-0.3"]["dropped"] > 0
+    assert "## What each corpus dropped" in md
