@@ -47,7 +47,8 @@ def test_competence_batches_stay_in_the_open_window_and_fit_fairseqs_token_rule(
 
 
 def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | None, max_update: int,
-           c0: float = 0.01, t: int = 0, rescore_every: int = 0, save_every: int = 3) -> list[tuple[int, list[int]]]:
+           c0: float = 0.01, t: int = 0, rescore_every: int = 0, save_every: int = 3,
+           rescore_sample: int = 0) -> list[tuple[int, list[int]]]:
     cfg = load_config(TINY, [])
     order_file = None
     if hardness is not None:
@@ -57,7 +58,7 @@ def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | No
     s = Schedule(max_update=max_update, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=1,
                  label_smoothing=0.1, precision="fp32", seed=1, save_interval_updates=save_every, order=order,
                  order_file=order_file, competence_c0=c0, competence_updates=t, record_batches=str(record),
-                 rescore_every=rescore_every)
+                 rescore_every=rescore_every, rescore_sample=rescore_sample)
     train(data_bin, save_dir, cfg.model, s, threads=1, use_cuda=False, prefix="")
     out = []
     for line in record.read_text().splitlines():
@@ -240,3 +241,18 @@ def test_valid_bleu_is_logged_at_every_validation_and_leaves_the_trained_weights
     curves = read_curves(tmp_path / "True" / "train.log")  # fairseq's own log lines, as the report reads them
     assert [u for u, _ in curves["bleu"]] == [3, 6] and all(0 <= b <= 100 for _, b in curves["bleu"])
     assert read_curves(tmp_path / "False" / "train.log")["bleu"] == []
+
+
+def test_self_paced_on_a_sample_scores_and_draws_from_that_sample_only(tiny_run: Path, tmp_path: Path) -> None:
+    L = RunLayout(tiny_run)
+    _, tgt, _ = load_train_pairs(L.data_bin)
+    hardness = np.random.default_rng(7).permutation(len(tgt)).astype(np.float64)
+    run = tmp_path / "sample"
+    seen = dict(_train(L.data_bin, run, "self-paced", hardness, max_update=8, c0=1.0, t=1, rescore_every=4,
+                       save_every=4, rescore_sample=150))
+    assert "self-paced: rescored 150 pairs by el2n at update 4" in (run / "train.log").read_text()
+    ranking = np.load(run / "self-paced-epoch2.npy")
+    sample = set(np.flatnonzero(np.isfinite(ranking)).tolist())
+    assert len(sample) == 150
+    assert all(set(seen[u]) <= sample for u in range(4, 8))  # competence 1: the whole sample, nothing else
+    assert not all(set(seen[u]) <= sample for u in range(4))
