@@ -39,7 +39,6 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .curriculum import ORDERS
 from .errors import ConfigError
 
 OPUS_PAIRS = ("de-en", "en-es", "en-fr", "en-it")  # the default pairs (and the synthetic corpus's)
@@ -57,6 +56,7 @@ _LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
 _SCORE = r"[A-Za-z0-9_]+-(high|low)"  # <score column>-high / -low
 _STRATEGY = re.compile(rf"^(random|random-length|group|opusfilter|{_SCORE})$")
 _SCORE_STRATEGY = re.compile(rf"^{_SCORE}$")
+ORDERS = ("shuffled", "easy-first", "hard-first", "competence", "self-paced")  # train.order (curriculum.py)
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
 # because one of them changed (a GPU user would lose hours to a batch-size tweak). Dotted keys; a key

@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-ORDERS = ("shuffled", "easy-first", "hard-first", "competence", "self-paced")
-TASK = "mtprune_ordered"
-USER_DIR = Path(__file__).parent / "fairseq_user" / "mtprune_user_dir"  # fairseq-train --user-dir
+from .config import ORDERS
+from .fairseq_backend import ORDERED_TASK as TASK
 
 
 def competence(update: int, c0: float, updates: int) -> float:

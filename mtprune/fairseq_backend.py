@@ -13,6 +13,7 @@ allow the pickled objects fairseq stores. The checkpoints are the run's own, so 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -244,6 +245,11 @@ class Schedule:
     valid_bleu: bool = False  # fairseq's --eval-bleu at every validation (greedy), for BLEU-vs-updates curves
 
 
+# train.order other than shuffled: fairseq-train loads mtprune/curriculum.py's task from this --user-dir folder
+ORDERED_TASK = "mtprune_ordered"
+USER_DIR = Path(__file__).parent / "fairseq_user" / "mtprune_user_dir"
+
+
 # Flags that train_argv sets and the kept checkpoints, resumption and precision depend on:
 # model.extra_args must not override them (argparse keeps the last occurrence, so it would win).
 MANAGED_FLAGS = frozenset({
@@ -344,9 +350,7 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
             "--log-format", "simple", "--log-interval", "50", "--num-workers", "0",
             "--skip-invalid-size-inputs-valid-test", "--required-batch-size-multiple", "1"]
     if s.order != "shuffled" or s.record_batches:
-        from .curriculum import TASK, USER_DIR
-
-        argv[argv.index("--task") + 1] = TASK
+        argv[argv.index("--task") + 1] = ORDERED_TASK
         argv += ["--user-dir", str(USER_DIR), "--train-order", s.order,
                  "--batches-per-update", str(s.update_freq * world_size(use_cuda))]
         if s.order != "shuffled":
@@ -581,11 +585,11 @@ def quiet_fairseq() -> None:
 def load_model(checkpoint: Path, data_bin: Path, device: str) -> tuple[Any, Any]:
     """(model in eval mode on ``device``, fairseq task) with the dictionary of ``data_bin``."""
     quiet_fairseq()
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils, utils
 
-    from .curriculum import register
-
-    register()  # a model trained with train.order names the mtprune_ordered task in its checkpoint
+    # a model trained with train.order names the mtprune_ordered task in its checkpoint: register it, as
+    # fairseq-train did, through the --user-dir folder
+    utils.import_user_module(argparse.Namespace(user_dir=str(USER_DIR)))
     if not checkpoint.is_file():
         raise UsageError(f"{checkpoint}: checkpoint not found")
     trained = checkpoint.parent / DICT_RECORD

@@ -19,7 +19,7 @@ FLOORS = {
         "lock"],
     2: ["config"],
     3: ["fairseq_backend", "el2n", "scoring.*", "noise", "sources", "synthetic", "significance", "curves", "plots",
-        "results"],
+        "results", "curriculum", "fairseq_user.*"],
     4: ["pipeline", "launch"],
     5: ["stages.*"],
     6: ["cli", "slurm", "__main__"],

@@ -37,7 +37,8 @@ def test_results_csv_follows_the_contract(swept: tuple[Path, str]) -> None:
     run, _ = swept
     with open(RunLayout(run).report_file("results.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0].keys()) == ["strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train"]
+    assert list(rows[0].keys()) == ["strategy", "sparsity", "seed", "pair", "bleu", "chrf", "n_train", "order"]
+    assert {r["order"] for r in rows} == {"shuffled"}
     got = [(r["strategy"], float(r["sparsity"]), r["seed"], r["pair"]) for r in rows]
     assert len(got) == len(set(got)) == 3 * 5  # one row per model, seed and pair (the tiny config: seed 1)
     for strategy, sparsity in (("full", 0.0), ("el2n-high", 0.2), ("random", 0.2)):
