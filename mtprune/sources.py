@@ -116,7 +116,6 @@ def _read_parquet(files: list[Path], pair: str) -> Pairs:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    l1, l2 = langs(pair)
     for f in files:
         try:
             pf = pq.ParquetFile(f)
@@ -124,11 +123,30 @@ def _read_parquet(files: list[Path], pair: str) -> Pairs:
             raise InputError(f"{f}: not a readable parquet file ({e})") from None
         if "translation" not in pf.schema_arrow.names:
             raise InputError(f"{f}: no 'translation' column (columns: {', '.join(pf.schema_arrow.names)})")
-        for batch in pf.iter_batches(columns=["translation"], batch_size=10_000):
-            for row in batch.column(0).to_pylist():
-                if not row or l1 not in row or l2 not in row:
-                    raise InputError(f"{f}: a translation entry lacks {l1!r} or {l2!r}: {row!r}")
-                yield row[l1] or "", row[l2] or ""
+        for batch in pf.iter_batches(columns=["translation"], batch_size=BATCH_ROWS):
+            yield from translation_pairs(batch.column(0), pair, str(f))
+
+
+# Rows converted to Python strings at a time: the Arrow batches of a parquet file or of a hub dataset are read
+# this many rows at a time, so that a pair of a million rows never stands in memory as Python objects.
+BATCH_ROWS = 10_000
+
+
+def translation_pairs(column, pair: str, where: str) -> Pairs:  # noqa: ANN001 - a pyarrow (Chunked)Array
+    """The ``(text_l1, text_l2)`` of an Arrow ``translation`` column (a struct with one string field per
+    language, OPUS-100's format on the hub and in its parquet files), one batch converted at a time. A row
+    without the struct or a language field missing from it is an error naming ``where``; a null text is ""."""
+    import pyarrow as pa
+
+    l1, l2 = langs(pair)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for col in chunks:
+        names = [col.type.field(i).name for i in range(col.type.num_fields)] if pa.types.is_struct(col.type) else []
+        if l1 not in names or l2 not in names or col.null_count:
+            first = next((r for r in col.to_pylist() if not isinstance(r, dict) or l1 not in r or l2 not in r), None)
+            raise InputError(f"{where}: a translation entry lacks {l1!r} or {l2!r}: {first!r}")
+        for a, b in zip(col.field(l1).to_pylist(), col.field(l2).to_pylist(), strict=True):
+            yield a or "", b or ""
 
 
 def read_files(files: tuple[str, ...] | list[str]) -> Pairs:
@@ -168,10 +186,9 @@ def read_hub(pair: str, split: str, cache_dir: str | None = None) -> Pairs:
         raise StageError(
             f"cannot load {HUB_DATASET} ({pair}, {HUB_SPLIT[split]}) from the Hugging Face hub: {first[:200]}. "
             f"For a copy on disk use --set download.source=local:DIR") from None
-    l1, l2 = langs(pair)
-    for row in ds:
-        t = row["translation"]
-        yield t.get(l1) or "", t.get(l2) or ""
+    # Arrow batches straight from the memory-mapped cache: a Python dict per row is much slower
+    for batch in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
+        yield from translation_pairs(batch.column("translation"), pair, f"{HUB_DATASET} ({pair}, {HUB_SPLIT[split]})")
 
 
 # Loggers of the libraries behind load_dataset. huggingface_hub and datasets print through a handler of their

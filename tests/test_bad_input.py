@@ -210,3 +210,43 @@ def test_a_target_language_without_its_bleu_tokenizer_is_refused_before_anything
     assert error_lines(out) == ["mtprune sweep: error: BLEU for target language 'ja' needs a tokenizer sacrebleu "
                                 "cannot load here (RuntimeError); install it with: pip install 'sacrebleu[ja]'"]
     assert not any(run.iterdir())  # no stage started
+
+
+@pytest.mark.parametrize("rows, shown", [
+    ([{"translation": {"de": "Hallo.", "en": "Hello."}}, {"translation": None}], "None"),
+    ([{"translation": {"de": "Hallo.", "fr": "Bonjour."}}], "lacks 'de' or 'en'"),
+])
+def test_a_translation_entry_without_both_languages_is_one_line(tmp_path: Path, rows: list, shown: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import write_parquet
+
+    src = write_parquet(tmp_path / "pq", "de-en")
+    f = next((src / "de-en").glob("train-*.parquet"))
+    pq.write_table(pa.Table.from_pylist(rows), f)
+    run = tmp_path / "run"
+    code, out = cli("download", "--set", f"download.source=local:{src}", "--set", "download.pairs=[de-en]",
+                    "--run-dir", str(run))
+    assert code == 2, out
+    assert len(error_lines(out)) == 1 and f"{f}: a translation entry lacks" in out and shown in out, out
+    assert not list(run.rglob("train.*")) and not list(run.rglob("*.tmp"))
+
+
+def test_a_missing_text_in_a_translation_entry_is_an_empty_side(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import write_parquet
+
+    src = write_parquet(tmp_path / "pq", "de-en")
+    f = next((src / "de-en").glob("train-*.parquet"))
+    rows = [{"translation": {"de": "Hallo.", "en": "Hello."}}, {"translation": {"de": "Ja."}},
+            {"translation": {"de": "Nein.", "en": None}}]
+    pq.write_table(pa.Table.from_pylist(rows), f)
+    run = tmp_path / "run"
+    code, out = cli("download", "--set", f"download.source=local:{src}", "--set", "download.pairs=[de-en]",
+                    "--run-dir", str(run))
+    assert code == 0, out
+    assert "train 1 (read 3, empty 2," in out
+    assert (RunLayout(run).split_file("de-en", "train", "en")).read_text() == "Hello.\n"

@@ -121,7 +121,8 @@ def test_hub_source_reads_the_hub_layout(tmp_path: Path, monkeypatch: pytest.Mon
         calls.append((name, config, split))
         a, b = config.split("-")
         off = {"train": 0, "validation": 100, "test": 200}[split]
-        return [{"translation": {a: sentence(off + i, a), b: sentence(off + i, b)}} for i in range(15)]
+        return datasets.Dataset.from_list([{"translation": {a: sentence(off + i, a), b: sentence(off + i, b)}}
+                                           for i in range(15)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     code, out = download(tmp_path / "r", "download.source=hub", "download.pairs=[en-es]")
@@ -197,7 +198,8 @@ def test_what_the_hub_libraries_log_is_shown_after_a_load_that_succeeds(monkeypa
         warnings.warn("a warning of datasets", UserWarning, stacklevel=1)
         if fail:
             raise ConnectionError("Couldn't reach 'Helsinki-NLP/opus-100' on the Hub (LocalEntryNotFoundError)")
-        return [{"translation": {"de": sentence(i, "de"), "en": sentence(i, "en")}} for i in range(3)]
+        return datasets.Dataset.from_list([{"translation": {"de": sentence(i, "de"), "en": sentence(i, "en")}}
+                                           for i in range(3)])
 
     monkeypatch.setattr(datasets, "load_dataset", load)
     with pytest.warns(UserWarning, match="a warning of datasets"):
@@ -297,7 +299,8 @@ def test_hub_cache_dir_is_passed_and_does_not_make_the_download_stale(tmp_path: 
         caches.add(cache_dir)
         a, b = config.split("-")
         off = {"train": 0, "validation": 100, "test": 200}[split]
-        return [{"translation": {a: sentence(off + i, a), b: sentence(off + i, b)}} for i in range(15)]
+        return datasets.Dataset.from_list([{"translation": {a: sentence(off + i, a), b: sentence(off + i, b)}}
+                                           for i in range(15)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     run = tmp_path / "r"
@@ -382,3 +385,56 @@ def test_a_local_copy_under_home_is_an_input_of_the_stage(tmp_path: Path, monkey
     cfg = load_config(None, ["download.source=local:~/opus", "download.pairs=[de-en]"])
     files = external_inputs(cfg)  # editing the copy makes download stale, as for an absolute path
     assert str(tmp_path / "opus" / "de-en" / "opus.de-en-train.de") in files and len(files) == 6
+
+
+def _hub_parquet(root: Path, n_train: int) -> Path:
+    """OPUS-100's hub parquet layout for en-es, ``n_train`` training rows of varied lengths (row groups of
+    100k rows, as large as the hub's files use), 300 valid and test rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = root / "en-es"
+    d.mkdir(parents=True)
+    for split, n, off in (("train", n_train, 0), ("validation", 300, 10**8), ("test", 300, 2 * 10**8)):
+        en = pa.array([f"sentence {off + i} of {'many ' * (i % 9)}words" for i in range(n)])
+        es = pa.array([f"frase {off + i} de {'muchas ' * (i % 7)}palabras" for i in range(n)])
+        table = pa.table({"translation": pa.StructArray.from_arrays([en, es], names=["en", "es"])})
+        pq.write_table(table, d / f"{split}-00000-of-00001.parquet", row_group_size=100_000)
+    return root
+
+
+def _download_peak_mib(root: Path, run: Path) -> tuple[float, str]:
+    """`mtprune download` of 5,000 pairs drawn from the local copy, in a child; its peak RSS in MiB."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    # VmHWM, the peak of this process's own memory: getrusage's ru_maxrss would start from the parent's peak,
+    # which an exec does not reset
+    child = ("import atexit; from mtprune.cli import main; "
+             "atexit.register(lambda: print('peak', [l.split()[1] for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM')][0])); "
+             "main(prog_name='mtprune')")
+    p = subprocess.run([sys.executable, "-c", child, "download", "--run-dir", str(run), "-q",
+                        "--set", f"download.source=local:{root}", "--set", "download.pairs=[en-es]",
+                        "--set", "download.max_train_per_pair=5000"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout.split("peak")[-1]) / 1024, p.stdout
+
+
+@pytest.mark.slow
+def test_a_million_row_pair_is_downloaded_in_bounded_memory(tmp_path: Path) -> None:
+    """The training split streams from the Arrow batches to disk and is drawn from there: a million rows
+    (~90 MB of text) cost no more memory than ten thousand. Held as Python tuples of strings they took
+    ~300 MB more."""
+    small, _ = _download_peak_mib(_hub_parquet(tmp_path / "small", 10_000), tmp_path / "r-small")
+    big, _ = _download_peak_mib(_hub_parquet(tmp_path / "big", 1_000_000), tmp_path / "r-big")
+    assert big - small < 60, (small, big)
+    layout = RunLayout(tmp_path / "r-big")
+    ids = read(layout.download_ids("en-es"))
+    assert len(ids) == 5000 and len(read(layout.split_file("en-es", "train", "es"))) == 5000
+    n = [int(s.split("/")[1]) for s in ids]
+    assert n == sorted(n) and n[-1] > 900_000  # drawn over the whole split, in source order
+    assert read(layout.split_file("en-es", "train", "en"))[7] == f"sentence {n[7]} of {'many ' * (n[7] % 9)}words"

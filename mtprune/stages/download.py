@@ -3,11 +3,12 @@ corpus), clean and subsample."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..manifest import write_lines
 from ..pipeline import StageResult
 from ..sources import SPLITS, langs, read_files, read_hub, read_local
 from ..synthetic import make_pair
-from ..textio import read_lines
+from ..textio import read_lines, text_lines
 
 SECTIONS = ("download",)
 UPSTREAM: tuple[str, ...] = ()
@@ -95,10 +96,11 @@ def _split_reader(cfg: Config, pair: str) -> tuple[Callable[[str], Iterable[tupl
     return (lambda split: getattr(data, split)), data.noise
 
 
-def _clean(rows: Iterable[tuple[str, str]], cfg: Config, counts: Counter,
-           block: tuple[set[str], set[str]] | None = None) -> list[tuple[int, str, str]]:
+def _cleaned(rows: Iterable[tuple[str, str]], cfg: Config, counts: Counter,
+             block: tuple[set[str], set[str]] | None = None) -> Iterator[tuple[int, str, str]]:
+    """``(n, text_l1, text_l2)`` of the rows kept, streamed; ``counts`` tallies what was read and dropped."""
     d = cfg.download
-    kept = []
+    counts["kept"] = 0
     for n, (a, b) in enumerate(rows):
         a, b = " ".join(a.split()), " ".join(b.split())  # strip, and fold tabs/CR/runs of spaces
         counts["read"] += 1
@@ -109,18 +111,59 @@ def _clean(rows: Iterable[tuple[str, str]], cfg: Config, counts: Counter,
         elif block is not None and (a in block[0] or b in block[1]):
             counts["in_test_set"] += 1
         else:
-            kept.append((n, a, b))
-    counts["kept"] = len(kept)
-    return kept
+            counts["kept"] += 1
+            yield n, a, b
 
 
 def _subsample(rows: list, limit: int | None, seed: str) -> list:
     if limit is None or len(rows) <= limit:
         return rows
-    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in keep]
+    return [rows[i] for i in _sample(len(rows), limit, seed)]
 
 
+def _sample(total: int, limit: int, seed: str) -> list[int]:
+    """The positions kept when ``limit`` of ``total`` rows are drawn, in order."""
+    return sorted(random.Random(seed).sample(range(total), limit))
+
+
+def _write_train(layout: RunLayout, pair: str, rows: Iterable[tuple[int, str, str]], limit: int | None,
+                 seed: str) -> int:
+    """Write the cleaned training rows (ids and both sides), at most ``limit`` of them drawn with ``seed``,
+    without holding them in memory: every row goes to temp files first, then the draw is copied out of them
+    (the same rows as drawing from a list). Returns the number written."""
+    l1, l2 = langs(pair)
+    finals = (layout.download_ids(pair), layout.split_file(pair, "train", l1), layout.split_file(pair, "train", l2))
+    temps = [p.with_name(f".{p.name}.all.{os.getpid()}.tmp") for p in finals]
+    try:
+        total = 0
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(t, "w", encoding="utf-8", newline="\n")) for t in temps]
+            for n, a, b in rows:
+                for f, text in zip(files, (f"{pair}/{n}", a, b), strict=True):
+                    f.write(text + "\n")
+                total += 1
+        keep = None if limit is None or total <= limit else _sample(total, limit, seed)
+        for tmp, final in zip(temps, finals, strict=True):
+            if keep is None:
+                os.replace(tmp, final)
+            else:
+                write_lines(final, _picked(text_lines(tmp), keep))
+        return total if keep is None else len(keep)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+
+
+def _picked(lines: Iterable[str], keep: list[int]) -> Iterator[str]:
+    """The lines at the (sorted) positions ``keep``."""
+    want = iter(keep)
+    nxt = next(want, None)
+    for i, line in enumerate(lines):
+        if i == nxt:
+            yield line
+            nxt = next(want, None)
+            if nxt is None:
+                return
 
 
 def _wants_wrong_language(cfg: Config) -> bool:
@@ -200,41 +243,45 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         log.log(logging.INFO if d.source == "hub" else logging.DEBUG, "download: %s from %s", pair, d.source)
         per_split: dict[str, Any] = {}
         test_counts: Counter = Counter()
-        test = _clean(reader("test"), cfg, test_counts)
-        valid_counts: Counter = Counter()
-        valid = _clean(reader("valid"), cfg, valid_counts)
-        block = ({a for _, a, _ in test}, {b for _, _, b in test})
-        train_counts: Counter = Counter()
-        train = _clean(reader("train"), cfg, train_counts, block)
-        if not train:
-            raise InputError(f"download: {pair}: no training pairs left after cleaning ({dict(train_counts)})")
+        test = list(_cleaned(reader("test"), cfg, test_counts))
         if not test:
             raise InputError(f"download: {pair}: the test split is empty after cleaning ({dict(test_counts)})")
+        valid_counts: Counter = Counter()
+        valid = list(_cleaned(reader("valid"), cfg, valid_counts))
         if not valid:
             raise InputError(f"download: {pair}: the valid split is empty after cleaning ({dict(valid_counts)})")
-        train = _subsample(train, d.max_train_per_pair, f"{d.seed}-{pair}-train")
+        block = ({a for _, a, _ in test}, {b for _, _, b in test})
         valid = _subsample(valid, d.max_valid_per_pair, f"{d.seed}-{pair}-valid")
         test = _subsample(test, d.max_test_per_pair, f"{d.seed}-{pair}-test")
         layout.pair_dir(pair).mkdir(parents=True, exist_ok=True)
-        for split, rows, counts in (("train", train, train_counts), ("valid", valid, valid_counts),
-                                    ("test", test, test_counts)):
+        for split, rows, counts in (("valid", valid, valid_counts), ("test", test, test_counts)):
             for side, lang in ((1, l1), (2, l2)):
                 path = layout.split_file(pair, split, lang)
                 write_lines(path, (r[side] for r in rows))
                 outputs.append(path)
             per_split[split] = {**dict(counts), "written": len(rows)}
-        write_lines(layout.download_ids(pair), (f"{pair}/{n}" for n, _, _ in train))
-        outputs.append(layout.download_ids(pair))
-        written = {n for n, _, _ in train}
-        labelled[pair] = {n: kind for n, kind in noise.items() if n in written}
+        # the training split can be millions of rows: streamed to disk, never held as Python strings
+        train_counts: Counter = Counter()
+        n_train = _write_train(layout, pair, _cleaned(reader("train"), cfg, train_counts, block),
+                               d.max_train_per_pair, f"{d.seed}-{pair}-train")
+        if not n_train:
+            raise InputError(f"download: {pair}: no training pairs left after cleaning ({dict(train_counts)})")
+        per_split["train"] = {**dict(train_counts), "written": n_train}
+        outputs += [layout.split_file(pair, "train", l1), layout.split_file(pair, "train", l2),
+                    layout.download_ids(pair)]
+        train_ids = [int(sid.rsplit("/", 1)[1]) for sid in text_lines(layout.download_ids(pair))] if noise else []
+        labelled[pair] = {n: noise[n] for n in train_ids if n in noise}
         if _wants_wrong_language(cfg) and len(d.pairs) > 1:
             side = noise_mod.third_language_index(pair)
-            pools[pair] = noise_mod.pool_of([r[side] for r in train if r[0] not in labelled[pair]],
+            texts = text_lines(layout.split_file(pair, "train", (l1, l2)[side - 1]))
+            ids = text_lines(layout.download_ids(pair))
+            pools[pair] = noise_mod.pool_of([t for sid, t in zip(ids, texts, strict=True)
+                                             if int(sid.rsplit("/", 1)[1]) not in labelled[pair]],
                                             f"{d.noise.seed}-{pair}-pool")
-        stats["pairs"][pair] = per_split
+        stats["pairs"][pair] = {split: per_split[split] for split in SPLITS}
         crash_point(f"download:after:{pair}")
         log.info("download: %s (%s): train %d (read %d, empty %d, too long %d, in test %d), valid %d, test %d",
-                 pair, d.source, len(train), train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
+                 pair, d.source, n_train, train_counts["read"], train_counts["empty_side"], train_counts["too_long"],
                  train_counts["in_test_set"], len(valid), len(test))
     if add_noise:
         per_pair = _add_noise(cfg, layout, pools, outside, labelled)
