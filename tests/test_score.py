@@ -171,14 +171,21 @@ def test_shards_merge_into_the_same_table(tiny_copy: Path) -> None:
     # the rank of Fisher's sum over such ranks (base_all, combined_all), whose value may move far more
     ranked = [c for c in full.columns if c in ("combined", "el2n_worst")]
     fisher = [c for c in full.columns if c in ("base_all", "combined_all")]
-    pd.testing.assert_frame_equal(merged.drop(columns=ranked + fisher), full.drop(columns=ranked + fisher),
+    # proto's states are kept in float16: a last-digit difference can round to the neighbouring half (2^-11)
+    proto = [c for c in full.columns if c.startswith("proto")]
+    rest = ranked + fisher + proto
+    pd.testing.assert_frame_equal(merged.drop(columns=rest), full.drop(columns=rest),
                                   check_exact=False, rtol=1e-5, atol=1e-6)
+    for c in proto:
+        assert (merged[c] - full[c]).abs().max() <= 1e-4, c
     for c in ranked:
         assert (merged[c] - full[c]).abs().max() <= 2 / len(full), c
     for c in fisher:
         assert (merged[c].rank(pct=True) - full[c].rank(pct=True)).abs().max() <= 4 / len(full), c
     # the gradient sketch: each shard's slice, concatenated in row order
-    np.testing.assert_allclose(np.load(L.grad_sketch), full_sketch, rtol=1e-4, atol=1e-5 * np.abs(full_sketch).max())
+    assert np.load(L.grad_sketch).dtype == np.float16
+    np.testing.assert_allclose(np.load(L.grad_sketch).astype(np.float32), full_sketch.astype(np.float32),
+                               rtol=2e-3, atol=1e-4 * np.abs(full_sketch).max())
     # per-token values: each shard keeps its own, the merge joins them (a merge with them on raised NameError)
     tokens = ["--set", "score.dump_tokens=true"]
     for i in range(2):

@@ -161,6 +161,40 @@ def test_proto_is_the_cosine_distance_to_the_nearest_kmeans_centroid() -> None:
     assert int(np.argmax(got[:, 0])) == int(np.argmax(got[:, 1])) == 160  # the pair far from every cluster
 
 
+def test_pooled_states_of_a_wide_model_are_projected_into_float16(random_models) -> None:
+    """A model wider than POOLED_DIMS keeps its pooled states as x @ B_k in float16 (what `proto` clusters),
+    B_k from the valid split's states of checkpoint k; a narrower one keeps them whole."""
+    from mtprune.scoring.forward import POOLED_DIMS, pooled_basis
+
+    assert pooled_basis(torch.randn(10, POOLED_DIMS)) is None
+    models, d, (src, tgt), (vsrc, vtgt) = random_models
+    states: list = []
+    with torch.inference_mode():
+        dev_gradient(models[0], vsrc, vtgt, d, batch_tokens=60, chunk_tokens=9, device="cpu", dtype=None,
+                     pooled=states)
+    assert sum(len(x) for x in states) == len(vtgt) and states[0].shape[1] == 16
+    idx = np.arange(len(tgt))
+    full = np.zeros((len(idx), 2, 16), dtype=np.float32)
+    small = np.zeros((len(idx), 2, 3), dtype=np.float16)
+    proj = [torch.randn(16, 3, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    with torch.inference_mode():
+        score_dataset(models, src, tgt, d, idx, 80, 7, "cpu", None, full=True, pooled_out=full)
+        score_dataset(models, src, tgt, d, idx, 80, 7, "cpu", None, full=True, pooled_out=small, pooled_proj=proj)
+    for k in range(2):
+        np.testing.assert_allclose(small[:, k].astype(np.float32), full[:, k] @ proj[k].numpy(), rtol=2e-3, atol=2e-3)
+    # a 512-dim model's states near a 40-dim subspace: the basis spans it, cosines between pairs are kept
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(40, 512, generator=gen)
+    x = torch.randn(3000, 40, generator=gen) @ mix + 0.01 * torch.randn(3000, 512, generator=gen)
+    basis = pooled_basis(x[:500])  # "the valid split"
+    assert basis.shape == (512, POOLED_DIMS)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(POOLED_DIMS), atol=1e-4, rtol=0)
+    y = (x @ basis).half().float()
+    cos = lambda a: torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(a, dim=1).T  # noqa: E731
+    assert float((cos(x) - cos(y)).abs().max()) < 0.01
+    assert pooled_basis(x[:10]).shape == (512, POOLED_DIMS)  # fewer valid pairs than dimensions: zero columns
+
+
 def test_lr_is_what_fairseq_held_at_each_checkpoint(tiny_run: Path) -> None:
     cfg = load_config(TINY, [], run_dir=str(tiny_run))
     for c in checkpoints(cfg, RunLayout(tiny_run)):
@@ -183,7 +217,7 @@ def test_score_table_sketch_and_diagnostics_carry_the_new_scores(tiny_run: Path)
             np.testing.assert_allclose(df[name], per.mean(1), rtol=1e-12)
     assert (df["el2n_max"] >= df["el2n"]).all() and (df["grand"] > 0).all() and (df["proto"] >= 0).all()
     sketch = np.load(L.grad_sketch)
-    assert sketch.shape == (len(df), 256) and sketch.dtype == np.float32 and np.abs(sketch).sum(1).min() > 0
+    assert sketch.shape == (len(df), 256) and sketch.dtype == np.float16 and np.abs(sketch).sum(1).min() > 0
     manifest = json.loads(L.manifest("score").read_text())
     assert "grad_sketch.npy" in manifest["outputs"]
     for name in NEW:

@@ -140,7 +140,8 @@ def with_sentence_ids(tok: Any, table: Any) -> Any:
 
 
 def shard_pooled(shard: Path) -> Path:
-    """(rows, checkpoints, D) float32 mean-pooled encoder states: `proto` is computed at the merge."""
+    """(rows, checkpoints, P) float16 mean-pooled encoder states, projected (``forward.POOLED_DIMS``): `proto` is
+    computed at the merge."""
     return shard.with_suffix(".pooled.npy")
 
 
@@ -157,7 +158,7 @@ def concat_npy(parts: list[Path], out: Path) -> None:
             pass
     arrays = [np.load(p, mmap_mode="r") for p in parts]
     rows = sum(a.shape[0] for a in arrays)
-    dst = open_npy(out, (rows,) + arrays[0].shape[1:])
+    dst = open_npy(out, (rows,) + arrays[0].shape[1:], arrays[0].dtype)
     start = 0
     for a in arrays:
         dst[start:start + a.shape[0]] = a
