@@ -182,6 +182,22 @@ def test_group_selection_at_scale_uses_the_pool_and_stays_far_below_random() -> 
     assert group_select(x, 0, seed=1).tolist() == [] and len(group_select(x, 6000, seed=1)) == 6000
 
 
+def test_group_selection_on_the_stored_float16_sketch_reads_it_by_blocks(tmp_path, monkeypatch) -> None:
+    """The score stage stores the sketch in float16; selection reads the memory map a block of rows at a time
+    (no float32 copy of the whole sketch) and picks the set it picks from the same values in float32."""
+    from mtprune.scoring import group
+
+    rng = np.random.default_rng(2)
+    x16 = (rng.normal(size=(6000, 64)) * rng.lognormal(0, 0.5, size=(6000, 1))).astype(np.float16)
+    np.save(tmp_path / "sketch.npy", x16)
+    stored = np.load(tmp_path / "sketch.npy", mmap_mode="r")
+    monkeypatch.setattr(group, "_BLOCK_ROWS", 1000)  # six blocks
+    got = group_select(stored, 2400, seed=1)
+    assert len(np.unique(got)) == 2400
+    np.testing.assert_array_equal(got, group_select(x16.astype(np.float32), 2400, seed=1))
+    assert group_norm(stored, got) < 0.05 * group_norm(x16, rng.choice(6000, 2400, replace=False))
+
+
 def test_langid_scores_are_the_same_in_every_process() -> None:
     """lingua's confidences vary in the last bits from one process to the next; the column must not."""
     import subprocess

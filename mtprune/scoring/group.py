@@ -39,6 +39,30 @@ def _pick(values: np.ndarray, among: np.ndarray, m: int) -> np.ndarray:
     return np.sort(among[part])
 
 
+# rows converted to float32 at a time when the sketch is stored narrower (float16): the sketch of a corpus of
+# millions of pairs stays in its memory map instead of a float32 copy twice its size
+_BLOCK_ROWS = 65_536
+
+
+def _matvec(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``x @ v`` in float32 (float64 result), by blocks of rows when ``x`` is not float32."""
+    v = v.astype(np.float32)
+    if x.dtype == np.float32:
+        return (x @ v).astype(np.float64)
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for a in range(0, x.shape[0], _BLOCK_ROWS):
+        out[a:a + _BLOCK_ROWS] = np.asarray(x[a:a + _BLOCK_ROWS], dtype=np.float32) @ v
+    return out
+
+
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for a in range(0, x.shape[0], _BLOCK_ROWS):
+        b = np.asarray(x[a:a + _BLOCK_ROWS], dtype=np.float32)
+        out[a:a + _BLOCK_ROWS] = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+    return out
+
+
 def group_norm(sketch: np.ndarray, chosen: np.ndarray) -> float:
     """``||sum_{i in chosen} s_i||`` in float64."""
     return float(np.linalg.norm(sketch[chosen].astype(np.float64).sum(axis=0)))
@@ -60,13 +84,13 @@ def group_select(sketch: np.ndarray, k: int, seed: int, *, pool: int = 2048, blo
 
 def _select(sketch: np.ndarray, k: int, seed: int, *, pool: int, block: int, swap_candidates: int,
             swap_rounds: int, patience: int, restarts: int, perturb: int) -> np.ndarray:
-    x = np.ascontiguousarray(sketch, dtype=np.float32)
+    x = sketch if sketch.dtype == np.float16 else np.ascontiguousarray(sketch, dtype=np.float32)
     n = x.shape[0]
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
     if k >= n:
         return np.arange(n)
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    sq = _sq_norms(x)
     chosen = np.zeros(n, dtype=bool)
     c = np.zeros(x.shape[1], dtype=np.float64)
     d = np.zeros(n, dtype=np.float64)  # <c, s_i> for every row
@@ -86,7 +110,7 @@ def _select(sketch: np.ndarray, k: int, seed: int, *, pool: int, block: int, swa
         chosen[cand[~free]] = True
         count += int((~free).sum())
         c += xp[~free].sum(axis=0)
-        d = x @ c.astype(np.float32)
+        d = _matvec(x, c)
     rng = np.random.default_rng(seed)
     tol = 1e-9 * float(sq.mean())
     swap = dict(swap_candidates=swap_candidates, swap_rounds=swap_rounds, patience=patience, tol=tol)
@@ -111,7 +135,7 @@ def _improve(x: np.ndarray, sq: np.ndarray, chosen: np.ndarray, rng: np.random.G
     chosen = chosen.copy()
     n, k = len(chosen), int(chosen.sum())
     c = x[chosen].astype(np.float64).sum(axis=0)  # exact, whatever rounding earlier steps accumulated
-    d = (x @ c.astype(np.float32)).astype(np.float64)
+    d = _matvec(x, c)
     idle = 0
     for _ in range(swap_rounds):
         improved = False
@@ -148,7 +172,7 @@ def _improve(x: np.ndarray, sq: np.ndarray, chosen: np.ndarray, rng: np.random.G
             improved = True
         if improved:
             c = x[chosen].astype(np.float64).sum(axis=0)
-            d = (x @ c.astype(np.float32)).astype(np.float64)
+            d = _matvec(x, c)
             idle = 0
         else:
             idle += 1
