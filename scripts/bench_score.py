@@ -246,7 +246,8 @@ def rss_child(args) -> None:
     import torch
 
     from mtprune.el2n import SKETCH_K, sketch_projections
-    from mtprune.scoring.forward import open_npy, output_layer, score_dataset
+    from mtprune.scoring.forward import output_layer, score_dataset
+    from mtprune.scoring.stored import open_npy
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, d = build(args.vocab, args.dim, args.layers)

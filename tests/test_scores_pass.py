@@ -164,7 +164,7 @@ def test_proto_is_the_cosine_distance_to_the_nearest_kmeans_centroid() -> None:
 def test_pooled_states_of_a_wide_model_are_projected_into_float16(random_models) -> None:
     """A model wider than POOLED_DIMS keeps its pooled states as x @ B_k in float16 (what `proto` clusters),
     B_k from the valid split's states of checkpoint k; a narrower one keeps them whole."""
-    from mtprune.scoring.forward import POOLED_DIMS, pooled_basis
+    from mtprune.scoring.stored import POOLED_DIMS, pooled_basis
 
     assert pooled_basis(torch.randn(10, POOLED_DIMS)) is None
     models, d, (src, tgt), (vsrc, vtgt) = random_models

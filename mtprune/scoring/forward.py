@@ -62,6 +62,7 @@ from ..errors import UsageError
 from ..layout import RunLayout
 from ..textio import read_lines
 from .baselines import COLUMNS as BASELINE_COLUMNS
+from .stored import POOLED_DIMS, SKETCH_DTYPE, flush_npy, open_npy, pooled_basis
 
 log = logging.getLogger("mtprune")
 
@@ -334,50 +335,6 @@ def proxy_runs(ckpts: list[Checkpoint]) -> list[list[int]]:
     """The positions in ``ckpts`` of each proxy run's (seed's) checkpoints, in update order."""
     seeds = sorted({c.seed for c in ckpts})
     return [sorted((k for k, c in enumerate(ckpts) if c.seed == s), key=lambda k: ckpts[k].updates) for s in seeds]
-
-
-def open_npy(path: Path, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-    """A .npy file of ``shape`` open for writing (a memory map, so corpus size stays on disk)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if 0 in shape:  # numpy cannot map an empty file
-        with open(path, "wb") as f:
-            np.save(f, np.zeros(shape, dtype=dtype))
-        return np.zeros(shape, dtype=dtype)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-
-
-# The gradient sketch is stored in float16 (512 bytes a pair): its entries are of the order of a pair's output-layer
-# gradient norm over 16, far inside float16's range, and ``group`` sums them in float64.
-SKETCH_DTYPE = np.float16
-
-# The pooled encoder states kept for ``proto`` are stored in float16 and, for a model wider than this, projected
-# onto the leading right singular vectors of the checkpoint's pooled states over the valid split (the same
-# basis in every shard): 128 bytes a pair and checkpoint whatever the model's width (a 512-dim model's float32
-# states took 2 KB). On 12,000 Tatoeba en-es pairs (128-dim proxy, 4 checkpoints) the proto column from 64 such
-# dimensions ranks the pairs as the full states do to Spearman 0.97, what two k-means seeds on the full states
-# agree to; a seeded Gaussian projection to 64 dimensions reached only 0.70.
-POOLED_DIMS = 64
-
-
-def pooled_basis(states: Any) -> Any:
-    """The (D, POOLED_DIMS) float32 basis the pooled states are projected on, from ``states`` (n, D), the
-    checkpoint's pooled states of the valid split: their leading right singular vectors (not centred: k-means
-    sees cosines, which the mean direction dominates), zero columns where n < POOLED_DIMS. None where
-    D <= POOLED_DIMS: the states are kept whole."""
-    import torch
-
-    dim = states.shape[1]
-    if dim <= POOLED_DIMS:
-        return None
-    _, _, vt = torch.linalg.svd(states.double().cpu(), full_matrices=False)
-    basis = torch.zeros(dim, POOLED_DIMS, dtype=torch.float32)
-    k = min(POOLED_DIMS, vt.shape[0])
-    basis[:, :k] = vt[:k].T.float()
-    return basis
-
-
-def flush_npy(a: np.ndarray) -> None:
-    getattr(a, "flush", lambda: None)()
 
 
 def _collect_tokens(out: list[dict[str, Any]], batch: dict[str, Any], b: np.ndarray, values: Any, pad: int,

@@ -27,7 +27,7 @@ from ..errors import StageError, UsageError
 from ..faults import crash_point
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, json_hash, temp_path
-from .forward import flush_npy, open_npy
+from .stored import flush_npy, open_npy
 
 log = logging.getLogger("mtprune")
 
@@ -140,7 +140,7 @@ def with_sentence_ids(tok: Any, table: Any) -> Any:
 
 
 def shard_pooled(shard: Path) -> Path:
-    """(rows, checkpoints, P) float16 mean-pooled encoder states, projected (``forward.POOLED_DIMS``): `proto` is
+    """(rows, checkpoints, P) float16 mean-pooled encoder states, projected (``stored.POOLED_DIMS``): `proto` is
     computed at the merge."""
     return shard.with_suffix(".pooled.npy")
 
