@@ -1,6 +1,7 @@
 """train.order: the batches fairseq-train itself draws (recorded by the mtprune_ordered task's train_step),
 competence's window, resumption and the unit key."""
 
+import json
 import math
 from pathlib import Path
 
@@ -168,6 +169,10 @@ def test_each_order_is_a_model_of_its_own_with_the_order_in_its_key_and_its_repo
     assert got.loc["full+easy-first", "order"] == "easy-first" and got.loc["random", "order"] == "shuffled"
     assert got.loc["random+easy-first", "sparsity"] == 0.2
     assert got.loc["random+easy-first", "n_train"] == got.loc["random", "n_train"]
+    # the paired tests put each order against its own corpus trained shuffled
+    sig = json.loads(L.manifest("report").read_text())["stats"]["significance"]
+    assert set(sig["p_vs_shuffled"]) == {"full+easy-first", "random-0.2+easy-first"}
+    assert "p vs shuffled" in L.report_file("results.md").read_text()
 
     mtimes = {d: (L.train_dir(d) / "checkpoint_last.pt").stat().st_mtime_ns for d in ("full", "full+easy-first")}
     code, out = cli("train", "-c", str(TINY), "--run-dir", str(tiny_copy), *both_args, "--set", "train.order_by=nll")

@@ -29,12 +29,15 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
     langs = [ts["tgt_lang"] for _ in seeds for ts in sets for _r in ts["ref"]]
     pooled: dict[str, list[str]] = {}
     corpus: dict[str, tuple[str, float]] = {}
+    shuffled_of: dict[str, str] = {}  # a model trained in another order -> the same corpus trained shuffled
     for m in seed_models(cfg, layout):
         hyps = [h for ts in sets for h in read_lines(hyp_path(layout, m.run, ts["name"]))]
         pooled.setdefault(m.name, []).extend(hyps)
         corpus[m.name] = (m.strategy, m.sparsity)
+        if m.order != "shuffled":
+            shuffled_of[m.name] = m.pruned_as[0]
     samples = cfg.report.paired_samples
-    vs: dict[str, dict[str, Any]] = {"random": {}, "full": {}, "random-length": {}}
+    vs: dict[str, dict[str, Any]] = {"random": {}, "full": {}, "random-length": {}, "shuffled": {}}
     signature = ""
     for sp in sorted({sp for st, sp in corpus.values() if st == "random"}):
         base = run_name("random", sp)
@@ -55,7 +58,14 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
         found, sig = paired_test(("full", pooled["full"]), others, refs, test, samples, langs)
         vs["full"].update({c.system: c for c in found})
         signature = sig or signature
-    if not vs["random"] and not vs["full"]:
+    # an order against the same corpus in fairseq's own shuffled order: what the order itself does
+    for base in dict.fromkeys(shuffled_of.values()):
+        ordered = [(n, pooled[n]) for n, b in shuffled_of.items() if b == base]
+        if base in pooled:
+            found, sig = paired_test((base, pooled[base]), ordered, refs, test, samples, langs)
+            vs["shuffled"].update({c.system: c for c in found})
+            signature = sig or signature
+    if not vs["random"] and not vs["full"] and not vs["shuffled"]:
         return "", {}
     what = "paired bootstrap resampling" if test == "bs" else "approximate randomization"
     seeds_text = (f"the hypotheses of seeds {', '.join(map(str, seeds))} concatenated as well (seed k beside seed k), "
@@ -66,10 +76,13 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
           f"p: two-sided p-value of the difference from `random` at the same sparsity and from `full`"
           + (f"; and `{matched}` against `random-length` (random pairs with its target-length distribution, "
              "`prune.length_match`): what its choice of pairs adds beyond their length" if vs["random-length"] else "")
+          + ("; and a model trained in another order (`train.order`) against the same corpus trained `shuffled`: "
+             "what the order itself does" if vs["shuffled"] else "")
           + f". Δ: the difference of the pooled BLEU. Signature: `{signature}`.\n\n"]
     body = []
     against = [("random", vs["random"]), ("full", vs["full"])] + (
-        [("random-length", vs["random-length"])] if vs["random-length"] else [])
+        [("random-length", vs["random-length"])] if vs["random-length"] else []) + (
+        [("shuffled", vs["shuffled"])] if vs["shuffled"] else [])
     for name, (st, sp) in corpus.items():
         if st == "full":
             continue
@@ -84,7 +97,8 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
     stats = {"test": test, "signature": signature, "seeds": seeds,
              "p_vs_random": {n: c.p_value for n, c in vs["random"].items()},
              "p_vs_full": {n: c.p_value for n, c in vs["full"].items()},
-             "p_vs_random_length": {n: c.p_value for n, c in vs["random-length"].items()}}
+             "p_vs_random_length": {n: c.p_value for n, c in vs["random-length"].items()},
+             "p_vs_shuffled": {n: c.p_value for n, c in vs["shuffled"].items()}}
     return "".join(md), stats
 
 
