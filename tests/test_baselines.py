@@ -114,13 +114,13 @@ def test_the_cache_is_reused_for_the_same_text_and_redone_for_other_text(tmp_pat
         raise AssertionError("computed again")
 
     with monkeypatch.context() as m:
-        m.setattr(baselines, "compute", no_compute)
+        m.setattr(baselines, "compute_rows", no_compute)
         again = baselines.cached(path, ids, dirs, src, tgt, tmp_path)
     for c in baselines.COLUMNS:  # eflomal is not reproducible bit for bit: only the cache gives equal values
         np.testing.assert_array_equal(again[c], first[c])
     tgt[3] = tgt[3] + " v1x"
     with monkeypatch.context() as m, pytest.raises(AssertionError, match="computed again"):
-        m.setattr(baselines, "compute", no_compute)
+        m.setattr(baselines, "compute_rows", no_compute)
         baselines.cached(path, ids, dirs, src, tgt, tmp_path)
     path.write_bytes(b"not parquet")  # a damaged cache is recomputed, not a traceback
     redone = baselines.cached(path, ids, dirs, src, tgt, tmp_path)

@@ -203,10 +203,11 @@ def test_langid_scores_are_the_same_in_every_process() -> None:
     import subprocess
     import sys
 
-    code = ("from mtprune.scoring.baselines import langid_badness; import sys; import numpy as np; "
+    code = ("from mtprune.scoring.baselines import langid_badness, langid_filter; import sys; import numpy as np; "
             "texts = ['Das ist ein kleines Haus.', 'This is not German at all.', 'Questa è una frase.', "
             "'Ich weiß nicht, was ich sagen soll.'] * 50; "
-            "sys.stdout.write(np.hstack(langid_badness([(t, t) for t in texts], 'de', 'en', ['de', 'en'])).tobytes().hex())")
+            "f, sides = langid_filter('de', 'en', ['de', 'en']); "
+            "sys.stdout.write(np.hstack(langid_badness(f, sides, [(t, t) for t in texts])).tobytes().hex())")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(3)}
     assert len(runs) == 1

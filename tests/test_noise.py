@@ -317,6 +317,7 @@ def test_score_stage_table_ranks_scores_by_auroc_with_precision_at_the_labelled_
 
 @pytest.mark.slow
 def test_score_writes_the_noise_table_and_drops_it_without_labels(tiny_copy: Path) -> None:
+    from mtprune.scoring.disktable import DiskTable
     from mtprune.stages.score import _noise_files
 
     L = RunLayout(tiny_copy)
@@ -327,7 +328,7 @@ def test_score_writes_the_noise_table_and_drops_it_without_labels(tiny_copy: Pat
     assert any(Path(k).name == "noise.md" for k in m["outputs"]), m["outputs"]
     assert m["stats"]["noise"]["labelled"] == len(L.noise_ids.read_text().splitlines())
     L.noise_ids.unlink()
-    assert _noise_files(pd.read_parquet(L.scores), L, {}) == []
+    assert _noise_files(DiskTable([L.scores]), L, {}) == []
     assert not md_path.exists() and not csv_path.exists()
 
 

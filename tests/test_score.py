@@ -397,6 +397,7 @@ def test_score_and_score_shard_clear_stale_temp_files_first(tmp_path: Path, monk
 def test_noise_labels_that_label_no_scored_pair_give_an_empty_table_not_a_crash(tiny_copy: Path) -> None:
     """A download's noise.ids that labels nothing (empty, or ids the scores do not have): the noise table says
     0 labelled pairs and no AUROC, and the stage finishes."""
+    from mtprune.scoring.disktable import DiskTable
     from mtprune.stages.score import _noise_files
 
     L = RunLayout(tiny_copy)
@@ -404,7 +405,7 @@ def test_noise_labels_that_label_no_scored_pair_give_an_empty_table_not_a_crash(
     for content in ("", "de-en/99999\tmisaligned\n"):
         L.noise_ids.write_text(content)
         stats: dict = {}
-        assert _noise_files(df, L, stats) == list(L.score_noise)
+        assert _noise_files(DiskTable([L.scores]), L, stats) == list(L.score_noise)
         assert stats["noise"]["labelled"] == 0 and set(stats["noise"]["auroc"].values()) == {None}
         assert f"0 of {len(df)} pairs labelled" in L.score_noise[0].read_text()
 

@@ -56,6 +56,7 @@ COLUMNS = ("base_lengthratio_char", "base_lengthratio_word", "base_langid_src", 
 EXTRA_LANGS = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "nb", "pl", "cs", "ro", "hu", "fi", "tr",
                "ru", "el", "ca", "eo", "zh", "ja", "ar")
 RATIO_CAP = 1e6  # LengthRatioFilter gives inf for an empty side; parquet, ranks and plots want a number
+CHUNK = 50_000  # rows whose text is held at once by the per-pair filters
 
 
 def _quiet_opusfilter() -> None:
@@ -71,23 +72,32 @@ def lingua_codes(codes: set[str] | list[str] | tuple[str, ...]) -> list[str]:
     return sorted(c for c in set(codes) if hasattr(IsoCode639_1, c.upper()))
 
 
-def langid_badness(pairs: list[tuple[str, str]], src: str, tgt: str, run_langs: list[str]) -> tuple[np.ndarray, ...]:
-    """(1 - confidence in ``src`` of each source, the same for the target); NaN for a language lingua lacks."""
+def langid_filter(src: str, tgt: str, run_langs: list[str]) -> tuple[Any, tuple[bool, bool]]:
+    """OpusFilter's LinguaFilter for a direction (None when lingua knows neither language), and which of the two
+    sides it can judge."""
     from opusfilter.lid import LinguaFilter
 
     known = lingua_codes({*EXTRA_LANGS, *run_langs, src, tgt})
-    out = [np.full(len(pairs), np.nan), np.full(len(pairs), np.nan)]
-    if src not in known or tgt not in known:
+    sides = (src in known, tgt in known)
+    if not all(sides):
         missing = [c for c in (src, tgt) if c not in known]
         log.warning("score: base_langid: lingua cannot identify %s; those rows get no base_langid value",
                     ", ".join(missing))
-    if not pairs or (src not in known and tgt not in known):
+    if not any(sides):
+        return None, sides
+    return LinguaFilter(languages=[src if sides[0] else "en", tgt if sides[1] else "en"], langid_languages=known,
+                        lingua_mode="low"), sides
+
+
+def langid_badness(f: Any, sides: tuple[bool, bool], pairs: list[tuple[str, str]]) -> tuple[np.ndarray, ...]:
+    """(1 - confidence in the expected language of each source, the same for the target) from ``langid_filter``'s
+    filter; NaN for a side lingua cannot judge."""
+    out = [np.full(len(pairs), np.nan), np.full(len(pairs), np.nan)]
+    if f is None or not pairs:
         return tuple(out)
-    f = LinguaFilter(languages=[src if src in known else "en", tgt if tgt in known else "en"],
-                     langid_languages=known, lingua_mode="low")
     conf = np.array(list(f.score(pairs)), dtype=np.float64)
-    for side, code in enumerate((src, tgt)):
-        if code in known:
+    for side in (0, 1):
+        if sides[side]:
             # lingua's sums run in a varying order between processes (last bits differ): rounded to 1e-6
             out[side] = np.round(1.0 - conf[:, side], 6)
     return tuple(out)
@@ -99,23 +109,39 @@ def langid_rejects(bad_src: np.ndarray, bad_tgt: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(bad_src) >= 1.0) | (np.nan_to_num(bad_tgt) >= 1.0)
 
 
-def wordalign(pairs: list[tuple[str, str]], src: str, tgt: str, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """eflomal's scores of each pair (source->target, target->source) with priors learnt from ``pairs``."""
+def wordalign(text: Any, rows: np.ndarray, src: str, tgt: str, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """eflomal's scores of each of ``rows`` of ``text`` (source->target, target->source) with priors learnt from
+    those very pairs. The text is streamed to eflomal's files twice (priors, then scores), never held."""
     from opusfilter.word_alignment import WordAlignFilter, make_priors
 
-    nan = np.full(len(pairs), np.nan)
-    if len({p for p in pairs if p[0].strip() and p[1].strip()}) < 2:
+    nan = np.full(len(rows), np.nan)
+    if not _two_distinct(text.pairs(rows)):
         return nan, nan.copy()  # eflomal needs a corpus to learn from
     toks = (("moses", src), ("moses", tgt))
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".wordalign.") as tmp:
         s_file, t_file, priors = Path(tmp, "src"), Path(tmp, "tgt"), Path(tmp, "priors")
-        s_file.write_text("".join(" ".join(p[0].split()) + "\n" for p in pairs), encoding="utf-8")
-        t_file.write_text("".join(" ".join(p[1].split()) + "\n" for p in pairs), encoding="utf-8")
+        with open(s_file, "w", encoding="utf-8") as fs, open(t_file, "w", encoding="utf-8") as ft:
+            for a, b in text.pairs(rows):
+                fs.write(" ".join(a.split()) + "\n")
+                ft.write(" ".join(b.split()) + "\n")
         make_priors(str(s_file), str(t_file), str(priors), src_tokenizer=toks[0], tgt_tokenizer=toks[1])
         f = WordAlignFilter(priors=str(priors), src_tokenizer=toks[0], tgt_tokenizer=toks[1])
-        scores = np.array(list(f.score(pairs)), dtype=np.float64).reshape(len(pairs), 2)
+        scores = np.fromiter((x for pair in f.score(text.pairs(rows)) for x in pair), dtype=np.float64,
+                             count=2 * len(rows)).reshape(len(rows), 2)
     scores = finite(scores)
     return scores[:, 0], scores[:, 1]
+
+
+def _two_distinct(pairs: Any) -> bool:
+    """Whether at least two different pairs with both sides non-empty are among ``pairs`` (stops at the second)."""
+    first = None
+    for p in pairs:
+        if p[0].strip() and p[1].strip():
+            if first is None:
+                first = p
+            elif p != first:
+                return True
+    return False
 
 
 def finite(scores: np.ndarray) -> np.ndarray:
@@ -124,7 +150,7 @@ def finite(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isinf(scores), np.sign(scores) * RATIO_CAP, scores)
 
 
-def _simple(pairs: list[tuple[str, str]]) -> dict[str, tuple[Any, Any]]:
+def _simple() -> dict[str, tuple[Any, Any]]:
     """column -> (filter, its score turned into higher = worse)."""
     from opusfilter import filters as F
 
@@ -140,68 +166,114 @@ def _simple(pairs: list[tuple[str, str]]) -> dict[str, tuple[Any, Any]]:
 
 def compute(src_text: list[str], tgt_text: list[str], directions: list[str], workdir: Path,
             seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Every ``base_*`` column for rows of (source, target, ``direction`` "src-tgt"); ``seconds`` receives the
-    CPU/wall time per filter."""
+    """Every ``base_*`` column for rows of (source, target, ``direction`` "src-tgt") held in lists."""
+    from .rawtext import ListText
+
+    names = sorted(set(directions))
+    codes = np.array([names.index(d) for d in directions], dtype=np.int64)
+    return compute_rows(ListText(src_text, tgt_text), codes, names, workdir, seconds)
+
+
+def compute_rows(text: Any, direction_codes: np.ndarray, direction_names: list[str], workdir: Path,
+                 seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Every ``base_*`` column for the rows of ``text`` (``rawtext.RowText`` or ``ListText``), row i translating in
+    direction ``direction_names[direction_codes[i]]``; ``seconds`` receives the wall time per filter.
+
+    The text is read ``CHUNK`` rows at a time for the per-pair filters, and streamed to eflomal: memory does not grow
+    with the corpus beyond the columns themselves (and eflomal's own, in its process)."""
     _quiet_opusfilter()
     seconds = {} if seconds is None else seconds
-    n = len(src_text)
+    n = len(text)
     out = {c: np.full(n, np.nan) for c in COLUMNS}
-    dirs = np.asarray(directions)
-    run_langs = sorted({lang for d in set(directions) for lang in d.split("-")})
-    for direction in sorted(set(directions)):
+    dirs = np.asarray(direction_codes)
+    present = sorted({direction_names[int(c)] for c in np.unique(dirs)})
+    run_langs = sorted({lang for d in present for lang in d.split("-")})
+    for direction in present:
         s, t = direction.split("-")
-        rows = np.flatnonzero(dirs == direction)
-        pairs = [(src_text[i], tgt_text[i]) for i in rows]
+        rows = np.flatnonzero(dirs == direction_names.index(direction))
+        simple = _simple()
+        lid, lid_sides = langid_filter(s, t, run_langs)
         rejects = np.zeros(len(rows))
-        for name, (filt, orient) in _simple(pairs).items():
+        for lo in range(0, len(rows), CHUNK):
+            part = rows[lo:lo + CHUNK]
+            pairs = list(text.pairs(part))
+            for name, (filt, orient) in simple.items():
+                t0 = time.time()
+                raw = list(filt.score(pairs))
+                out[name][part] = [orient(x) for x in raw]
+                rejects[lo:lo + CHUNK] += [not filt.accept(x) for x in raw]
+                seconds[name] = round(seconds.get(name, 0.0) + time.time() - t0, 3)
             t0 = time.time()
-            raw = list(filt.score(pairs))
-            out[name][rows] = [orient(x) for x in raw]
-            rejects += [not filt.accept(x) for x in raw]
-            seconds[name] = round(seconds.get(name, 0.0) + time.time() - t0, 3)
-        t0 = time.time()
-        out["base_langid_src"][rows], out["base_langid_tgt"][rows] = langid_badness(pairs, s, t, run_langs)
-        rejects += langid_rejects(out["base_langid_src"][rows], out["base_langid_tgt"][rows])
+            out["base_langid_src"][part], out["base_langid_tgt"][part] = langid_badness(lid, lid_sides, pairs)
+            rejects[lo:lo + CHUNK] += langid_rejects(out["base_langid_src"][part], out["base_langid_tgt"][part])
+            seconds["base_langid"] = round(seconds.get("base_langid", 0.0) + time.time() - t0, 3)
         out["base_opusfilter"][rows] = rejects
-        seconds["base_langid"] = round(seconds.get("base_langid", 0.0) + time.time() - t0, 3)
         t0 = time.time()
-        out["base_wordalign_src"][rows], out["base_wordalign_tgt"][rows] = wordalign(pairs, s, t, workdir)
+        out["base_wordalign_src"][rows], out["base_wordalign_tgt"][rows] = wordalign(text, rows, s, t, workdir)
         seconds["base_wordalign"] = round(seconds.get("base_wordalign", 0.0) + time.time() - t0, 3)
     return out
 
 
 def text_key(sentence_ids: list[str], directions: list[str], src_text: list[str], tgt_text: list[str]) -> str:
     """What the cached columns were computed from: the rows, in order, with their text (and VERSION)."""
+    from .rawtext import ListText
+
+    names = sorted(set(directions))
+    codes = np.array([names.index(d) for d in directions], dtype=np.int64)
+    return rows_key(sentence_ids, ListText(src_text, tgt_text), codes, names)
+
+
+def rows_key(sentence_ids: Any, text: Any, direction_codes: np.ndarray, direction_names: list[str]) -> str:
+    """``text_key`` streamed over the rows of ``text``, ``CHUNK`` rows at a time (``sentence_ids``: a sequence or a
+    pyarrow array)."""
+    from .rawtext import _chunked
+
     h = hashlib.sha256(f"mtprune-baselines-{VERSION}\n".encode())
-    for row in zip(sentence_ids, directions, src_text, tgt_text, strict=True):
-        h.update("\t".join(row).encode("utf-8", "surrogatepass"))
-        h.update(b"\n")
+    ids, n = _chunked(sentence_ids), len(text)
+    if len(ids) != n or len(direction_codes) != n:
+        raise ValueError("sentence ids, directions and text differ in length")
+    for lo in range(0, n, CHUNK):
+        part = range(lo, min(n, lo + CHUNK))
+        for sid, code, (a, b) in zip(ids.slice(lo, CHUNK).to_pylist(), direction_codes[lo:lo + CHUNK],
+                                     text.pairs(part), strict=True):
+            h.update(f"{sid}\t{direction_names[code]}\t{a}\t{b}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
 def cached(path: Path, sentence_ids: list[str], directions: list[str], src_text: list[str], tgt_text: list[str],
            workdir: Path, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """``compute``'s columns, read from ``path`` when it holds them for exactly these rows and text, else
+    """``cached_rows`` for rows held in lists."""
+    from .rawtext import ListText
+
+    names = sorted(set(directions))
+    codes = np.array([names.index(d) for d in directions], dtype=np.int64)
+    return cached_rows(path, sentence_ids, ListText(src_text, tgt_text), codes, names, workdir, seconds)
+
+
+def cached_rows(path: Path, sentence_ids: Any, text: Any, direction_codes: np.ndarray, direction_names: list[str],
+                workdir: Path, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """``compute_rows``'s columns, read from ``path`` when it holds them for exactly these rows and text, else
     computed and written there (atomically) for the next run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ..manifest import temp_path
 
-    key = text_key(sentence_ids, directions, src_text, tgt_text)
+    key = rows_key(sentence_ids, text, direction_codes, direction_names)
     if path.is_file():
         try:  # the key from the file's metadata first: the columns are read only when they are the ones wanted
             schema = pq.read_schema(path)
             meta = json.loads((schema.metadata or {}).get(b"mtprune", b"{}"))
             if meta.get("key") == key and set(COLUMNS) <= set(schema.names):
                 table = pq.read_table(path, columns=list(COLUMNS))
-                if table.num_rows == len(sentence_ids):
+                if table.num_rows == len(text):
                     log.info("score: baseline columns reused from %s", path)
                     return {c: table.column(c).to_numpy() for c in COLUMNS}
         except (OSError, ValueError, pa.ArrowException) as e:
             log.warning("score: %s unreadable (%s); computing the baselines again", path, e)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = compute(src_text, tgt_text, directions, path.parent, seconds)
+    cols = compute_rows(text, direction_codes, direction_names, path.parent, seconds)
+    directions = pa.array(direction_names, pa.string()).take(pa.array(np.asarray(direction_codes)))
     table = pa.table({"sentence_id": sentence_ids, "direction": directions, **cols})
     table = table.replace_schema_metadata({"mtprune": json.dumps({"key": key, "version": VERSION})})
     tmp = temp_path(path)

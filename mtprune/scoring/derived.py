@@ -44,7 +44,6 @@ import numpy as np
 
 from ..config import combine_problem
 from ..errors import UsageError
-from ..textio import read_lines
 from . import baselines
 
 log = logging.getLogger("mtprune")
@@ -157,71 +156,87 @@ def combine_ranks(ranks: np.ndarray, how: str) -> np.ndarray:
     return fisher(ranks) if how == "fisher" else ranks.max(axis=0)
 
 
-# ---- the raw text ----------------------------------------------------------------------------
-
-def raw_text(df: Any, layout: Any) -> tuple[list[str], list[str], list[str]]:
-    """Source text, target text and target language of every row, from ``01_download``."""
-    src: list[str] = [""] * len(df)
-    tgt: list[str] = [""] * len(df)
-    tgt_lang: list[str] = [""] * len(df)
-    pairs = df["pair"].to_numpy()
-    dirs = df["direction"].to_numpy()
-    sids = df["sentence_id"].to_numpy()
-    for pair in sorted(set(pairs.tolist())):
-        line_of = {sid: i for i, sid in enumerate(read_lines(layout.download_ids(pair)))}
-        text = {lang: read_lines(layout.split_file(pair, "train", lang)) for lang in pair.split("-")}
-        for r in np.flatnonzero(pairs == pair):
-            s, t = dirs[r].split("-")
-            try:
-                line = line_of[sids[r]]
-            except KeyError:
-                raise UsageError(f"{layout.download_ids(pair)}: has no sentence {sids[r]!r} of the score table; "
-                                 "the download changed since scoring") from None
-            src[r], tgt[r], tgt_lang[r] = text[s][line], text[t][line], t
-    return src, tgt, tgt_lang
-
-
 # ---- the table ----------------------------------------------------------------------------------
 
-def add_columns(df: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None = None) -> Any:
-    """``df`` with the derived columns (re)computed; ``seconds`` receives how long each took."""
-    seconds = {} if seconds is None else seconds
-    df = df.drop(columns=[c for c in df.columns if is_derived(c)])
-    new: dict[str, Any] = {}
+class _Columns:
+    """Column access, one column at a time as a pandas Series, to a pandas DataFrame or a pyarrow Table, with
+    ``extra`` columns (name -> array) looked up first: what the derived columns read, without turning a whole
+    pyarrow table into pandas (at 4M rows its string columns alone would be GBs of Python objects)."""
+
+    def __init__(self, data: Any, extra: dict[str, np.ndarray] | None = None) -> None:
+        self.data, self.extra = data, {} if extra is None else extra
+        names = list(data.column_names) if hasattr(data, "column_names") else list(data.columns)
+        self.columns = names + [c for c in self.extra if c not in names]
+
+    def __len__(self) -> int:
+        return self.data.num_rows if hasattr(self.data, "num_rows") else len(self.data)
+
+    def __getitem__(self, name: str) -> Any:
+        import pandas as pd
+
+        if name in self.extra:
+            return pd.Series(self.extra[name])
+        if hasattr(self.data, "column_names"):
+            return pd.Series(self.data.column(name).to_numpy())
+        return self.data[name]
+
+    def raw(self, name: str) -> Any:
+        """The column as it is stored (a pyarrow column or a pandas Series), for ``rawtext.RowText``."""
+        return self.data.column(name) if hasattr(self.data, "column_names") else self.data[name]
+
+
+def derived_columns(data: Any, cfg: Any, layout: Any, seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    """Every derived column of a score table (pandas or pyarrow, derived columns already dropped), in the order
+    they are added; ``seconds`` receives how long each took."""
+    from .rawtext import RowText
+
+    df = _Columns(data)
+    n = len(df)
+    new: dict[str, np.ndarray] = {}
     for family in DEBIASED:
         t0 = time.time()
         if family in df.columns:
             new.update(debiased_columns(df, family))
         seconds[f"{family}_debiased"] = round(time.time() - t0, 3)
-    if cfg.score.baselines and len(df):
+    if cfg.score.baselines and n:
         t0 = time.time()
-        src, tgt, _ = raw_text(df, layout)
-        seconds["base_read_text"] = round(time.time() - t0, 3)
-        new.update(baselines.cached(layout.baseline_cache, df["sentence_id"].tolist(), df["direction"].tolist(),
-                                    src, tgt, layout.stage_dir("score"), seconds))
-    df = df.assign(**new)
-    if all(c in df.columns for c in EL2N_WORST) and len(df):
+        with RowText(layout, df.raw("pair"), df.raw("direction"), df.raw("sentence_id")) as text:
+            seconds["base_read_text"] = round(time.time() - t0, 3)
+            new.update(baselines.cached_rows(layout.baseline_cache, df.raw("sentence_id"), text, text.direction_codes,
+                                             text.direction_names, layout.stage_dir("score"), seconds))
+    df = _Columns(data, new)
+    if all(c in df.columns for c in EL2N_WORST) and n:
         t0 = time.time()
-        df = df.assign(el2n_worst=combined(df, EL2N_WORST, "max"))
+        new["el2n_worst"] = combined(df, EL2N_WORST, "max")
         seconds["el2n_worst"] = round(time.time() - t0, 3)
     if cfg.score.combine:
         t0 = time.time()
-        df = df.assign(combined=combined(df, cfg.score.combine, cfg.score.combine_how))
+        new["combined"] = combined(df, cfg.score.combine, cfg.score.combine_how)
         seconds["combined"] = round(time.time() - t0, 3)
-    if cfg.score.baselines and len(df):
+    if cfg.score.baselines and n:
         t0 = time.time()
         how = cfg.score.combine_all_how
-        df = df.assign(base_all=combine_ranks(tail_ranks(df, BASE_ALL), how))
+        new["base_all"] = combine_ranks(tail_ranks(df, BASE_ALL), how)
         if cfg.score.combine:  # its entries were checked when `combined` was made above
-            df = df.assign(combined_all=combine_ranks(tail_ranks(df, (*cfg.score.combine, *BASE_ALL)), how))
+            new["combined_all"] = combine_ranks(tail_ranks(df, (*cfg.score.combine, *BASE_ALL)), how)
         seconds["base_all_combined_all"] = round(time.time() - t0, 3)
     log.info("score: derived columns in %.1fs (%s)", sum(seconds.values()),
              ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-    return df
+    return new
+
+
+def add_columns(df: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None = None) -> Any:
+    """A pandas score table with the derived columns (re)computed; ``seconds`` receives how long each took."""
+    df = df.drop(columns=[c for c in df.columns if is_derived(c)])
+    return df.assign(**derived_columns(df, cfg, layout, {} if seconds is None else seconds))
 
 
 def add_columns_table(table: Any, cfg: Any, layout: Any, seconds: dict[str, float] | None = None) -> Any:
-    """``add_columns`` on a pyarrow table (the score stage's)."""
+    """``add_columns`` on a pyarrow table (the score stage's): the columns are appended, the table is never
+    converted to pandas."""
     import pyarrow as pa
 
-    return pa.Table.from_pandas(add_columns(table.to_pandas(), cfg, layout, seconds), preserve_index=False)
+    table = table.drop_columns([c for c in table.column_names if is_derived(c)])
+    for name, values in derived_columns(table, cfg, layout, {} if seconds is None else seconds).items():
+        table = table.append_column(name, pa.array(values))
+    return table

@@ -42,8 +42,11 @@ def proto_distances(pooled: np.ndarray, groups: np.ndarray, clusters: int, seed:
 def with_proto(table: Any, pooled: np.ndarray, ckpts: list[Checkpoint], clusters: int) -> Any:
     import pyarrow as pa
 
-    groups = np.asarray([f"{p}\t{d}" for p, d in zip(table.column("pair").to_pylist(),
-                                                      table.column("direction").to_pylist(), strict=True)])
+    from .rawtext import _codes
+
+    pair, _ = _codes(table.column("pair"))
+    direction, names = _codes(table.column("direction"))
+    groups = pair * max(len(names), 1) + direction  # one integer per language pair and direction
     dist = proto_distances(pooled, groups, clusters)
     table = table.append_column("proto", pa.array(dist.mean(axis=1)))
     for k, c in enumerate(ckpts):

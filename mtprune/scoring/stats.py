@@ -20,16 +20,23 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 NOT_SCORES = ("index", "sentence_id", "pair", "direction", "n_tokens", "el2n_std")
 
 
-def diagnostics(df: Any, ckpts: list[Checkpoint]) -> dict[str, Any]:
+def diagnostics(table: Any, ckpts: list[Checkpoint]) -> dict[str, Any]:
+    """Per score column of a pyarrow score table: mean, percentiles and Spearman with the target length; and the
+    Spearman of el2n between seeds. Reads one column at a time."""
+    import pyarrow as pa
+
     out: dict[str, Any] = {"per_score": {}}
-    score_cols = [c for c in df.columns if c not in NOT_SCORES and np.issubdtype(df[c].dtype, np.number)]
-    for col in score_cols:
-        v = df[col].to_numpy()
-        out["per_score"][col] = {
+    length = table.column("n_tokens").to_numpy()
+    for field in table.schema:
+        if field.name in NOT_SCORES or not (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)):
+            continue
+        v = table.column(field.name).to_numpy()
+        out["per_score"][field.name] = {
             "mean": float(v.mean()), "p5": float(np.percentile(v, 5)), "p50": float(np.percentile(v, 50)),
-            "p95": float(np.percentile(v, 95)), "spearman_vs_length": spearman(v, df["n_tokens"].to_numpy())}
+            "p95": float(np.percentile(v, 95)), "spearman_vs_length": spearman(v, length)}
     seeds = sorted({c.seed for c in ckpts})
-    per_seed = {s: df[[f"el2n@{c.tag}" for c in ckpts if c.seed == s]].mean(axis=1).to_numpy() for s in seeds}
+    per_seed = {s: np.mean([table.column(f"el2n@{c.tag}").to_numpy() for c in ckpts if c.seed == s], axis=0)
+                for s in seeds}
     out["el2n_spearman_between_seeds"] = {
         f"s{a}~s{b}": spearman(per_seed[a], per_seed[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]}
     return out

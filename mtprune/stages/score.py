@@ -23,6 +23,7 @@ from ..layout import RunLayout
 from ..manifest import atomic_write_text, temp_path
 from ..pipeline import StageResult, require_fresh_upstream, stage_config, upstream_digests
 from ..scoring.derived import add_columns_table
+from ..scoring.disktable import DiskTable
 from ..scoring.dual import add_columns as add_dual_columns
 from ..scoring.finding import labelled_noise_table, read_noise_ids
 from ..scoring.forward import checkpoints, pick_device, score_columns, score_indices, score_table
@@ -113,7 +114,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         log.info("score: merging %d finished shard%s", len(shards), "s" if len(shards) > 1 else "")
     tmp_sketch, tmp_pooled = temp_path(layout.grad_sketch), layout.stage_dir("score") / f".pooled.{os.getpid()}.tmp"
     try:
-        table = pa.concat_tables([pq.read_table(s) for s in shards])
+        table = DiskTable(shards)  # read a column at a time: the merge's memory does not hold every column
         if cfg.score.dump_tokens:
             tok = pa.concat_tables([pq.read_table(shard_tokens(s)) for s in shards])
             write_parquet(with_sentence_ids(tok, table), layout.token_scores)
@@ -130,25 +131,25 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         tmp_sketch.unlink(missing_ok=True)
         tmp_pooled.unlink(missing_ok=True)
     n_rows = table.num_rows
-    if len(set(table.column("index").to_pylist())) != n_rows:
+    if np.unique(table.column("index").to_numpy()).size != n_rows:
         raise UsageError("score: shards overlap; delete 04_score/shards and score again")
     # last, after the merge: combined may rank any column above
     table = add_columns_table(table, cfg, layout, stats.setdefault("derived_seconds", {}))
-    write_parquet(table, layout.scores)
+    table.write(layout.scores)
+    table = DiskTable([layout.scores])
     stats["rows"] = n_rows
     stats["checkpoints"] = [c.tag for c in ckpts]
-    df = table.to_pandas()
-    stats.update(diagnostics(df, ckpts))
+    stats.update(diagnostics(table, ckpts))
     e = stats["per_score"]["el2n"]
     log.info("score: %d pairs; el2n mean %.3f (p5 %.3f, p50 %.3f, p95 %.3f); spearman with length %.2f; "
              "between seeds %s", n_rows, e["mean"], e["p5"], e["p50"], e["p95"], e["spearman_vs_length"],
              ", ".join(f"{k} {v:.2f}" for k, v in stats["el2n_spearman_between_seeds"].items()) or "n/a")
     outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens else [])
-    outputs += _noise_files(df, layout, stats)
+    outputs += _noise_files(table, layout, stats)
     return StageResult(outputs, stats)
 
 
-def _noise_files(df: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path]:
+def _noise_files(table: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path]:
     """With labelled noise from the download (``download.noise`` or the synthetic corpus), how well each
     score finds it: ``04_score/noise.md`` and ``noise.csv``, so a scorer is judged without training any final
     model. Without labels, files of an earlier labelled run are removed."""
@@ -158,7 +159,8 @@ def _noise_files(df: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path
         csv_path.unlink(missing_ok=True)
         return []
     labels = read_noise_ids(layout.noise_ids)
-    md, long, summary = labelled_noise_table(df, labels, "01_download/noise.ids")
+    per_pair = [c for c in table.column_names if "@" not in c]  # what the noise table reads: no per-checkpoint columns
+    md, long, summary = labelled_noise_table(table.to_pandas(per_pair), labels, "01_download/noise.ids")
     atomic_write_text(md_path, md)
     atomic_write_text(csv_path, long.to_csv(index=False, lineterminator="\n"))
     stats["noise"] = summary
