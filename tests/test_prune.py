@@ -108,6 +108,23 @@ def test_random_per_pair_stays_nested_when_a_small_pair_drops_nothing() -> None:
     assert not (low & ~high).any()  # every pair dropped at 0.1 is dropped at 0.2
 
 
+def test_the_id_order_is_the_sentence_ids_order_computed_column_wise() -> None:
+    # numbers compare as numbers (de-en/9 before de-en/10), pair names and directions as strings
+    from mtprune.stages.prune import _id_order_key
+
+    rng = np.random.default_rng(4)
+    pair = rng.choice(["en-es", "de-en", "en-it", "en-fr"], 3000)
+    num = rng.integers(0, 5000, 3000)
+    direction = np.where(rng.random(3000) < 0.5, "en-xx", "xx-en")
+    df = pd.DataFrame({"sentence_id": [f"{p}/{n}" for p, n in zip(pair, num, strict=True)], "direction": direction})
+    got = np.lexsort(_id_order_key(df)[::-1])
+    want = sorted(range(3000), key=lambda r: (pair[r], int(num[r]), direction[r]))
+    assert got.tolist() == want
+    df.loc[17, "sentence_id"] = "de-en-17"
+    with pytest.raises(UsageError, match="'de-en-17' is not <pair>/<number>"):
+        _id_order_key(df)
+
+
 def test_unknown_score_column_names_the_available_ones() -> None:
     with pytest.raises(UsageError, match="needs a score column 'bleu'.*el2n"):
         dropped("bleu-high", 0.1)
@@ -255,6 +272,37 @@ def test_random_length_drops_the_lengths_the_matched_strategy_drops_but_other_pa
         assert sorted(df["sentence_id"][got]) != sorted(df["sentence_id"][other])
     low = drop_mask(df, "random-length", 0.3, scope, 1, length_match="el2n-low")
     assert df["n_tokens"][low].mean() < df["n_tokens"].mean() - 2
+
+
+def _random_length_one_row_at_a_time(df: pd.DataFrame, reference: np.ndarray, scope: str, seed: int) -> np.ndarray:
+    # the draw written plainly (the version before it was vectorised): bins keyed by (pair, length) as strings,
+    # rows appended in sentence-id order, the bins drawn in sorted key order
+    pair = df["pair"].astype(str) if scope == "per-pair" else pd.Series(["0"] * len(df))
+    ids = sorted(range(len(df)), key=lambda r: (df["sentence_id"][r].rsplit("/", 1)[0],
+                                                int(df["sentence_id"][r].rsplit("/", 1)[1]), df["direction"][r]))
+    bins: dict[tuple[str, str], list[int]] = {}
+    for r in ids:
+        bins.setdefault((pair[r], str(df["n_tokens"][r])), []).append(r)
+    rng, mask = np.random.default_rng(seed), np.zeros(len(df), dtype=bool)
+    for key in sorted(bins):
+        rows = np.array(bins[key])
+        k = int(reference[rows].sum())
+        if k:
+            mask[rows[rng.permutation(len(rows))[:k]]] = True
+    return mask
+
+
+@pytest.mark.parametrize("scope", ["global", "per-pair"])
+def test_random_length_draws_the_pairs_it_drew_before_it_was_vectorised(scope: str) -> None:
+    from mtprune.stages.prune import length_matched_mask
+
+    a, b = lengths_table(400, seed=1), lengths_table(300, seed=2)
+    b["sentence_id"], b["pair"], b["direction"] = [f"en-fr/{i}" for i in range(300)], "en-fr", "en-fr"
+    b["n_tokens"] = b["n_tokens"] * 4  # lengths of two and three digits: "100" sorts before "12" as a string
+    df = pd.concat([b, a]).sample(frac=1.0, random_state=5).reset_index(drop=True)
+    ref = drop_mask(df, "el2n-high", 0.3, scope, 1)
+    for seed in (1, 7):
+        assert (length_matched_mask(df, ref, scope, seed) == _random_length_one_row_at_a_time(df, ref, scope, seed)).all()
 
 
 def test_random_length_needs_a_score_strategy_to_match() -> None:

@@ -38,10 +38,40 @@ UPSTREAM = ("prepare", "score")
 log = logging.getLogger("mtprune")
 
 
-def _id_order_key(sentence_ids: list[str], directions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pairs = np.array([s.rsplit("/", 1)[0] for s in sentence_ids])
-    nums = np.array([int(s.rsplit("/", 1)[1]) for s in sentence_ids], dtype=np.int64)
-    return pairs, nums, np.array(directions)
+def _ranked_codes(values: Any) -> np.ndarray:
+    """Integer codes of a string column that sort as its strings do (code point order), from its dictionary."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array(values, type=pa.large_string())
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    words = encoded.dictionary.to_pylist()
+    rank = np.empty(len(words), dtype=np.int64)
+    rank[sorted(range(len(words)), key=words.__getitem__)] = np.arange(len(words))
+    return rank[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _id_order_key(df: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort keys that put the rows of a score table in sentence-id order (``<pair>/<n>``: the pair's name, then
+    the number), then by direction; integer arrays, computed column-wise (no Python string per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pa.array(df["sentence_id"], type=pa.large_string())
+    if isinstance(ids, pa.ChunkedArray):  # a column already held by Arrow (pandas' arrow-backed strings)
+        ids = ids.combine_chunks()
+    parts = pc.extract_regex(ids, r"^(?P<pair>.*)/(?P<n>[+-]?[0-9]+)$")
+    if parts.null_count:
+        bad = ids.filter(pc.is_null(parts))[0].as_py()
+        raise UsageError(f"prune: sentence id {bad!r} is not <pair>/<number>; download again (mtprune download "
+                         "--overwrite)")
+    pairs = _ranked_codes(parts.field("pair"))
+    nums = pc.cast(parts.field("n"), pa.int64()).to_numpy()
+    dirs = _ranked_codes(df["direction"]) if "direction" in df else np.zeros(len(df), dtype=np.int64)
+    return pairs, nums, dirs
 
 
 def check_something_left(cfg: Config, pairs: Any) -> None:
@@ -107,19 +137,24 @@ def length_matched_mask(df: Any, reference: np.ndarray, scope: str, seed: int) -
     """A random subset with as many pairs of each target length (``n_tokens``; and of each language pair under
     per-pair scope) as the ``reference`` mask drops."""
     n = len(df)
-    lengths = df["n_tokens"].to_numpy()
-    pairs = df["pair"].to_numpy() if scope == "per-pair" else np.zeros(n, dtype=np.int64)
-    keys = [tuple(k) for k in np.stack([pairs.astype(str), lengths.astype(str)], axis=1)]
-    pairs_ids, nums, dirs = _id_order_key(df["sentence_id"].tolist(),
-                                          df["direction"].tolist() if "direction" in df else [""] * n)
+    lengths = df["n_tokens"].to_numpy().astype(np.int64)
+    # pair codes in the order of the pairs' names (one code under global scope)
+    pair_codes = _ranked_codes(df["pair"]) if scope == "per-pair" else np.zeros(n, dtype=np.int64)
+    pairs_ids, nums, dirs = _id_order_key(df)
     order = np.lexsort((dirs, nums, pairs_ids))  # rows in sentence-id order: the draw ignores the table's order
+    # one bin per (pair, length); rows grouped by bin, in sentence-id order within it
+    low = int(lengths.min()) if n else 0
+    key = pair_codes * (int(lengths.max()) - low + 1 if n else 1) + (lengths - low)
+    grouped = order[np.argsort(key[order], kind="stable")]
+    _, starts = np.unique(key[grouped], return_index=True)
+    bounds = list(zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True))
+    # the bins drawn in the order of (pair name, length written as a string): the order every earlier version
+    # drew them in, so that a seed picks the same pairs
+    bounds.sort(key=lambda b: (int(pair_codes[grouped[b[0]]]), str(int(lengths[grouped[b[0]]]))))
     rng = np.random.default_rng(seed)
     mask = np.zeros(n, dtype=bool)
-    bins: dict[tuple[str, str], list[int]] = {}
-    for r in order:
-        bins.setdefault(keys[r], []).append(int(r))
-    for key in sorted(bins):
-        rows = np.array(bins[key])
+    for a, b in bounds:
+        rows = grouped[a:b]
         k = int(reference[rows].sum())
         if k:
             mask[rows[rng.permutation(len(rows))[:k]]] = True
@@ -142,8 +177,7 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
     n = len(df)
     groups = [np.arange(n)] if scope == "global" else [np.flatnonzero(df["pair"].to_numpy() == p)
                                                       for p in sorted(df["pair"].unique())]
-    pairs, nums, dirs = _id_order_key(df["sentence_id"].tolist(),
-                                      df["direction"].tolist() if "direction" in df else [""] * n)
+    pairs, nums, dirs = _id_order_key(df)
     if strategy == "group" and sketch is None:
         raise UsageError("prune.strategies: group needs the gradient sketch 04_score/grad_sketch.npy")
     if strategy not in ("random", "group"):
@@ -180,6 +214,28 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
             order = g[np.lexsort((dirs[g], nums[g], pairs[g], primary))]
         mask[order[:k]] = True
     return mask
+
+
+def read_columns(cfg: Config, scores: Path) -> list[str]:
+    """The columns of ``scores.parquet`` that the prune stage reads: the identifiers, target lengths and the
+    columns its strategies rank by, not the whole table (at millions of rows, most of its columns are per-checkpoint
+    scores no strategy reads). A strategy naming a column the table lacks is refused with the table's columns."""
+    import pyarrow.parquet as pq
+
+    have = pq.read_schema(scores).names
+    want = ["sentence_id", "pair", "direction", "index", "n_tokens"]
+    for strategy in cfg.prune.strategies:
+        for name in ([cfg.prune.length_match] if strategy == "random-length" else [strategy]):
+            if name in ("random", "group"):
+                continue
+            column = "base_opusfilter" if name == "opusfilter" else name.rsplit("-", 1)[0]
+            if column not in have and name != "opusfilter":
+                known = [c for c in have if c not in ("sentence_id", "pair", "direction", "index")]
+                raise UsageError(f"prune.strategies: {name!r} needs a score column {column!r}; scores.parquet "
+                                 f"has: {', '.join(known)} (scored by an older mtprune? `mtprune score "
+                                 "--overwrite` scores again with today's columns)")
+            want.append(column)
+    return [c for c in dict.fromkeys(want) if c in have]
 
 
 def write_subset(full_bin: Path, out_bin: Path, keep: np.ndarray) -> None:
@@ -226,7 +282,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     from ..fairseq_backend import quiet_fairseq
 
     quiet_fairseq()
-    df = pd.read_parquet(layout.scores)
+    df = pd.read_parquet(layout.scores, columns=read_columns(cfg, layout.scores))
     sketch = load_sketch(layout, len(df)) if "group" in cfg.prune.strategies else None
     order = np.argsort(df["index"].to_numpy(), kind="stable")
     df = df.iloc[order].reset_index(drop=True)
@@ -250,8 +306,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         lines = (kept["sentence_id"] + "\t" + kept["direction"]) if both else kept["sentence_id"]
         write_lines(layout.kept_ids(name), lines)
         write_subset(layout.data_bin, layout.pruned_data_bin(name), kept["index"].to_numpy())
-        per_pair = {p: {"kept": int(c), "dropped": int(Counter(df["pair"][mask]).get(p, 0))}
-                    for p, c in sorted(Counter(kept["pair"]).items())}
+        n_dropped_of = df["pair"][mask].value_counts()
+        per_pair = {p: {"kept": int(c), "dropped": int(n_dropped_of.get(p, 0))}
+                    for p, c in sorted(kept["pair"].value_counts().items())}
         stats["runs"][name] = {"strategy": strategy,
                                "sparsity": round(float(mask.mean()), 4) if sparsity is None else sparsity,
                                "kept": int(len(kept)),
