@@ -182,7 +182,7 @@ SHORT_HELP = {
     "status": "where a run stands: each stage fresh, stale (why), incomplete or missing",
     "config": "print the resolved config, defaults included",
     "export": "pruned corpora as plain text and every score as TSV, for other toolkits",
-    "slurm-script": "a plain sbatch script for one stage",
+    "slurm-script": "a plain sbatch script for one stage; without one, the sweep's plan and hours",
 }
 
 
@@ -441,22 +441,54 @@ def config_(cfg: Config, layout: RunLayout, verbose: int, config_path: str | Non
 
 
 @main.command(name="slurm-script", short_help=SHORT_HELP["slurm-script"])
-@click.argument("stage", type=click.Choice(list(STAGES)))
+@click.argument("stage", type=click.Choice(list(STAGES)), required=False)
 @click.option("--finish", is_flag=True,
               help="For proxy, score and train: the job to run after the array, which merges the units "
                    "and writes the stage's manifest (no GPUs).")
-@config_options
-def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str, finish: bool) -> None:
-    """Print a plain sbatch script for one stage (a job array where the stage has units).
+@click.option("--pairs", type=click.IntRange(min=1), default=None,
+              help="Without STAGE: plan for this many training pairs (default: what this run's download counted, "
+                   "else OPUS-100's size for download.pairs).")
+@click.option("--train-tps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Without STAGE: target tokens per second a training run makes on the cluster (default: "
+                   "measured from this run's proxy logs, when there are any).")
+@click.option("--score-tps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Without STAGE: target tokens per second a score shard's GPU scores one checkpoint at "
+                   "(default: measured from this run's finished score shards, when there are any).")
+@click.option("--tokens-per-pair", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Without STAGE: SentencePiece target tokens per training pair (default: this run's "
+                   "prepare manifest).")
+@functools.partial(config_options, finds_run=True)
+def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str | None, finish: bool, pairs: int | None,
+                 train_tps: float | None, score_tps: float | None, tokens_per_pair: float | None) -> None:
+    """Print a plain sbatch script for one stage (a job array where the stage has units); without STAGE, the
+    plan of the whole sweep on Slurm.
 
     For users who submit by hand: `mtprune slurm-script proxy -c cfg.yaml > proxy.sbatch`, then
     `mtprune slurm-script proxy --finish ...` for the job that depends on the array. The script runs
     the same command line, with the same sbatch options, as `--launcher slurm` would submit, on a
     snapshot of the config saved under <run>/slurm/ (named by its hash, never rewritten).
+
+    The plan (`mtprune slurm-script -c cfg.yaml`) lists every stage's jobs, the GPUs and CPUs each holds,
+    the score stage's shards, and estimated hours: CPU stages from throughputs measured at 4M pairs on a
+    2-core machine, GPU stages from the throughputs this run measured (its proxy logs, its score shards) or
+    --train-tps / --score-tps; a stage without a measured throughput says so instead of guessing.
     """
     from .slurm import config_snapshot, job_folder, sbatch_script
 
     def go() -> None:
+        if stage is None:
+            if finish:
+                raise UsageError("--finish needs a STAGE (proxy, score or train)")
+            from .plan import plan, render
+
+            rows, said = plan(cfg, layout, pairs=pairs, train_tps=train_tps, score_tps=score_tps,
+                              tokens=tokens_per_pair)
+            click.echo(render(cfg, layout, rows, said), nl=False)
+            return
+        plan_only = [o for o, v in (("--pairs", pairs), ("--train-tps", train_tps), ("--score-tps", score_tps),
+                                    ("--tokens-per-pair", tokens_per_pair)) if v is not None]
+        if plan_only:
+            raise UsageError(f"{', '.join(plan_only)}: only for the plan (no STAGE)")
         text = sbatch_script(cfg, layout, stage, config_snapshot(cfg, layout), finish=finish)
         job_folder(layout, stage).mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the job starts
         click.echo(text, nl=False)

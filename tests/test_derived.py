@@ -211,3 +211,45 @@ def test_langid_scores_are_the_same_in_every_process() -> None:
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(3)}
     assert len(runs) == 1
+
+
+def test_group_selection_by_parts_above_chunk_rows(tmp_path, monkeypatch) -> None:
+    """Above ``chunk_rows`` rows the selection is made in seeded random parts, then exchanged across them: exactly
+    k rows, seeded, through a row view of the stored memory map as from the array, and still far below random."""
+    from mtprune.scoring import group
+
+    rng = np.random.default_rng(5)
+    x16 = (rng.normal(size=(6000, 64)) * rng.lognormal(0, 0.5, size=(6000, 1))).astype(np.float16)
+    np.save(tmp_path / "sketch.npy", x16)
+    stored = np.load(tmp_path / "sketch.npy", mmap_mode="r")
+    monkeypatch.setattr(group, "_BLOCK_ROWS", 700)  # blocked sums and products over several blocks
+    got = group_select(x16, 2400, seed=1, chunk_rows=1000)  # six parts of 1,000 rows
+    assert len(np.unique(got)) == 2400
+    whole = group_select(x16, 2400, seed=1)  # one part: the selection of every earlier version
+    assert not np.array_equal(got, whole)  # the by-parts path ran
+    random = [group_norm(x16, rng.choice(6000, 2400, replace=False)) for _ in range(20)]
+    assert group_norm(x16, got) < 0.05 * min(random)
+    assert group_norm(x16, got) < 4 * max(group_norm(x16, whole), float(np.median(np.linalg.norm(x16.astype(float), axis=1))))
+    # the same rows through a view of a view of the memory map (shuffled, then put back in order): the same pairs
+    order = rng.permutation(6000)
+    view = group.RowView(group.RowView(stored, order), np.argsort(order))
+    np.testing.assert_array_equal(got, group_select(view, 2400, seed=1, chunk_rows=1000, workers=1))
+    np.testing.assert_array_equal(got, group_select(x16, 2400, seed=1, chunk_rows=1000))  # seeded
+    assert not np.array_equal(got, group_select(x16, 2400, seed=2, chunk_rows=1000))
+    assert group_select(x16, 0, seed=1, chunk_rows=1000).tolist() == []
+    assert len(group_select(x16, 6000, seed=1, chunk_rows=1000)) == 6000
+
+
+def test_group_parts_selected_in_worker_processes_give_the_same_set(tmp_path) -> None:
+    """With a memory-mapped sketch the parts go to worker processes that reopen the file; the set is the one
+    this process picks alone."""
+    from mtprune.scoring import group
+
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "sketch.npy", (rng.normal(size=(3000, 32)) * rng.lognormal(0, 0.5, (3000, 1))).astype(np.float16))
+    stored = np.load(tmp_path / "sketch.npy", mmap_mode="r")
+    order = rng.permutation(3000)  # the prune stage's view: the table's row order over the file's
+    alone = group_select(group.RowView(stored, order), 900, seed=4, chunk_rows=500, workers=1)
+    assert group._memmap_source(group.RowView(stored, order)) is not None
+    np.testing.assert_array_equal(alone, group_select(group.RowView(stored, order), 900, seed=4, chunk_rows=500,
+                                                      workers=2))

@@ -162,7 +162,7 @@ def length_matched_mask(df: Any, reference: np.ndarray, scope: str, seed: int) -
 
 
 def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
-              sketch: np.ndarray | None = None, length_match: str = "el2n-high") -> np.ndarray:
+              sketch: Any = None, length_match: str = "el2n-high") -> np.ndarray:
     """Boolean mask over the rows of a score table: True where the pair is dropped. ``group`` needs
     ``sketch``, the gradient sketch row-aligned with ``df``; ``random-length`` matches the target lengths
     that ``length_match`` drops at the same sparsity."""
@@ -205,9 +205,9 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
         elif strategy == "group":
             # rows in sentence-id order, so that the set does not depend on the table's row order
             g = g[np.lexsort((dirs[g], nums[g], pairs[g]))]
-            from ..scoring.group import group_select
+            from ..scoring.group import RowView, group_select
 
-            order = g[group_select(np.asarray(sketch[g]), k, seed)]
+            order = g[group_select(RowView(sketch, g), k, seed, progress=f"group {sparsity:g}")]
         else:
             primary = -values[g] if side == "high" else values[g]
             # np.lexsort sorts by the last key first: score, then sentence id (pair, n, direction)
@@ -286,7 +286,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     sketch = load_sketch(layout, len(df)) if "group" in cfg.prune.strategies else None
     order = np.argsort(df["index"].to_numpy(), kind="stable")
     df = df.iloc[order].reset_index(drop=True)
-    sketch = None if sketch is None else np.asarray(sketch)[order]  # row-aligned with df again
+    if sketch is not None:  # row-aligned with df again, read from the memory map as selection needs the rows
+        from ..scoring.group import RowView
+
+        sketch = RowView(sketch, order)
     check_something_left(cfg, df["pair"])  # before anything is written (also run as preflight)
     both = cfg.download.direction == "both" or df["direction"].nunique() > df["pair"].nunique()
     outputs: list[Path] = []
