@@ -35,9 +35,15 @@ def base_of(df: pd.DataFrame) -> np.ndarray:
     return df["combined"].to_numpy(dtype=float)
 
 
-def test_every_score_has_its_row_with_seed_agreement_and_seconds() -> None:
+def test_every_score_has_its_row_with_seed_agreement_and_seconds(tmp_path) -> None:
+    from mtprune.stages.report import CheckpointColumns
+
     df = _table()
-    md = scores_section(df, {"seconds": 12.0, "proto_seconds": 1.5, "derived_seconds": {"combined": 0.25}})
+    df.loc[7, "el2n@s2u10"] = np.nan  # a missing value is skipped in its seed's mean, as a row mean skips it
+    df.to_parquet(tmp_path / "scores.parquet")
+    at = CheckpointColumns(tmp_path / "scores.parquet", [c for c in df if "@" in c])
+    per_pair = df[[c for c in df if "@" not in c]]  # what the report holds in memory
+    md = scores_section(per_pair, at, {"seconds": 12.0, "proto_seconds": 1.5, "derived_seconds": {"combined": 0.25}})
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in md.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(rows) >= {"el2n", "-tracin", "combined"}

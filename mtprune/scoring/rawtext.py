@@ -60,7 +60,7 @@ class TextFile:
         self._f.close()
 
 
-class _Pair:
+class PairText:
     """One pair's training text: both sides and the sorted sentence ids of its lines."""
 
     def __init__(self, layout: Any, pair: str) -> None:
@@ -102,7 +102,7 @@ class RowText:
 
         pair, direction, sentence_id = (_chunked(c) for c in (pair, direction, sentence_id))
         self.n = len(pair)
-        self._pairs: dict[str, _Pair] = {}
+        self._pairs: dict[str, PairText] = {}
         pair_codes, pair_names = _codes(pair)
         dir_codes, dir_names = _codes(direction)
         self.direction_codes, self.direction_names = dir_codes, dir_names
@@ -111,7 +111,7 @@ class RowText:
         self._line = np.empty(self.n, dtype=np.int64)
         try:
             for k, name in enumerate(pair_names):
-                p = self._pairs[name] = _Pair(layout, name)
+                p = self._pairs[name] = PairText(layout, name)
                 rows = np.flatnonzero(pair_codes == k)
                 for lo in range(0, len(rows), _ID_CHUNK):
                     part = rows[lo:lo + _ID_CHUNK]

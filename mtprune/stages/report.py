@@ -30,7 +30,6 @@ from ..scoring.finding import (
 )
 from ..scoring.forward import checkpoints
 from ..scoring.stats import spearman
-from ..textio import read_lines
 from .proxy import unit_names
 from .report_compare import dropped_section, significance
 from .train import seed_models
@@ -118,19 +117,46 @@ def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] |
     return read_noise_ids(path), source
 
 
-def _between_seeds(df: Any, column: str) -> float:
-    """Mean Spearman between the seeds' per-seed scores (each the mean over that seed's checkpoints)."""
+class CheckpointColumns:
+    """The per-checkpoint columns of scores.parquet (``<score>@s<seed>u<update>``), read one at a time when
+    asked for: the report keeps the per-pair columns in memory, not one more column per score and checkpoint
+    (at 4M pairs, 3 seeds and 2 checkpoints, some 150 columns of 32 MB)."""
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        self.path, self.names = path, names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path, columns=[name]).column(0).to_numpy()
+
+
+def _between_seeds(columns: CheckpointColumns, column: str) -> float:
+    """Mean Spearman between the seeds' per-seed scores (each the mean over that seed's checkpoints, missing
+    values skipped)."""
     import re
 
     per_seed: dict[str, list[str]] = {}
-    for c in df.columns:
+    for c in columns.names:
         m = re.fullmatch(re.escape(column) + r"@s(\d+)u\d+", c)
         if m:
             per_seed.setdefault(m.group(1), []).append(c)
     seeds = sorted(per_seed)
     if len(seeds) < 2:
         return float("nan")
-    means = {s: df[per_seed[s]].mean(axis=1).to_numpy() for s in seeds}
+    means = {}
+    for s in seeds:  # the checkpoints' columns summed one at a time, as a row mean over them would
+        total, count = None, None
+        for c in per_seed[s]:
+            v = np.asarray(columns[c], dtype=np.float64)
+            ok = ~np.isnan(v)
+            total = np.where(ok, v, 0.0) if total is None else total + np.where(ok, v, 0.0)
+            count = ok.astype(np.int64) if count is None else count + ok
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means[s] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return float(np.mean([spearman(means[a], means[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]))
 
 
@@ -148,7 +174,7 @@ def _score_seconds(stats: dict[str, Any], column: str) -> str:
     return ""
 
 
-def scores_section(df: Any, score_stats: dict[str, Any]) -> str:
+def scores_section(df: Any, at: CheckpointColumns, score_stats: dict[str, Any]) -> str:
     """Every score column: Spearman with target length, rank agreement between seeds, seconds, spread."""
     length = df["n_tokens"].to_numpy()
     rows = []
@@ -157,7 +183,7 @@ def scores_section(df: Any, score_stats: dict[str, Any]) -> str:
         ok = v[~np.isnan(v)]
         if not len(ok):
             continue
-        rows.append([name, spearman(v, length), _between_seeds(df, col), _score_seconds(score_stats, col),
+        rows.append([name, spearman(v, length), _between_seeds(at, col), _score_seconds(score_stats, col),
                      float(ok.mean()), *[float(np.percentile(ok, q)) for q in (5, 50, 95)]])
     return ("\n## Every score\n\nHigher = more suspicious (`-tracin`: TracIn negated). Spearman with the target "
             "length in tokens; Spearman between the seeds' scores (each seed's mean over its checkpoints, "
@@ -225,20 +251,24 @@ def _examples(cfg: Config, layout: RunLayout, df: Any, labels: tuple[dict[str, s
     out = ["# Highest- and lowest-EL2N training pairs\n"]
     if labels is not None:
         out.append(f"\n`noise`: the kind of noise the pair is labelled with in {labels[1]} (empty: not labelled).\n")
+    from ..scoring.rawtext import PairText
+
     n = cfg.report.n_examples
-    for pair, g in df.groupby("pair"):
+    for pair, g in df[["pair", "sentence_id", "el2n"]].groupby("pair"):
         l1, l2 = langs(pair)
-        line_of = {sid: k for k, sid in enumerate(read_lines(layout.download_ids(pair)))}
-        a, b = read_lines(layout.split_file(pair, "train", l1)), read_lines(layout.split_file(pair, "train", l2))
         g = g.sort_values(["el2n", "sentence_id"], ascending=[False, True])
-        for title, part in (("highest", g.head(n)), ("lowest", g.tail(n).iloc[::-1])):
-            out.append(f"\n## {pair}: {title} EL2N\n")
-            rows = []
-            for r in part.itertuples():
-                k = line_of[r.sentence_id]
-                row = [r.sentence_id, f"{r.el2n:.3f}", a[k].replace("|", "\\|"), b[k].replace("|", "\\|")]
-                rows.append(row + ([labels[0].get(r.sentence_id, "")] if labels is not None else []))
-            out.append(md_table(["sentence id", "EL2N", l1, l2] + (["noise"] if labels is not None else []), rows))
+        text = PairText(layout, pair)  # the download's lines memory-mapped: only the examples' lines are read
+        try:
+            for title, part in (("highest", g.head(n)), ("lowest", g.tail(n).iloc[::-1])):
+                out.append(f"\n## {pair}: {title} EL2N\n")
+                rows = []
+                for r, k in zip(part.itertuples(), text.lines_of(part["sentence_id"].tolist()), strict=True):
+                    a, b = text.sides[l1].line(int(k)), text.sides[l2].line(int(k))
+                    row = [r.sentence_id, f"{r.el2n:.3f}", a.replace("|", "\\|"), b.replace("|", "\\|")]
+                    rows.append(row + ([labels[0].get(r.sentence_id, "")] if labels is not None else []))
+                out.append(md_table(["sentence id", "EL2N", l1, l2] + (["noise"] if labels is not None else []), rows))
+        finally:
+            text.close()
     return "".join(out)
 
 
@@ -253,7 +283,11 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     w.writerows(rows)
     atomic_write_text(layout.report_file("results.csv"), buf.getvalue())
 
-    df = pd.read_parquet(layout.scores)
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(layout.scores).names
+    df = pd.read_parquet(layout.scores, columns=[c for c in names if "@" not in c])
+    at = CheckpointColumns(layout.scores, [c for c in names if "@" in c])
     ckpts = checkpoints(cfg, layout)
     seeds = list(cfg.train.seeds)
     over = f" (mean ± std over seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else f" (seed {seeds[0]})"
@@ -271,16 +305,21 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     tags = [c.tag for c in ckpts]
     md.append("\n## How stable is EL2N?\n\nSpearman rank correlation of per-pair EL2N between proxy checkpoints "
               "(seed s, update u):\n\n")
-    mat = [[t] + [spearman(df[f"el2n@{t}"].to_numpy(), df[f"el2n@{u}"].to_numpy()) for u in tags] for t in tags]
+    # each checkpoint's column read and ranked once (the ranks spearman would compute for every pair of them)
+    ranks = {t: pd.Series(at[f"el2n@{t}"]).rank() for t in tags}
+    mat = [[t] + [float(ranks[t].corr(ranks[u])) if len(df) >= 3 else float("nan") for u in tags] for t in tags]
+    del ranks
     md.append(md_table(["checkpoint"] + tags, mat))
     md.append("\nSpearman correlation of each score with the target length (tokens):\n\n")
-    score_cols = ["el2n", "nll"] + [f"el2n@{t}" for t in tags]
     length = df["n_tokens"].to_numpy()
-    md.append(md_table(["score", "spearman vs length", "mean", "p5", "p50", "p95"],
-                        [[c, spearman(df[c].to_numpy(), length), float(df[c].mean()),
-                          *[float(np.percentile(df[c], q)) for q in (5, 50, 95)]] for c in score_cols]))
+    lines = []
+    for c in ["el2n", "nll"] + [f"el2n@{t}" for t in tags]:
+        v = pd.Series(df[c] if c in df else at[c])
+        lines.append([c, spearman(v.to_numpy(), length), float(v.mean()),
+                      *[float(np.percentile(v, q)) for q in (5, 50, 95)]])
+    md.append(md_table(["score", "spearman vs length", "mean", "p5", "p50", "p95"], lines))
     score_manifest = Manifest.read(layout.manifest("score"))
-    md.append(scores_section(df, score_manifest.stats if score_manifest else {}))
+    md.append(scores_section(df, at, score_manifest.stats if score_manifest else {}))
     stats: dict[str, Any] = {"rows": len(rows), "budget": cfg.train.budget}
     if sig_stats:
         stats["significance"] = sig_stats
