@@ -22,7 +22,7 @@ FLOORS = {
         "results", "curriculum", "fairseq_user.*"],
     4: ["pipeline", "launch"],
     5: ["stages.*"],
-    6: ["cli", "slurm", "__main__"],
+    6: ["cli", "slurm", "plan", "__main__"],
 }
 
 
