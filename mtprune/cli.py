@@ -239,6 +239,10 @@ def _stage_command(stage: str) -> None:
         extra.append(click.option("--shard", default=None, metavar="I/N",
                                   help="Score only slice I of N (0-based) into 04_score/shards/; "
                                        "`mtprune score` without --shard merges the finished shards."))
+        extra.append(click.option("--baselines", "baselines_shard", default=None, metavar="I/N",
+                                  help="Compute only the base_* columns (OpusFilter's filters, no model) of slice I "
+                                       "of N into 04_score/shards/: CPU work that needs prepare alone; "
+                                       "`mtprune score` then assembles the columns from the finished slices."))
     if stage in ("proxy", "train"):
         extra.append(click.option("--unit", default=None, metavar="NAME",
                                   help="Run one unit only (proxy: seed<k>; train: full, el2n-high-0.3, ...), "
@@ -261,6 +265,17 @@ def _stage_command(stage: str) -> None:
                 # a job-array task runs beside the others: it holds its unit's lock, not the run lock,
                 # and refuses to start while a plain stage command or sweep holds that (launch.run_units)
                 run_unit(stage, cfg, layout, opts["unit"])
+            elif opts.get("shard") and opts.get("baselines_shard"):
+                raise UsageError("--shard and --baselines: one slice at a time (a score job or a baselines job)")
+            elif opts.get("baselines_shard"):
+                from .scoring.shards import parse_shard
+                from .stages.score import run_baselines_shard
+
+                i, count = parse_shard(opts["baselines_shard"], "--baselines")
+                lock = unit_lock_path(layout.stage_dir(stage) / f"baselines-{i}-of-{count}")
+                with RunLock(lock, f"score --baselines {i}/{count}", subject=f"baselines shard {i}/{count}"):
+                    check_free(layout.lock)
+                    run_baselines_shard(cfg, layout, f"{i}/{count}")
             elif opts.get("shard"):
                 from .scoring.shards import parse_shard
                 from .stages.score import run_shard
@@ -445,6 +460,9 @@ def config_(cfg: Config, layout: RunLayout, verbose: int, config_path: str | Non
 @click.option("--finish", is_flag=True,
               help="For proxy, score and train: the job to run after the array, which merges the units "
                    "and writes the stage's manifest (no GPUs).")
+@click.option("--baselines", is_flag=True,
+              help="For score: the CPU job array that computes the base_* columns slice by slice (`score "
+                   "--baselines I/N`, no GPUs, after prepare); the score stage's finishing job waits for it.")
 @click.option("--pairs", type=click.IntRange(min=1), default=None,
               help="Without STAGE: plan for this many training pairs (default: what this run's download counted, "
                    "else OPUS-100's size for download.pairs).")
@@ -458,13 +476,15 @@ def config_(cfg: Config, layout: RunLayout, verbose: int, config_path: str | Non
               help="Without STAGE: SentencePiece target tokens per training pair (default: this run's "
                    "prepare manifest).")
 @functools.partial(config_options, finds_run=True)
-def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str | None, finish: bool, pairs: int | None,
+def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str | None, finish: bool, baselines: bool,
+                 pairs: int | None,
                  train_tps: float | None, score_tps: float | None, tokens_per_pair: float | None) -> None:
     """Print a plain sbatch script for one stage (a job array where the stage has units); without STAGE, the
     plan of the whole sweep on Slurm.
 
     For users who submit by hand: `mtprune slurm-script proxy -c cfg.yaml > proxy.sbatch`, then
-    `mtprune slurm-script proxy --finish ...` for the job that depends on the array. The script runs
+    `mtprune slurm-script proxy --finish ...` for the job that depends on the array (the score stage has a
+    second, CPU-only array, `slurm-script score --baselines`, which needs prepare alone). The script runs
     the same command line, with the same sbatch options, as `--launcher slurm` would submit, on a
     snapshot of the config saved under <run>/slurm/ (named by its hash, never rewritten).
 
@@ -473,12 +493,13 @@ def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str | None
     2-core machine, GPU stages from the throughputs this run measured (its proxy logs, its score shards) or
     --train-tps / --score-tps; a stage without a measured throughput says so instead of guessing.
     """
-    from .slurm import config_snapshot, job_folder, sbatch_script
+    from .slurm import BASELINES, config_snapshot, job_folder, sbatch_script
 
     def go() -> None:
         if stage is None:
-            if finish:
-                raise UsageError("--finish needs a STAGE (proxy, score or train)")
+            if finish or baselines:
+                raise UsageError(f"{'--finish' if finish else '--baselines'} needs a STAGE "
+                                 f"({'proxy, score or train' if finish else 'score'})")
             from .plan import plan, render
 
             rows, said = plan(cfg, layout, pairs=pairs, train_tps=train_tps, score_tps=score_tps,
@@ -489,8 +510,9 @@ def slurm_script(cfg: Config, layout: RunLayout, verbose: int, stage: str | None
                                     ("--tokens-per-pair", tokens_per_pair)) if v is not None]
         if plan_only:
             raise UsageError(f"{', '.join(plan_only)}: only for the plan (no STAGE)")
-        text = sbatch_script(cfg, layout, stage, config_snapshot(cfg, layout), finish=finish)
-        job_folder(layout, stage).mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the job starts
+        text = sbatch_script(cfg, layout, stage, config_snapshot(cfg, layout), finish=finish, baselines=baselines)
+        # Slurm opens --output before the job starts
+        job_folder(layout, BASELINES if baselines else stage).mkdir(parents=True, exist_ok=True)
         click.echo(text, nl=False)
 
     guarded("slurm-script", go, verbose)

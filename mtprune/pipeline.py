@@ -241,10 +241,12 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
             # kept aside until the new run succeeds, so that a failure leaves the last good artifacts
             os.replace(sd, previous)
     sd.mkdir(parents=True, exist_ok=True)
-    for rel in getattr(mod, "KEPT_CACHES", ()):  # caches keyed by their own content survive a clear
-        if (previous / rel).is_file() and not (sd / rel).exists():
-            (sd / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(previous / rel, sd / rel)
+    for pattern in getattr(mod, "KEPT_CACHES", ()):  # caches keyed by their own content survive a clear
+        for old in sorted(previous.glob(pattern)) if previous.is_dir() else ():
+            rel = old.relative_to(previous)
+            if old.is_file() and not (sd / rel).exists():
+                (sd / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(old, sd / rel)
     layout.manifest(stage).unlink(missing_ok=True)
     atomic_write_text(layout.in_progress(stage), json.dumps(key))
 

@@ -39,6 +39,9 @@ REFERENCE: dict[str, float] = {
     "download": 1.50,  # 60.0 s
     "prepare": 16.71,  # 668.5 s (SentencePiece on 300,000 sentences, then encoding and binarizing)
     "score": 52.19,  # 2,577.4 s for the stage, less the scoring pass's 489.9 s (tiny model, on the CPU)
+    # of which the base_* columns (OpusFilter's filters, lingua, eflomal: 1,763.9 s in the stage's log line
+    # `derived columns`), the work a `score --baselines I/N` array takes off the finishing job
+    "baselines": 44.10,
     "prune": 1.28,  # 51.1 s, one el2n-high corpus
     "report": 5.35,  # 213.9 s
 }
@@ -58,6 +61,7 @@ class Row:
     hours: float | None  # wall hours of the stage with the array's parallelism; None: no measured throughput
     basis: str
     task_hours: float | None = None  # hours of its longest job (an array task), against launch.slurm.time_min
+    beside: bool = False  # runs beside the stages before it (not on the chain of stages): not in the total
 
 
 def corpus_pairs(cfg: Config, layout: RunLayout) -> tuple[int, str]:
@@ -113,7 +117,7 @@ def measured_score_tps(layout: RunLayout, n_ckpt: int) -> tuple[float, str] | No
 def plan(cfg: Config, layout: RunLayout, *, pairs: int | None = None, train_tps: float | None = None,
          score_tps: float | None = None, tokens: float | None = None) -> tuple[list[Row], list[str]]:
     """The rows of the plan and the lines said above them (corpus, throughputs and where they come from)."""
-    from .slurm import job_resources, shard_count, unit_names
+    from .slurm import BASELINES, baseline_units, job_resources, shard_count, unit_names
 
     s = cfg.launch.slurm
     n, n_source = (pairs, "--pairs") if pairs is not None else corpus_pairs(cfg, layout)
@@ -169,9 +173,18 @@ def plan(cfg: Config, layout: RunLayout, *, pairs: int | None = None, train_tps:
                 if s_tps:
                     task = work / shards / s_tps / 3600
                     hours = waves(shards) * task
+            base = baseline_units(cfg)
+            if base:  # the base_* columns in an array of their own, beside proxy training
+                b_task = REFERENCE["baselines"] * n / len(base) / 1e5 / 3600
+                rows.append(Row(BASELINES, f"array of {len(base)}", 0, s.cpus_per_task, waves(len(base)) * b_task,
+                                f"{REFERENCE['baselines']:.1f} s per 100k pairs over {len(base)} slices; needs "
+                                "prepare only, runs beside proxy", b_task, beside=True))
             merge = cpu_hours("score")
             if merge is not None:
-                basis += f"; then merge and derived columns: {merge:.2f} h in the finishing job"
+                if base:
+                    merge -= REFERENCE["baselines"] * n / 1e5 / 3600
+                what = "merge and derived columns" + (" (base_* from the baselines array)" if base else "")
+                basis += f"; then {what}: {merge:.2f} h in the finishing job"
                 hours = None if hours is None else hours + merge
                 task = merge if task is None else max(task, merge)
             rows.append(Row(stage, f"array of {shards} + 1 to finish", job_resources(cfg, stage, True).gpus_per_node,
@@ -199,12 +212,14 @@ def render(cfg: Config, layout: RunLayout, rows: list[Row], said: list[str]) -> 
     widths = [max(len(t[i]) for t in table) for i in range(len(head) - 1)]
     for t in table:
         out.append("  ".join(c.ljust(w) for c, w in zip(t[:-1], widths, strict=True)) + "  " + t[-1])
-    known = [r.hours for r in rows if r.hours is not None]
+    known = [r.hours for r in rows if r.hours is not None and not r.beside]
     total = sum(known)
     unknown = [r.stage for r in rows if r.hours is None]
+    beside = [r.stage for r in rows if r.beside]
     out.append("")
     out.append(f"total of the estimated stages: {total:.1f} h" + (f"; not estimated: {', '.join(unknown)}"
-                                                                 if unknown else ""))
+                                                                 if unknown else "")
+               + (f"; {', '.join(beside)} runs beside the chain, not counted" if beside else ""))
     long = [f"{r.stage} ({r.task_hours:.1f} h)" for r in rows if r.task_hours is not None
             and r.task_hours * 60 > s.time_min]
     if long:

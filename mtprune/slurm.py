@@ -93,14 +93,30 @@ def shard_count(cfg: Config) -> int:
     return cfg.launch.score_shards or cfg.launch.slurm.array_parallelism
 
 
+# the score stage's second job array: `score --baselines I/N`, the base_* columns of a slice, on CPUs; it needs
+# the prepare stage only, so it runs beside the proxy training, and the job finishing the score stage waits for it
+BASELINES = "score-baselines"
+
+
+def baseline_units(cfg: Config) -> list[str]:
+    """The ``score --baselines I/N`` array tasks (one slice per score shard), none when ``score.baselines`` is off."""
+    if not cfg.score.baselines:
+        return []
+    n = shard_count(cfg)
+    return [f"{i}/{n}" for i in range(n)]
+
+
 def unit_argv(stage: str, unit: str) -> list[str]:
+    if stage == BASELINES:
+        return ["--baselines", unit]
     return ["--shard", unit] if stage == "score" else ["--unit", unit]
 
 
 def job_argv(stage: str, config_file: Path, layout: RunLayout, unit: str | None = None) -> list[str]:
     """The mtprune arguments of one job. ``--launcher local``: the job does the work itself
     instead of submitting more jobs."""
-    argv = [stage, "-c", str(config_file), "--run-dir", str(layout.root.resolve()), "--launcher", "local"]
+    command = "score" if stage == BASELINES else stage
+    argv = [command, "-c", str(config_file), "--run-dir", str(layout.root.resolve()), "--launcher", "local"]
     return argv + (unit_argv(stage, unit) if unit is not None else [])
 
 
@@ -196,7 +212,7 @@ def job_resources(cfg: Config, stage: str, unit: bool) -> Resources:
     write the manifest) hold none. A single-node job is one task whatever its GPUs: fairseq-train
     spawns one process per GPU itself there."""
     s = cfg.launch.slurm
-    if not unit:
+    if not unit or stage == BASELINES:
         return Resources(gpus_per_node=s.gpus_per_node if stage == "evaluate" else 0)
     if stage == "score":
         return Resources(gpus_per_node=min(1, s.gpus_per_node))
@@ -338,19 +354,34 @@ def submit(cfg: Config, layout: RunLayout, kind: str, stages: tuple[str, ...] = 
     log.info("jobs read the config snapshot %s", config_file)
     submitted: list[Submitted] = []
     after: list[str] = []
+    finished_by: dict[str, list[str]] = {}  # stage -> the job ids that finish it in this submission
     for stage in todo:
-        ex = _executor(cfg, layout, stage, kind)
         units = unit_names(cfg, stage)
-        groups = [([job_argv(stage, config_file, layout, u) for u in units], True)] if units else []
-        groups.append(([job_argv(stage, config_file, layout)], False))
-        for argvs, unit in groups:
-            recs, jobs = _submit(cfg, ex, kind, stage, argvs, after, unit)
+        # (job kind, argvs, array?, depends on): a stage's array after the stage before, its finishing job after
+        # the array; the score stage's baseline slices after prepare only, and its finishing job after them too
+        groups: list[tuple[str, list[list[str]], bool, list[str]]] = []
+        side: list[str] = []
+        if stage == "score" and (base := baseline_units(cfg)):
+            groups.append((BASELINES, [job_argv(BASELINES, config_file, layout, u) for u in base], True,
+                           finished_by.get("prepare", [])))
+        if units:
+            groups.append((stage, [job_argv(stage, config_file, layout, u) for u in units], True, after))
+        groups.append((stage, [job_argv(stage, config_file, layout)], False, []))
+        for kind_name, argvs, unit, deps in groups:
+            if not unit:
+                deps = (after if not units else [r.job_id for r in submitted if r.stage == stage]) + side
+            ex = _executor(cfg, layout, kind_name, kind)
+            recs, jobs = _submit(cfg, ex, kind, kind_name, argvs, deps, unit)
             submitted += recs
             _record(layout, recs)
             if kind == "submitit-local":
-                _wait(jobs, stage)
-            after = [r.job_id for r in recs]
-        log.info("%s: submitted job(s) %s", stage, ", ".join(r.job_id for r in submitted if r.stage == stage))
+                _wait(jobs, kind_name)
+            if kind_name == BASELINES:
+                side = [r.job_id for r in recs]
+            elif not unit:
+                after = finished_by[stage] = [r.job_id for r in recs]
+        log.info("%s: submitted job(s) %s", stage,
+                 ", ".join(r.job_id for r in submitted if r.stage in (stage, f"{stage}-baselines")))
     return submitted
 
 
@@ -412,13 +443,23 @@ def job_states(layout: RunLayout) -> list[tuple[str, str, str, str]]:
 
 # ---- plain sbatch scripts ----------------------------------------------------------------------
 
-def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path, *, finish: bool = False) -> str:
+def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path, *, finish: bool = False,
+                  baselines: bool = False) -> str:
     """A self-contained sbatch script for one stage: the same command line and sbatch options as
     the job submitit would submit (a job array where the stage has units; ``finish``: the job
-    after the array, which merges the units and writes the manifest)."""
+    after the array, which merges the units and writes the manifest; ``baselines``: the score stage's
+    CPU array of ``score --baselines I/N``)."""
     if stage not in STAGES:
         raise UsageError(f"slurm-script: unknown stage {stage!r} (one of {', '.join(STAGES)})")
-    units = [] if finish else unit_names(cfg, stage)
+    if baselines:
+        if stage != "score" or finish:
+            raise UsageError("slurm-script: --baselines is the score stage's CPU array: `slurm-script score "
+                             "--baselines`, without --finish")
+        if not cfg.score.baselines:
+            raise UsageError("slurm-script score --baselines: score.baselines is false in this config: there are "
+                             "no base_* columns to compute")
+        stage = BASELINES
+    units = [] if finish else (baseline_units(cfg) if baselines else unit_names(cfg, stage))
     if finish and stage not in UNIT_STAGES:
         raise UsageError(f"slurm-script {stage}: --finish is for the stages with a job array "
                          f"({', '.join(UNIT_STAGES)}); `slurm-script {stage}` is the whole stage")
@@ -432,14 +473,21 @@ def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path,
     lines += ["", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}  # relative paths in the config"]
     if units:
         quoted = " ".join(shlex.quote(u) for u in units)
-        flag = "--shard" if stage == "score" else "--unit"
+        flag = unit_argv(stage, "")[0]
         cmd = shlex.join(job_command(job_argv(stage, config_file, layout)))
         if not srun:
             lines.append(f"# one mtprune process; it starts fairseq-train on all {opts['nodes']} nodes x "
                          f"{opts['ntasks-per-node']} tasks through srun")
-        lines += [f"UNITS=({quoted})", f"{srun}{cmd} {flag} \"${{UNITS[$SLURM_ARRAY_TASK_ID]}}\"",
-                  f"# when every array task has finished, `mtprune slurm-script {stage} --finish` is the job "
-                  "that writes the stage's manifest"]
+        lines += [f"UNITS=({quoted})", f"{srun}{cmd} {flag} \"${{UNITS[$SLURM_ARRAY_TASK_ID]}}\""]
+        if stage == BASELINES:
+            lines.append("# needs the prepare stage only (submit it beside the proxy array); `mtprune slurm-script "
+                         "score --finish` waits for this array and the score array")
+        else:
+            lines.append(f"# when every array task has finished, `mtprune slurm-script {stage} --finish` is the job "
+                         "that writes the stage's manifest")
+            if stage == "score" and cfg.score.baselines:
+                lines.append("# the base_* columns: `mtprune slurm-script score --baselines`, a CPU array the "
+                             "finishing job waits for too (without it, that job computes them itself)")
     else:
         lines.append(f"{srun}{shlex.join(job_command(job_argv(stage, config_file, layout)))}")
     return "\n".join(lines) + "\n"

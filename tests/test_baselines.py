@@ -5,13 +5,14 @@ combined_all."""
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA, TINY, cli, read
+from conftest import SHARED_DATA, TINY, cli, error_lines, read
 from mtprune.config import load_config
 from mtprune.scoring import baselines, derived
 
@@ -213,3 +214,74 @@ def test_a_sweep_prunes_by_opusfilter_random_length_and_word_alignment_on_real_t
     again = pd.read_parquet(L.scores)
     for c in ("base_wordalign_src", "base_wordalign_tgt", "base_all"):
         np.testing.assert_array_equal(again[c], scores[c])
+
+
+@pytest.mark.slow
+def test_baseline_slices_scored_as_jobs_of_their_own_are_what_the_merge_uses(tiny_copy: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`score --baselines I/N` writes slice I's base_* columns from the prepare stage alone (no proxy, no scoring
+    pass); `mtprune score` then assembles them and runs no filter itself; --overwrite keeps the slices; a missing
+    slice sends the merge back to computing every column."""
+    from mtprune.layout import RunLayout
+    from mtprune.scoring.rawtext import RowText
+    from mtprune.textio import read_lines
+
+    L = RunLayout(tiny_copy)
+    on = ["-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "score.baselines=true"]
+    shutil.rmtree(L.stage_dir("score"))
+    shutil.rmtree(L.stage_dir("proxy"))  # a slice needs prepare only: on a cluster it runs beside proxy training
+    for i in range(2):
+        code, out = cli("score", *on, "--baselines", f"{i}/2")
+        assert code == 0, out
+    ids = read_lines(L.prepare_ids)
+    n = len(ids)
+    files = [baselines.shard_file(L.baseline_cache.parent, i, 2) for i in range(2)]
+    sliced = [pd.read_parquet(f) for f in files]
+    assert [list(s["sentence_id"]) for s in sliced] == [ids[:n // 2], ids[n // 2:]]
+    assert not L.baseline_cache.exists()
+
+    calls = []
+    real = baselines.compute_rows
+
+    def counted(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(len(a[0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(baselines, "compute_rows", counted)
+    for stage in ("proxy", "score"):
+        code, out = cli(stage, *on)
+        assert code == 0, out
+    assert calls == [] and "baseline columns assembled from 2 shards" in out
+    scores = pd.read_parquet(L.scores)
+    cols = list(baselines.COLUMNS)
+    for part in sliced:  # every value is its slice's, word alignment included (eflomal draws differently each run)
+        got = scores.set_index("sentence_id").loc[part["sentence_id"], cols].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, part[cols])
+    # the filters that need no corpus give what one pass over all rows gives
+    with RowText(L, scores["pair"], scores["direction"], scores["sentence_id"]) as text:
+        whole = real(text, text.direction_codes, text.direction_names, tmp_path)
+    for c in cols:  # (lingua's confidences are rounded to 1e-6: a last-digit rounding may differ)
+        if not c.startswith("base_wordalign"):
+            np.testing.assert_allclose(scores[c].to_numpy(), whole[c], rtol=0, atol=2e-6, err_msg=c)
+
+    # --overwrite moves 04_score aside and keeps the slices, like the whole-corpus cache
+    code, out = cli("score", *on, "--overwrite")
+    assert code == 0 and calls == [], out
+    pd.testing.assert_frame_equal(pd.read_parquet(L.scores)[cols], scores[cols])
+    # one slice gone: the merge computes the columns of every row itself, and keeps them as the whole cache
+    files[1].unlink()
+    code, out = cli("score", *on, "--overwrite")
+    assert code == 0 and calls == [n], out
+    assert L.baseline_cache.is_file()
+
+
+def test_baseline_slices_refuse_what_cannot_work(tiny_run: Path) -> None:
+    base = ["score", "-c", str(TINY), "--run-dir", str(tiny_run)]
+    code, out = cli(*base, "--baselines", "0/2")  # tiny.yaml has them off
+    assert code == 2 and error_lines(out) == [
+        "mtprune score: error: score --baselines: score.baselines is false in this config: there are no base_* "
+        "columns to compute"], out
+    code, out = cli(*base, "--set", "score.baselines=true", "--baselines", "2/2")
+    assert code == 2 and "--baselines '2/2': expected I/N with 0 <= I < N" in out, out
+    code, out = cli(*base, "--set", "score.baselines=true", "--baselines", "0/2", "--shard", "0/2")
+    assert code == 2 and "--shard and --baselines: one slice at a time" in out, out

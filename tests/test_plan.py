@@ -16,7 +16,7 @@ def rows(out: str) -> dict[str, list[str]]:
     """stage -> [jobs, GPUs, CPUs, hours, basis] from the plan's table."""
     table = {}
     for line in out.splitlines():
-        m = re.match(r"^(download|prepare|proxy|score|prune|train|evaluate|report)\s{2,}(.+)$", line)
+        m = re.match(r"^(download|prepare|proxy|score-baselines|score|prune|train|evaluate|report)\s{2,}(.+)$", line)
         if m:
             table[m.group(1)] = [m.group(1), *re.split(r"\s{2,}", m.group(2), maxsplit=4)]
     return {k: v[1:] for k, v in table.items()}
@@ -28,13 +28,20 @@ def test_the_blog_plan_from_given_throughputs_worked_out_by_hand(tmp_path: Path)
     assert code == 0, out
     assert "corpus: 4,000,000 training pairs (OPUS-100: at most 1,000,000 a pair)" in out
     t = rows(out)
-    assert list(t) == ["download", "prepare", "proxy", "score", "prune", "train", "evaluate", "report"]
+    assert list(t) == ["download", "prepare", "proxy", "score-baselines", "score", "prune", "train", "evaluate",
+                       "report"]
     # proxy: 3 seeds (one wave of 8 array slots), 4,000 updates of 8,192 tokens x update_freq 2 on 1 GPU
     assert t["proxy"][:4] == ["array of 3 + 1 to finish", "1", "8", f"{4000 * 16384 / 50000 / 3600:.2f}"]
     # train: 4 strategies x 4 sparsities + the full corpus = 17 runs, three waves of 8, 40,000 updates each
     assert t["train"][:4] == ["array of 17 + 1 to finish", "1", "8", f"{3 * 40000 * 16384 / 50000 / 3600:.2f}"]
-    # score: 4M pairs x 20 tokens x 6 checkpoints over 8 shards, one wave, then the merge's CPU work
-    merge = REFERENCE["score"] * 40 / 3600
+    # the base_* columns: a CPU array of 8 slices beside the proxy training, one wave, not in the total
+    base_task = REFERENCE["baselines"] * 40 / 8 / 3600
+    assert t["score-baselines"][:4] == ["array of 8", "0", "8", f"{base_task:.2f}"]
+    assert "runs beside proxy" in t["score-baselines"][4]
+    assert "score-baselines runs beside the chain, not counted" in out
+    # score: 4M pairs x 20 tokens x 6 checkpoints over 8 shards, one wave, then the merge's CPU work less the
+    # base_* columns the array computed
+    merge = (REFERENCE["score"] - REFERENCE["baselines"]) * 40 / 3600
     assert t["score"][:3] == ["array of 8 + 1 to finish", "1", "8"]
     assert t["score"][3] == f"{4e6 * 20 * 6 / 8 / 1e5 / 3600 + merge:.2f}"
     assert "0.48G target tokens" in t["score"][4]

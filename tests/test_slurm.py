@@ -460,3 +460,37 @@ def test_submitit_local_jobs_see_the_gpus_this_process_sees(tmp_path: Path, monk
     assert job.result() == expected
     monkeypatch.setattr(gpus, "device_count", lambda: 0)
     assert local_gpu_parameters() == {}  # no GPU: submitit's default (none) stands
+
+
+def test_the_base_columns_are_a_cpu_array_after_prepare_that_the_score_merge_waits_for(fake_sbatch: Path,
+                                                                                      tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["-c", str(TINY), "--run-dir", str(run), "--set", "launch.slurm.gpus_per_node=1",
+            "--set", "launch.score_shards=2", "--set", "score.baselines=true"]
+    code, out = cli("sweep", *sets, "--launcher", "slurm")
+    assert code == 0, out
+    scripts = {int(p.stem[3:]): p.read_text() for p in fake_sbatch.glob("job*.sh")}
+    names = {n: sbatch_options_of(t)["job-name"] for n, t in scripts.items()}
+    by_name = {v: k for k, v in sorted(names.items(), reverse=True)}  # the first job of each name
+    prepare, base = by_name["mtprune-prepare"], by_name["mtprune-score-baselines"]
+    opts = sbatch_options_of(scripts[base])
+    # after prepare, not after the proxy training: the two run side by side; no GPU
+    assert opts["dependency"] == f"afterok:{prepare}" and "gpus-per-node" not in opts
+    assert opts["array"] == "0-1%2"
+    score_jobs = sorted(n for n, v in names.items() if v == "mtprune-score")
+    array, finish = score_jobs
+    assert sbatch_options_of(scripts[array])["gpus-per-node"] == "1"
+    # the job that merges the score stage waits for both arrays
+    assert sbatch_options_of(scripts[finish])["dependency"] == f"afterok:{array}_0:{array}_1:{base}_0:{base}_1"
+    assert "score --baselines 1/2" in out and "score --shard 1/2" in out
+    # the script a user submits by hand asks for the same
+    code, script = cli("slurm-script", "score", "--baselines", *sets)
+    assert code == 0, script
+    mine = {k: v for k, v in sbatch_options_of(script).items() if k != "output"}
+    theirs = {k: v for k, v in opts.items() if k not in {"error", "open-mode", "signal", "wckey", "output",
+                                                          "dependency"}}
+    assert mine == theirs
+    assert 'score -c' in script and '--baselines "${UNITS[$SLURM_ARRAY_TASK_ID]}"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    code, out = cli("slurm-script", "proxy", "--baselines", *sets)
+    assert code == 2 and "--baselines is the score stage's CPU array" in out

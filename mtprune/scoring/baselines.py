@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -251,9 +252,11 @@ def cached(path: Path, sentence_ids: list[str], directions: list[str], src_text:
 
 
 def cached_rows(path: Path, sentence_ids: Any, text: Any, direction_codes: np.ndarray, direction_names: list[str],
-                workdir: Path, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+                workdir: Path, seconds: dict[str, float] | None = None,
+                index: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``compute_rows``'s columns, read from ``path`` when it holds them for exactly these rows and text, else
-    computed and written there (atomically) for the next run."""
+    (given the rows' training ``index``) assembled from the baseline shards beside ``path`` (``from_shards``), else
+    computed and written to ``path`` (atomically) for the next run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -271,6 +274,13 @@ def cached_rows(path: Path, sentence_ids: Any, text: Any, direction_codes: np.nd
                     return {c: table.column(c).to_numpy() for c in COLUMNS}
         except (OSError, ValueError, pa.ArrowException) as e:
             log.warning("score: %s unreadable (%s); computing the baselines again", path, e)
+    if index is not None and path.parent.is_dir():
+        t0 = time.time()
+        cols = from_shards(path.parent, index, sentence_ids, text, direction_codes, direction_names)
+        if seconds is not None:
+            seconds["base_from_shards"] = round(time.time() - t0, 3)
+        if cols is not None:
+            return cols
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = compute_rows(text, direction_codes, direction_names, path.parent, seconds)
     directions = pa.array(direction_names, pa.string()).take(pa.array(np.asarray(direction_codes)))
@@ -283,3 +293,88 @@ def cached_rows(path: Path, sentence_ids: Any, text: Any, direction_codes: np.nd
     finally:
         tmp.unlink(missing_ok=True)
     return cols
+
+
+# ---- baseline shards: the columns of slice I of N, computed by a CPU job of their own -------------------
+
+def shard_file(folder: Path, index: int, count: int) -> Path:
+    """Where ``mtprune score --baselines I/N`` writes the ``base_*`` columns of slice I of N."""
+    return folder / f"baselines-{index:04d}-of-{count:04d}.parquet"
+
+
+_SHARD_NAME = "baselines-*-of-*.parquet"
+
+
+class _Rows:
+    """The rows ``rows`` of a ``RowText`` (or ``ListText``), numbered from 0: what one shard's key is taken over."""
+
+    def __init__(self, text: Any, rows: np.ndarray) -> None:
+        self.text, self.rows = text, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pairs(self, part: np.ndarray | range) -> Any:
+        return self.text.pairs(self.rows[np.asarray(part, dtype=np.int64)])
+
+
+def _stored_key(path: Path) -> str | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    if not set(COLUMNS) <= set(schema.names):
+        return None
+    return json.loads((schema.metadata or {}).get(b"mtprune", b"{}")).get("key")
+
+
+def from_shards(folder: Path, index: np.ndarray, sentence_ids: Any, text: Any, direction_codes: np.ndarray,
+                direction_names: list[str]) -> dict[str, np.ndarray] | None:
+    """Every ``base_*`` column of the score table's rows, assembled from a complete set of baseline shards in
+    ``folder`` (one ``baselines-I-of-N.parquet`` per slice of some count N) each holding its slice's columns for
+    exactly the text these rows have now; None when no set is complete and current.
+
+    ``index`` is each row's fairseq training index (the score table's ``index`` column): slice I of N is the rows
+    whose index is in ``shards.shard_indices(n, I, N)``, as in the shard job. A set whose text changed (a new
+    download) or that misses a slice is passed over, and the columns are computed in the merge as without shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .rawtext import _chunked
+    from .shards import shard_indices
+
+    n = len(text)
+    index = np.asarray(index, dtype=np.int64)
+    if n == 0 or len(index) != n or index.min() < 0 or index.max() >= n:
+        return None
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[index] = np.arange(n)
+    if (pos < 0).any():
+        return None  # the table is not every training index once
+    ids = _chunked(sentence_ids)
+    counts = sorted({int(m.group(1)) for f in folder.glob(_SHARD_NAME)
+                     if (m := re.fullmatch(r"baselines-\d+-of-(\d+)\.parquet", f.name))})
+    for count in counts:
+        files = [shard_file(folder, i, count) for i in range(count)]
+        if not all(f.is_file() for f in files):
+            continue
+        out = {c: np.full(n, np.nan) for c in COLUMNS}
+        for i, f in enumerate(files):
+            rows = pos[shard_indices(n, i, count)]
+            key = rows_key(ids.take(pa.array(rows)), _Rows(text, rows), direction_codes[rows], direction_names)
+            if _stored_key(f) != key:
+                log.info("score: baseline shards of %d: %s was computed from other text; not used", count, f.name)
+                break
+            table = pq.read_table(f, columns=list(COLUMNS))
+            if table.num_rows != len(rows):
+                break
+            for c in COLUMNS:
+                out[c][rows] = table.column(c).to_numpy()
+        else:
+            log.info("score: baseline columns assembled from %d shard%s in %s", count, "s" if count > 1 else "",
+                     folder)
+            return out
+    return None

@@ -202,8 +202,9 @@ def derived_columns(data: Any, cfg: Any, layout: Any, seconds: dict[str, float])
         t0 = time.time()
         with RowText(layout, df.raw("pair"), df.raw("direction"), df.raw("sentence_id")) as text:
             seconds["base_read_text"] = round(time.time() - t0, 3)
+            index = df["index"].to_numpy() if "index" in df.columns else None
             new.update(baselines.cached_rows(layout.baseline_cache, df.raw("sentence_id"), text, text.direction_codes,
-                                             text.direction_names, layout.stage_dir("score"), seconds))
+                                             text.direction_names, layout.stage_dir("score"), seconds, index))
     df = _Columns(data, new)
     if all(c in df.columns for c in EL2N_WORST) and n:
         t0 = time.time()

@@ -353,19 +353,33 @@ def _collect_tokens(out: list[dict[str, Any]], batch: dict[str, Any], b: np.ndar
 MEAN_SCORES = ("el2n", "nll", "el2n_max", "el2n_eos", "grand")
 
 
+def row_columns(layout: RunLayout, indices: np.ndarray) -> dict[str, Any]:
+    """What names the training examples ``indices`` (pyarrow arrays): ``index``, ``sentence_id``, ``pair``,
+    ``direction``, from the prepare stage's ``train.ids`` and ``train.tasks``."""
+    import pyarrow as pa
+
+    ids = read_lines(layout.prepare_ids)
+    sentence_id = pa.array([ids[i] for i in indices], pa.string())
+    del ids
+    lines = read_lines(layout.prepare_tasks)
+    tasks = [lines[i].split("\t") for i in indices]  # only the rows asked for: a shard's, not the corpus's
+    del lines
+    return {
+        "index": pa.array(indices.astype(np.int64)),
+        "sentence_id": sentence_id,
+        "pair": pa.array([t[0] for t in tasks], pa.string()),
+        "direction": pa.array([t[1] for t in tasks], pa.string()),
+    }
+
+
 def score_table(cfg: Config, layout: RunLayout, indices: np.ndarray, res: dict[str, Any]) -> Any:
     """Every column but ``proto`` (which needs all rows of a language pair, see ``with_proto``)."""
     import pyarrow as pa
 
-    ids = read_lines(layout.prepare_ids)
-    tasks = [ln.split("\t") for ln in read_lines(layout.prepare_tasks)]
     ckpts = res["checkpoints"]
     n_seeds = max(len({c.seed for c in ckpts}), 1)
     cols: dict[str, Any] = {
-        "index": pa.array(indices.astype(np.int64)),
-        "sentence_id": pa.array([ids[i] for i in indices]),
-        "pair": pa.array([tasks[i][0] for i in indices]),
-        "direction": pa.array([tasks[i][1] for i in indices]),
+        **row_columns(layout, indices),
         "n_tokens": pa.array(res["n_tokens"]),
         "el2n": pa.array(res["el2n"].mean(axis=1)),
         "el2n_std": pa.array(res["el2n"].std(axis=1)),

@@ -44,10 +44,10 @@ def shard_key(stage_config: dict[str, Any], inputs: dict[str, str | None]) -> st
     return json_hash({"config": conf, "inputs": inputs})
 
 
-def parse_shard(text: str) -> tuple[int, int]:
+def parse_shard(text: str, option: str = "--shard") -> tuple[int, int]:
     m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        raise UsageError(f"{option} {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))
 
 

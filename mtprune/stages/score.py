@@ -20,7 +20,7 @@ import numpy as np
 from ..config import Config
 from ..errors import UsageError
 from ..layout import RunLayout
-from ..manifest import atomic_write_text, temp_path
+from ..manifest import atomic_write_text, count_lines, temp_path
 from ..pipeline import StageResult, require_fresh_upstream, stage_config, upstream_digests
 from ..scoring.derived import add_columns_table
 from ..scoring.disktable import DiskTable
@@ -52,9 +52,10 @@ UPSTREAM = ("prepare", "proxy")
 
 
 KEEPS_UNITS = True  # shards in 04_score/shards carry their own key
-# the base_* columns, keyed by the text they were computed from: eflomal cannot draw them again bit for bit,
-# so --overwrite and a changed config keep them (delete the file to compute them again)
-KEPT_CACHES = ("shards/baselines.parquet",)
+# the base_* columns (whole, or per slice from `score --baselines I/N`), keyed by the text they were computed from:
+# eflomal cannot draw them again bit for bit, so --overwrite and a changed config keep them (delete the files to
+# compute them again)
+KEPT_CACHES = ("shards/baselines.parquet", "shards/baselines-*-of-*.parquet")
 
 
 log = logging.getLogger("mtprune")
@@ -94,6 +95,37 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
         "key": current_shard_key(cfg, layout), "rows": len(indices), "seconds": res["seconds"], "device": str(res["device"]),
         "target_tokens": n_tok, "dev_seconds": res["dev_seconds"], "dev_pairs": res["n_dev"]}))
     log.info("score: shard %d/%d: %d pairs in %.1fs -> %s", i, count, len(indices), res["seconds"], path)
+    return path
+
+
+def run_baselines_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
+    """The ``base_*`` columns of slice I of N of the training pairs into ``04_score/shards/baselines-I-of-N.parquet``:
+    CPU work that needs the prepare stage only (no proxy model), run as a job array of its own beside the proxy
+    and score jobs on a cluster; `mtprune score` then assembles the columns from the shards instead of computing
+    them in its one merge process. eflomal learns its word-alignment priors from each slice's own pairs."""
+    from ..pipeline import Freshness
+    from ..scoring import baselines
+    from ..scoring.forward import row_columns
+    from ..scoring.rawtext import RowText
+
+    if not cfg.score.baselines:
+        raise UsageError("score --baselines: score.baselines is false in this config: there are no base_* columns "
+                         "to compute")
+    i, count = parse_shard(shard, "--baselines")
+    st = Freshness(cfg, layout)("prepare")
+    if not st.fresh:
+        raise UsageError(f"score --baselines: upstream stage 'prepare' is {st.status} ({st.reason}); "
+                         "run `mtprune prepare` first")
+    t0 = time.time()
+    n = count_lines(layout.prepare_ids)
+    cols = row_columns(layout, shard_indices(n, i, count))
+    path = baselines.shard_file(layout.baseline_cache.parent, i, count)
+    seconds: dict[str, float] = {}
+    with RowText(layout, cols["pair"], cols["direction"], cols["sentence_id"]) as text:
+        baselines.cached_rows(path, cols["sentence_id"], text, text.direction_codes, text.direction_names,
+                              path.parent, seconds)
+    log.info("score: baselines shard %d/%d: %d pairs in %.1fs -> %s (%s)", i, count, len(cols["index"]),
+             time.time() - t0, path, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) or "reused")
     return path
 
 
