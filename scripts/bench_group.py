@@ -63,15 +63,17 @@ print(json.dumps({"seconds": seconds, "peak_anon": peak[0], "norm": group_norm(x
 
 
 def make_sketch(path: Path, rows: int, dim: int, source: Path | None, seed: int) -> None:
-    """A float16 sketch of ``rows`` rows: the first rows of ``source``, or Gaussian rows of log-normal scale
-    written block by block (no full-size array in memory)."""
+    """A float16 sketch of ``rows`` rows: a seeded random sample of the rows of ``source``, kept in file order (the
+    first rows of a corpus are one language pair: the selection's cost depends on the mix, which a sample keeps),
+    or Gaussian rows of log-normal scale; written block by block (no full-size array in memory)."""
     if source is not None:
         src = np.load(source, mmap_mode="r")
         if len(src) < rows:
             sys.exit(f"bench_group: {source} has {len(src)} rows, fewer than {rows}")
+        take = np.sort(np.random.default_rng(seed).choice(len(src), rows, replace=False))
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, src.shape[1]))
         for a in range(0, rows, 100_000):
-            out[a:a + 100_000] = src[a:min(rows, a + 100_000)]
+            out[a:a + 100_000] = src[take[a:a + 100_000]]
     else:
         rng = np.random.default_rng(seed)
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dim))
@@ -98,7 +100,7 @@ def main() -> None:
                     help="sketch rows for the one-part selection (its cost grows with the square; keep them small)")
     ap.add_argument("--dim", type=int, default=256, help="sketch width (the score stage's is 256)")
     ap.add_argument("--sparsity", type=float, default=0.2, help="fraction of the rows to choose")
-    ap.add_argument("--sketch", type=Path, help="take the first rows of this .npy sketch instead of Gaussian rows")
+    ap.add_argument("--sketch", type=Path, help="take a seeded sample of the rows of this .npy sketch instead of Gaussian rows")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1,
                     help="processes the parts are selected in (1: the cost per row of one CPU; the prune stage "
