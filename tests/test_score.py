@@ -416,3 +416,37 @@ def test_the_merged_sketch_of_one_shard_shares_its_disk(tiny_run: Path) -> None:
     shard = L.score_shard(0, 1).with_suffix(".sketch.npy")
     assert L.grad_sketch.stat().st_ino == shard.stat().st_ino
     assert np.load(L.grad_sketch).shape[0] == len(pd.read_parquet(L.scores))
+
+
+def test_the_base_columns_leftovers_go_once_no_baselines_job_holds_its_lock(tmp_path: Path) -> None:
+    """A killed `score --baselines I/N` job (or merge computing the base_* columns) leaves its temp table and
+    eflomal's temp folder in 04_score/shards/: removed by `mtprune score`, but not while a baselines job runs."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from mtprune.scoring.shards import remove_stale_temps
+
+    L = RunLayout(tmp_path / "run")
+    score, shards = L.stage_dir("score"), L.score_shard(0, 1).parent
+    shards.mkdir(parents=True)
+    table = shards / ".baselines-0001-of-0002.parquet.4242.tmp"
+    table.write_bytes(b"\0" * 100)
+    eflomal = shards / ".wordalign.abc123"
+    (eflomal / "sub").mkdir(parents=True)
+    (eflomal / "src").write_bytes(b"\0" * 30)
+    (eflomal / "sub" / "priors").write_bytes(b"\0" * 7)
+    kept = [shards / "baselines-0000-of-0002.parquet", shards / "baselines.parquet"]
+    for p in kept:
+        p.write_bytes(b"\0" * 10)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(score / ".lock-baselines-1-of-2")], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_stale_temps(L) == 0
+        assert table.exists() and eflomal.is_dir()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert remove_stale_temps(L) == 137
+    assert not table.exists() and not eflomal.exists() and all(p.exists() for p in kept)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -88,9 +89,10 @@ def remove_stale_temps(layout: RunLayout, shard: tuple[int, int] | None = None) 
     bytes freed.
 
     A shard's temp files go when that shard's lock (``04_score/.lock-<i>-of-<n>``) is free or held by this
-    process, the merge's when the run lock is; a shard scored right now by another process keeps its own.
-    With ``shard`` (i, N), only that shard's files are looked at."""
-    from ..lock import UNIT_LOCK_PREFIX, unit_lock_path
+    process, the merge's when the run lock is; a shard scored right now by another process keeps its own. The
+    ``base_*`` columns' leftovers in shards/ (their temp table, eflomal's temp folder) go with the merge's when no
+    ``score --baselines`` job holds its lock either. With ``shard`` (i, N), only that shard's files are looked at."""
+    from ..lock import HOLDER_SUFFIX, UNIT_LOCK_PREFIX, unit_lock_path
 
     folder = layout.stage_dir("score")
     shard_locks: dict[tuple[int, int], list[Path]] = {}
@@ -108,11 +110,22 @@ def remove_stale_temps(layout: RunLayout, shard: tuple[int, int] | None = None) 
             stale.append(p)
     if shard is None and folder.is_dir() and _writer_gone(layout.lock):
         stale += sorted(p for p in folder.glob(".*.tmp") if _MERGE_TEMP.fullmatch(p.name) and p.is_file())
+        # the base_* columns' (a merge's or a `score --baselines I/N` job's): their temp table and eflomal's folder,
+        # once no baselines job holds its lock either (eflomal's folder does not say whose it is)
+        if all(_writer_gone(lock) for lock in folder.glob(UNIT_LOCK_PREFIX + "baselines-*")
+               if not lock.name.endswith(HOLDER_SUFFIX)):
+            shards = layout.score_shard(0, 1).parent
+            stale += sorted(p for p in shards.glob(".baselines*.tmp") if p.is_file())
+            stale += sorted(p for p in shards.glob(".wordalign.*") if p.is_dir())
     freed = 0
     for p in stale:
         try:
-            size = p.stat().st_size
-            p.unlink()
+            if p.is_dir():
+                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                shutil.rmtree(p)
+            else:
+                size = p.stat().st_size
+                p.unlink()
         except FileNotFoundError:  # removed by another cleaner meanwhile
             continue
         freed += size
