@@ -192,13 +192,15 @@ def save_resolved_config(cfg: Config, layout: RunLayout) -> None:
     remember_run(layout.root)
 
 
-def require_fresh_upstream(stage: str, cfg: Config, layout: RunLayout) -> Freshness:
-    """Raise UsageError naming the first upstream stage of ``stage`` that is not fresh."""
+def require_fresh_upstream(stage: str, cfg: Config, layout: RunLayout, upstream: tuple[str, ...] | None = None,
+                           label: str | None = None) -> Freshness:
+    """Raise UsageError naming the first upstream stage of ``stage`` that is not fresh (of ``upstream`` when given:
+    a part of the stage that needs fewer; ``label`` names that part in the error)."""
     fresh = Freshness(cfg, layout)
-    for up in stage_module(stage).UPSTREAM:
+    for up in stage_module(stage).UPSTREAM if upstream is None else upstream:
         st = fresh(up)
         if not st.fresh:
-            raise UsageError(f"{stage}: upstream stage '{up}' is {st.status} ({st.reason}); "
+            raise UsageError(f"{label or stage}: upstream stage '{up}' is {st.status} ({st.reason}); "
                              f"run `mtprune {up}` first")
     return fresh
 

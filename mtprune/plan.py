@@ -174,15 +174,16 @@ def plan(cfg: Config, layout: RunLayout, *, pairs: int | None = None, train_tps:
                     task = work / shards / s_tps / 3600
                     hours = waves(shards) * task
             base = baseline_units(cfg)
+            base_hours = REFERENCE["baselines"] * n / 1e5 / 3600  # the base_* columns' share of the CPU work
             if base:  # the base_* columns in an array of their own, beside proxy training
-                b_task = REFERENCE["baselines"] * n / len(base) / 1e5 / 3600
+                b_task = base_hours / len(base)
                 rows.append(Row(BASELINES, f"array of {len(base)}", 0, s.cpus_per_task, waves(len(base)) * b_task,
                                 f"{REFERENCE['baselines']:.1f} s per 100k pairs over {len(base)} slices; needs "
                                 "prepare only, runs beside proxy", b_task, beside=True))
             merge = cpu_hours("score")
             if merge is not None:
                 if base:
-                    merge -= REFERENCE["baselines"] * n / 1e5 / 3600
+                    merge -= base_hours
                 what = "merge and derived columns" + (" (base_* from the baselines array)" if base else "")
                 basis += f"; then {what}: {merge:.2f} h in the finishing job"
                 hours = None if hours is None else hours + merge

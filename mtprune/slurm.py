@@ -360,28 +360,26 @@ def submit(cfg: Config, layout: RunLayout, kind: str, stages: tuple[str, ...] = 
         # (job kind, argvs, array?, depends on): a stage's array after the stage before, its finishing job after
         # the array; the score stage's baseline slices after prepare only, and its finishing job after them too
         groups: list[tuple[str, list[list[str]], bool, list[str]]] = []
-        side: list[str] = []
+        if units:
+            groups.append((stage, [job_argv(stage, config_file, layout, u) for u in units], True, after))
         if stage == "score" and (base := baseline_units(cfg)):
             groups.append((BASELINES, [job_argv(BASELINES, config_file, layout, u) for u in base], True,
                            finished_by.get("prepare", [])))
-        if units:
-            groups.append((stage, [job_argv(stage, config_file, layout, u) for u in units], True, after))
-        groups.append((stage, [job_argv(stage, config_file, layout)], False, []))
-        for kind_name, argvs, unit, deps in groups:
-            if not unit:
-                deps = (after if not units else [r.job_id for r in submitted if r.stage == stage]) + side
+        arrays: list[str] = []  # the finishing job waits for every array of the stage, or for the stage before
+        ids: list[str] = []
+        for kind_name, argvs, unit, deps in groups + [(stage, [job_argv(stage, config_file, layout)], False, [])]:
             ex = _executor(cfg, layout, kind_name, kind)
-            recs, jobs = _submit(cfg, ex, kind, kind_name, argvs, deps, unit)
+            recs, jobs = _submit(cfg, ex, kind, kind_name, argvs, deps if unit else arrays or after, unit)
             submitted += recs
             _record(layout, recs)
             if kind == "submitit-local":
                 _wait(jobs, kind_name)
-            if kind_name == BASELINES:
-                side = [r.job_id for r in recs]
-            elif not unit:
+            ids += [r.job_id for r in recs]
+            if unit:
+                arrays += [r.job_id for r in recs]
+            else:
                 after = finished_by[stage] = [r.job_id for r in recs]
-        log.info("%s: submitted job(s) %s", stage,
-                 ", ".join(r.job_id for r in submitted if r.stage in (stage, f"{stage}-baselines")))
+        log.info("%s: submitted job(s) %s", stage, ", ".join(ids))
     return submitted
 
 
@@ -455,9 +453,9 @@ def sbatch_script(cfg: Config, layout: RunLayout, stage: str, config_file: Path,
         if stage != "score" or finish:
             raise UsageError("slurm-script: --baselines is the score stage's CPU array: `slurm-script score "
                              "--baselines`, without --finish")
-        if not cfg.score.baselines:
-            raise UsageError("slurm-script score --baselines: score.baselines is false in this config: there are "
-                             "no base_* columns to compute")
+        from .stages.score import require_baselines
+
+        require_baselines(cfg, "slurm-script score --baselines")
         stage = BASELINES
     units = [] if finish else (baseline_units(cfg) if baselines else unit_names(cfg, stage))
     if finish and stage not in UNIT_STAGES:

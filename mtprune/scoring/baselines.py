@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -262,12 +261,11 @@ def cached_rows(path: Path, sentence_ids: Any, text: Any, direction_codes: np.nd
 
     from ..manifest import temp_path
 
-    key = rows_key(sentence_ids, text, direction_codes, direction_names)
+    key = None  # a pass over every row's text: taken only when a cache file is there to compare with, or to write
     if path.is_file():
+        key = rows_key(sentence_ids, text, direction_codes, direction_names)
         try:  # the key from the file's metadata first: the columns are read only when they are the ones wanted
-            schema = pq.read_schema(path)
-            meta = json.loads((schema.metadata or {}).get(b"mtprune", b"{}"))
-            if meta.get("key") == key and set(COLUMNS) <= set(schema.names):
+            if _stored_key(path) == key:
                 table = pq.read_table(path, columns=list(COLUMNS))
                 if table.num_rows == len(text):
                     log.info("score: baseline columns reused from %s", path)
@@ -283,6 +281,8 @@ def cached_rows(path: Path, sentence_ids: Any, text: Any, direction_codes: np.nd
             return cols
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = compute_rows(text, direction_codes, direction_names, path.parent, seconds)
+    if key is None:
+        key = rows_key(sentence_ids, text, direction_codes, direction_names)
     directions = pa.array(direction_names, pa.string()).take(pa.array(np.asarray(direction_codes)))
     table = pa.table({"sentence_id": sentence_ids, "direction": directions, **cols})
     table = table.replace_schema_metadata({"mtprune": json.dumps({"key": key, "version": VERSION})})
@@ -302,9 +302,6 @@ def shard_file(folder: Path, index: int, count: int) -> Path:
     return folder / f"baselines-{index:04d}-of-{count:04d}.parquet"
 
 
-_SHARD_NAME = "baselines-*-of-*.parquet"
-
-
 class _Rows:
     """The rows ``rows`` of a ``RowText`` (or ``ListText``), numbered from 0: what one shard's key is taken over."""
 
@@ -319,13 +316,11 @@ class _Rows:
 
 
 def _stored_key(path: Path) -> str | None:
-    import pyarrow as pa
+    """The key a cache file of the ``base_*`` columns was written with; None when it lacks a column. Raises what
+    pyarrow raises for an unreadable file."""
     import pyarrow.parquet as pq
 
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, ValueError, pa.ArrowException):
-        return None
+    schema = pq.read_schema(path)
     if not set(COLUMNS) <= set(schema.names):
         return None
     return json.loads((schema.metadata or {}).get(b"mtprune", b"{}")).get("key")
@@ -344,7 +339,7 @@ def from_shards(folder: Path, index: np.ndarray, sentence_ids: Any, text: Any, d
     import pyarrow.parquet as pq
 
     from .rawtext import _chunked
-    from .shards import shard_indices
+    from .shards import shard_counts, shard_indices
 
     n = len(text)
     index = np.asarray(index, dtype=np.int64)
@@ -355,9 +350,7 @@ def from_shards(folder: Path, index: np.ndarray, sentence_ids: Any, text: Any, d
     if (pos < 0).any():
         return None  # the table is not every training index once
     ids = _chunked(sentence_ids)
-    counts = sorted({int(m.group(1)) for f in folder.glob(_SHARD_NAME)
-                     if (m := re.fullmatch(r"baselines-\d+-of-(\d+)\.parquet", f.name))})
-    for count in counts:
+    for count in shard_counts(folder, "baselines"):
         files = [shard_file(folder, i, count) for i in range(count)]
         if not all(f.is_file() for f in files):
             continue
@@ -365,7 +358,11 @@ def from_shards(folder: Path, index: np.ndarray, sentence_ids: Any, text: Any, d
         for i, f in enumerate(files):
             rows = pos[shard_indices(n, i, count)]
             key = rows_key(ids.take(pa.array(rows)), _Rows(text, rows), direction_codes[rows], direction_names)
-            if _stored_key(f) != key:
+            try:
+                stored = _stored_key(f)
+            except (OSError, ValueError, pa.ArrowException):
+                stored = None
+            if stored != key:
                 log.info("score: baseline shards of %d: %s was computed from other text; not used", count, f.name)
                 break
             table = pq.read_table(f, columns=list(COLUMNS))

@@ -179,13 +179,17 @@ def concat_npy(parts: list[Path], out: Path) -> None:
     flush_npy(dst)
 
 
+def shard_counts(folder: Path, stem: str) -> list[int]:
+    """The counts N of the ``<stem>-I-of-N.parquet`` files in ``folder``, ascending (a set may be incomplete)."""
+    return sorted({int(m.group(1)) for f in folder.glob(f"{stem}-*-of-*.parquet")
+                   if (m := re.fullmatch(rf"{re.escape(stem)}-\d+-of-(\d+)\.parquet", f.name))})
+
+
 def finished_shards(layout: RunLayout, key: str) -> list[Path] | None:
     """A complete set of shards (one per slice of some count N) finished with the settings of ``key``, or None.
     Sets of other counts or older settings lying beside it are ignored."""
     folder = layout.stage_dir("score") / "shards"
-    counts = sorted({int(m.group(1)) for f in folder.glob("shard-*-of-*.parquet")
-                     if (m := re.fullmatch(r"shard-\d+-of-(\d+)\.parquet", f.name))})
-    for count in counts:
+    for count in shard_counts(folder, "shard"):
         wanted = [layout.score_shard(i, count) for i in range(count)]
         if all(shard_key_matches(w, key) for w in wanted):
             return wanted

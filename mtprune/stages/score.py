@@ -98,24 +98,24 @@ def run_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     return path
 
 
+def require_baselines(cfg: Config, what: str) -> None:
+    """UsageError for a baselines slice (``what``: the command) when the config computes no ``base_*`` columns."""
+    if not cfg.score.baselines:
+        raise UsageError(f"{what}: score.baselines is false in this config: there are no base_* columns to compute")
+
+
 def run_baselines_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     """The ``base_*`` columns of slice I of N of the training pairs into ``04_score/shards/baselines-I-of-N.parquet``:
     CPU work that needs the prepare stage only (no proxy model), run as a job array of its own beside the proxy
     and score jobs on a cluster; `mtprune score` then assembles the columns from the shards instead of computing
     them in its one merge process. eflomal learns its word-alignment priors from each slice's own pairs."""
-    from ..pipeline import Freshness
     from ..scoring import baselines
     from ..scoring.forward import row_columns
     from ..scoring.rawtext import RowText
 
-    if not cfg.score.baselines:
-        raise UsageError("score --baselines: score.baselines is false in this config: there are no base_* columns "
-                         "to compute")
+    require_baselines(cfg, "score --baselines")
     i, count = parse_shard(shard, "--baselines")
-    st = Freshness(cfg, layout)("prepare")
-    if not st.fresh:
-        raise UsageError(f"score --baselines: upstream stage 'prepare' is {st.status} ({st.reason}); "
-                         "run `mtprune prepare` first")
+    require_fresh_upstream("score", cfg, layout, upstream=("prepare",), label="score --baselines")
     t0 = time.time()
     n = count_lines(layout.prepare_ids)
     cols = row_columns(layout, shard_indices(n, i, count))
