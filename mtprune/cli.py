@@ -243,6 +243,11 @@ def _stage_command(stage: str) -> None:
                                   help="Compute only the base_* columns (OpusFilter's filters, no model) of slice I "
                                        "of N into 04_score/shards/: CPU work that needs prepare alone; "
                                        "`mtprune score` then assembles the columns from the finished slices."))
+    if stage == "prepare":
+        extra.append(click.option("--shard", default=None, metavar="I/N",
+                                  help="Encode and binarize only part I of N (0-based) of the training pairs into "
+                                       "02_prepare/shards/, as a job array task does; `mtprune prepare` without "
+                                       "--shard assembles data-bin from the finished parts (and does any missing)."))
     if stage in ("proxy", "train"):
         extra.append(click.option("--unit", default=None, metavar="NAME",
                                   help="Run one unit only (proxy: seed<k>; train: full, el2n-high-0.3, ...), "
@@ -276,6 +281,15 @@ def _stage_command(stage: str) -> None:
                 with RunLock(lock, f"score --baselines {i}/{count}", subject=f"baselines shard {i}/{count}"):
                     check_free(layout.lock)
                     run_baselines_shard(cfg, layout, f"{i}/{count}")
+            elif opts.get("shard") and stage == "prepare":
+                from .scoring.shards import parse_shard
+                from .stages.prepare import run_part
+
+                i, count = parse_shard(opts["shard"])
+                lock = unit_lock_path(layout.stage_dir(stage) / f"part-{i}-of-{count}")
+                with RunLock(lock, f"prepare --shard {i}/{count}", subject=f"prepare part {i}/{count}"):
+                    check_free(layout.lock)
+                    run_part(cfg, layout, f"{i}/{count}")
             elif opts.get("shard"):
                 from .scoring.shards import parse_shard
                 from .stages.score import run_shard

@@ -127,6 +127,16 @@ class RunLayout:
         return self.stage_dir("prepare") / "train.tasks"
 
     @property
+    def prepare_shards(self) -> Path:
+        """Parts of the training data binarized on their own (``prepare --shard I/N``) and the SentencePiece model
+        they share, until the plain ``mtprune prepare`` assembles data-bin from them."""
+        return self.stage_dir("prepare") / "shards"
+
+    def prepare_part(self, i: int, count: int) -> Path:
+        """The prefix of part I of N's files (``part-0002-of-0008.src.bin``, ``.json`` written last)."""
+        return self.prepare_shards / f"part-{i:04d}-of-{count:04d}"
+
+    @property
     def test_index(self) -> Path:
         return self.stage_dir("prepare") / "test.tsv"
 

@@ -18,7 +18,7 @@ FLOORS = {
     1: ["mtprune", "errors", "layout", "manifest", "textio", "batching", "cpus", "gpus", "faults", "children",
         "lock"],
     2: ["config"],
-    3: ["fairseq_backend", "el2n", "scoring.*", "noise", "sources", "synthetic", "significance", "curves", "plots",
+    3: ["fairseq_backend", "databin", "el2n", "scoring.*", "noise", "sources", "synthetic", "significance", "curves", "plots",
         "results", "curriculum", "fairseq_user.*"],
     4: ["pipeline", "launch"],
     5: ["stages.*"],

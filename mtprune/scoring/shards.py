@@ -179,10 +179,10 @@ def concat_npy(parts: list[Path], out: Path) -> None:
     flush_npy(dst)
 
 
-def shard_counts(folder: Path, stem: str) -> list[int]:
-    """The counts N of the ``<stem>-I-of-N.parquet`` files in ``folder``, ascending (a set may be incomplete)."""
-    return sorted({int(m.group(1)) for f in folder.glob(f"{stem}-*-of-*.parquet")
-                   if (m := re.fullmatch(rf"{re.escape(stem)}-\d+-of-(\d+)\.parquet", f.name))})
+def shard_counts(folder: Path, stem: str, suffix: str = ".parquet") -> list[int]:
+    """The counts N of the ``<stem>-I-of-N<suffix>`` files in ``folder``, ascending (a set may be incomplete)."""
+    return sorted({int(m.group(1)) for f in folder.glob(f"{stem}-*-of-*{suffix}")
+                   if (m := re.fullmatch(rf"{re.escape(stem)}-\d+-of-(\d+){re.escape(suffix)}", f.name))})
 
 
 def finished_shards(layout: RunLayout, key: str) -> list[Path] | None:
