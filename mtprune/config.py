@@ -654,6 +654,9 @@ class LaunchConfig(_Recorded):
     launcher: Annotated[Str, _one_of("local", "slurm", "submitit-local")] = "local"
     # 0: one shard per array task that runs at once (slurm.array_parallelism)
     score_shards: Parallel = 0
+    # parts prepare's training rows are encoded and binarized in as a CPU job array under Slurm (`prepare --shard
+    # I/N`); 0: one per array task that runs at once (slurm.array_parallelism); 1: one prepare job, no array
+    prepare_shards: Parallel = 0
     # a Weights & Biases project that proxy and final training log to (fairseq's --wandb-project; needs
     # `pip install wandb`); null: none. TensorBoard logs are always written (<unit folder>/tb)
     wandb_project: Str | None = None

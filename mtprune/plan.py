@@ -37,7 +37,12 @@ from .manifest import Manifest
 REFERENCE_SOURCE = "scripts/bench_scale.py at 4M pairs, 2-core CPU machine, 2026-12-05"
 REFERENCE: dict[str, float] = {
     "download": 1.50,  # 60.0 s
-    "prepare": 16.71,  # 668.5 s (SentencePiece on 300,000 sentences, then encoding and binarizing)
+    # 45.7 s (SentencePiece on 300,000 sentences, then encoding and binarizing from its ids), timed after prepare
+    # stopped calling fairseq-preprocess (668.5 s before): `mtprune prepare` alone on the same 4M-pair download
+    "prepare": 1.14,
+    # of which encoding and binarizing, what a `prepare --shard I/N` array splits: parts of 999,997 pairs of that
+    # corpus took 5.2 and 4.7 s (`mtprune prepare --shard 3/4`, `--shard 0/4`)
+    "prepare_parts": 0.50,
     "score": 52.19,  # 2,577.4 s for the stage, less the scoring pass's 489.9 s (tiny model, on the CPU)
     # of which the base_* columns (OpusFilter's filters, lingua, eflomal: 1,763.9 s in the stage's log line
     # `derived columns`), the work a `score --baselines I/N` array takes off the finishing job
@@ -191,6 +196,15 @@ def plan(cfg: Config, layout: RunLayout, *, pairs: int | None = None, train_tps:
             rows.append(Row(stage, f"array of {shards} + 1 to finish", job_resources(cfg, stage, True).gpus_per_node,
                             s.cpus_per_task,
                             hours, basis, task))
+        elif stage == "prepare" and units:
+            # the SentencePiece model and the assembly in one job each; encoding and binarizing in the array
+            parts = REFERENCE["prepare_parts"] * n / 1e5 / 3600
+            rest = cpu_hours("prepare") - parts
+            task = parts / len(units) + rest
+            rows.append(Row(stage, f"array of {len(units)} + 1 to finish", 0, s.cpus_per_task,
+                            waves(len(units)) * parts / len(units) + rest,
+                            f"{REFERENCE['prepare']:.1f} s per 100k pairs in one process, of which "
+                            f"{REFERENCE['prepare_parts']:.1f} split over {len(units)} parts", task))
         elif stage == "evaluate":
             rows.append(Row(stage, "1", job_resources(cfg, stage, False).gpus_per_node, s.cpus_per_task, None,
                             "beam search over the test sets, once per model; not estimated"))

@@ -35,7 +35,7 @@ from .layout import STAGES, RunLayout
 from .manifest import atomic_write_text
 
 log = logging.getLogger("mtprune")
-UNIT_STAGES = ("proxy", "score", "train")  # stages whose units run as a job array
+UNIT_STAGES = ("prepare", "proxy", "score", "train")  # stages whose units run as a job array
 
 
 # ---- paths of the launch records (all under <run>/slurm/) ----------------------------------------
@@ -86,11 +86,19 @@ def unit_names(cfg: Config, stage: str) -> list[str]:
     if stage == "score":
         n = shard_count(cfg)
         return [f"{i}/{n}" for i in range(n)]
+    if stage == "prepare":
+        n = prepare_part_count(cfg)
+        return [f"{i}/{n}" for i in range(n)] if n > 1 else []
     return []
 
 
 def shard_count(cfg: Config) -> int:
     return cfg.launch.score_shards or cfg.launch.slurm.array_parallelism
+
+
+def prepare_part_count(cfg: Config) -> int:
+    """Parts of prepare's CPU array (``prepare --shard I/N``): 1 means one prepare job and no array."""
+    return cfg.launch.prepare_shards or cfg.launch.slurm.array_parallelism
 
 
 # the score stage's second job array: `score --baselines I/N`, the base_* columns of a slice, on CPUs; it needs
@@ -109,7 +117,7 @@ def baseline_units(cfg: Config) -> list[str]:
 def unit_argv(stage: str, unit: str) -> list[str]:
     if stage == BASELINES:
         return ["--baselines", unit]
-    return ["--shard", unit] if stage == "score" else ["--unit", unit]
+    return ["--shard", unit] if stage in ("prepare", "score") else ["--unit", unit]
 
 
 def job_argv(stage: str, config_file: Path, layout: RunLayout, unit: str | None = None) -> list[str]:
@@ -212,7 +220,7 @@ def job_resources(cfg: Config, stage: str, unit: bool) -> Resources:
     write the manifest) hold none. A single-node job is one task whatever its GPUs: fairseq-train
     spawns one process per GPU itself there."""
     s = cfg.launch.slurm
-    if not unit or stage == BASELINES:
+    if not unit or stage in (BASELINES, "prepare"):
         return Resources(gpus_per_node=s.gpus_per_node if stage == "evaluate" else 0)
     if stage == "score":
         return Resources(gpus_per_node=min(1, s.gpus_per_node))
@@ -390,6 +398,8 @@ def _record(layout: RunLayout, recs: list[Submitted]) -> None:
 
 
 def _wait(jobs: list[Any], stage: str) -> None:
+    """Wait for every job (none is left running when this returns), then raise the first failure."""
+    failure: StageError | None = None
     for j in jobs:
         try:
             j.result()
@@ -397,7 +407,9 @@ def _wait(jobs: list[Any], stage: str) -> None:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             ours = [ln.removeprefix("RuntimeError: ") for ln in lines if ln.startswith("RuntimeError: `mtprune ")]
             reason = ours[-1] if ours else lines[0]
-            raise StageError(f"{stage}: job {j.job_id} failed: {reason[:300]} (logs: {j.paths.stderr})") from None
+            failure = failure or StageError(f"{stage}: job {j.job_id} failed: {reason[:300]} (logs: {j.paths.stderr})")
+    if failure is not None:
+        raise failure
 
 
 # ---- job states --------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path
     code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--launcher", "slurm",
                     "--set", "launch.slurm.partition=gpu", "--set", "launch.slurm.gpus_per_node=4",
                     "--set", "launch.gpus_per_run=2",
-                    "--set", "launch.score_shards=3", "--set", "launch.slurm.extra=[constraint=a100]")
+                    "--set", "launch.score_shards=3", "--set", "launch.slurm.extra=[constraint=a100]",
+                    "--set", "launch.prepare_shards=1")  # prepare's array: test_prepare_is_a_cpu_array...
     assert code == 0, out
     scripts = {int(p.stem[3:]): p.read_text() for p in fake_sbatch.glob("job*.sh")}
     # download, prepare, proxy array + finalize, score array + merge, prune, train array + finalize, evaluate, report
@@ -214,7 +215,8 @@ def test_a_failed_submitit_local_job_is_one_line_and_shows_as_failed(tmp_path: P
     assert code == 1, out
     lines = error_lines(out)
     assert len(lines) == 1 and "prepare: job" in lines[0], out
-    assert "`mtprune prepare` exited with 2" in lines[0] and "upstream stage 'download' is missing" in lines[0]
+    # the first of prepare's array jobs (launch.prepare_shards: one part per array slot)
+    assert "`mtprune prepare --shard 0/8` exited with 2" in lines[0] and "upstream stage 'download'" in lines[0]
     code, out = cli("status", *sets)
     assert [line.split()[1] for line in out.splitlines() if "prepare" in line and "jobs" not in line][-1] == "failed"
 
@@ -229,7 +231,8 @@ def command_line(script: str) -> str:
 
 def test_multi_node_runs_hold_every_node_and_start_mtprune_once(fake_sbatch: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    sets = ["-c", str(TINY), "--run-dir", str(run), *MULTI_NODE, "--set", "launch.score_shards=2"]
+    sets = ["-c", str(TINY), "--run-dir", str(run), *MULTI_NODE, "--set", "launch.score_shards=2",
+            "--set", "launch.prepare_shards=1"]
     code, out = cli("sweep", *sets, "--launcher", "slurm")
     assert code == 0, out
     by_stage: dict[str, list[str]] = {}
@@ -410,7 +413,7 @@ def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_un
     # two retraining runs of 4 updates, 10 test sentences): every kind of job still runs, each in a process of its own
     small = ["download.pairs=[de-en]", "download.max_test_per_pair=10", "proxy.seeds=[1]", "proxy.checkpoints=[2,4]",
              "proxy.warmup_updates=1", "score.baselines=false", "prune.strategies=[random]", "train.max_update=4",
-             "train.warmup_updates=1", "launch.score_shards=2"]
+             "train.warmup_updates=1", "launch.score_shards=2", "launch.prepare_shards=2"]
     sets = ["-c", str(TINY), "--run-dir", str(run), *[a for s in small for a in ("--set", s)]]
     code, out = cli("sweep", *sets, "--launcher", "submitit-local")
     assert code == 0, out
@@ -419,6 +422,7 @@ def test_sweep_through_submitit_local_jobs_respects_order_and_redoes_a_killed_un
     for before, after in zip(manifests, manifests[1:], strict=False):
         assert after["started"] >= before["finished"], (before["stage"], after["stage"])
     assert manifests[STAGES.index("score")]["stats"]["shards"] == 2
+    assert manifests[STAGES.index("prepare")]["stats"]["parts"] == 2  # binarized by two jobs, assembled by a third
     jobs = json.loads((run / "slurm" / "jobs.json").read_text())
     assert len({j["folder"] for j in jobs}) == len(STAGES)  # real submitit job folders, one per stage
     code, out = cli("status", *sets)
@@ -472,7 +476,8 @@ def test_the_base_columns_are_a_cpu_array_after_prepare_that_the_score_merge_wai
     scripts = {int(p.stem[3:]): p.read_text() for p in fake_sbatch.glob("job*.sh")}
     names = {n: sbatch_options_of(t)["job-name"] for n, t in scripts.items()}
     by_name = {v: k for k, v in sorted(names.items(), reverse=True)}  # the first job of each name
-    prepare, base = by_name["mtprune-prepare"], by_name["mtprune-score-baselines"]
+    base = by_name["mtprune-score-baselines"]
+    prepare = max(n for n, v in names.items() if v == "mtprune-prepare")  # the job that finishes prepare
     opts = sbatch_options_of(scripts[base])
     # after prepare, not after the proxy training: the two run side by side; no GPU
     assert opts["dependency"] == f"afterok:{prepare}" and "gpus-per-node" not in opts
@@ -494,3 +499,35 @@ def test_the_base_columns_are_a_cpu_array_after_prepare_that_the_score_merge_wai
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     code, out = cli("slurm-script", "proxy", "--baselines", *sets)
     assert code == 2 and "--baselines is the score stage's CPU array" in out
+
+
+def test_prepare_is_a_cpu_array_of_parts_and_a_job_that_assembles_them(fake_sbatch: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ["-c", str(TINY), "--run-dir", str(run), "--set", "launch.slurm.gpus_per_node=2",
+            "--set", "launch.prepare_shards=3"]
+    code, out = cli("sweep", *sets, "--launcher", "slurm")
+    assert code == 0, out
+    scripts = {int(p.stem[3:]): p.read_text() for p in fake_sbatch.glob("job*.sh")}
+    names = {n: sbatch_options_of(t)["job-name"] for n, t in scripts.items()}
+    download = min(n for n, v in names.items() if v == "mtprune-download")
+    array, finish = sorted(n for n, v in names.items() if v == "mtprune-prepare")
+    opts = sbatch_options_of(scripts[array])
+    assert opts["array"] == "0-2%3" and opts["dependency"] == f"afterok:{download}" and "gpus-per-node" not in opts
+    assert sbatch_options_of(scripts[finish])["dependency"] == f"afterok:{array}_0:{array}_1:{array}_2"
+    proxy = min(n for n, v in names.items() if v == "mtprune-proxy")
+    assert sbatch_options_of(scripts[proxy])["dependency"] == f"afterok:{finish}"
+    assert "prepare --shard 2/3" in out
+    # the script a user submits by hand: the same array, and the finishing job's
+    code, script = cli("slurm-script", "prepare", *sets)
+    assert code == 0, script
+    mine = {k: v for k, v in sbatch_options_of(script).items() if k != "output"}
+    theirs = {k: v for k, v in opts.items() if k not in {"error", "open-mode", "signal", "wckey", "output",
+                                                          "dependency"}}
+    assert mine == theirs
+    assert 'prepare -c' in script and '--shard "${UNITS[$SLURM_ARRAY_TASK_ID]}"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    code, script = cli("slurm-script", "prepare", "--finish", *sets)
+    assert code == 0 and "--shard" not in script and "--array" not in script
+    # one part: no array, one prepare job as before
+    code, script = cli("slurm-script", "prepare", *sets[:-2], "--set", "launch.prepare_shards=1")
+    assert code == 0 and "--array" not in script and "--shard" not in script
