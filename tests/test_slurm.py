@@ -466,6 +466,17 @@ def test_submitit_local_jobs_see_the_gpus_this_process_sees(tmp_path: Path, monk
     assert local_gpu_parameters() == {}  # no GPU: submitit's default (none) stands
 
 
+def assert_array_script_as_submitted(script: str, submitted: dict[str, str], command: str, flag: str) -> None:
+    """A `slurm-script` array asks for what the submitted array did (submitit's own options and the dependency
+    aside), runs ``mtprune <command> ... <flag> <its task's unit>``, and is valid bash."""
+    mine = {k: v for k, v in sbatch_options_of(script).items() if k != "output"}
+    theirs = {k: v for k, v in submitted.items() if k not in {"error", "open-mode", "signal", "wckey", "output",
+                                                               "dependency"}}
+    assert mine == theirs
+    assert f"{command} -c" in script and f'{flag} "${{UNITS[$SLURM_ARRAY_TASK_ID]}}"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
 def test_the_base_columns_are_a_cpu_array_after_prepare_that_the_score_merge_waits_for(fake_sbatch: Path,
                                                                                       tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -491,12 +502,7 @@ def test_the_base_columns_are_a_cpu_array_after_prepare_that_the_score_merge_wai
     # the script a user submits by hand asks for the same
     code, script = cli("slurm-script", "score", "--baselines", *sets)
     assert code == 0, script
-    mine = {k: v for k, v in sbatch_options_of(script).items() if k != "output"}
-    theirs = {k: v for k, v in opts.items() if k not in {"error", "open-mode", "signal", "wckey", "output",
-                                                          "dependency"}}
-    assert mine == theirs
-    assert 'score -c' in script and '--baselines "${UNITS[$SLURM_ARRAY_TASK_ID]}"' in script
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert_array_script_as_submitted(script, opts, "score", "--baselines")
     code, out = cli("slurm-script", "proxy", "--baselines", *sets)
     assert code == 2 and "--baselines is the score stage's CPU array" in out
 
@@ -520,12 +526,7 @@ def test_prepare_is_a_cpu_array_of_parts_and_a_job_that_assembles_them(fake_sbat
     # the script a user submits by hand: the same array, and the finishing job's
     code, script = cli("slurm-script", "prepare", *sets)
     assert code == 0, script
-    mine = {k: v for k, v in sbatch_options_of(script).items() if k != "output"}
-    theirs = {k: v for k, v in opts.items() if k not in {"error", "open-mode", "signal", "wckey", "output",
-                                                          "dependency"}}
-    assert mine == theirs
-    assert 'prepare -c' in script and '--shard "${UNITS[$SLURM_ARRAY_TASK_ID]}"' in script
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert_array_script_as_submitted(script, opts, "prepare", "--shard")
     code, script = cli("slurm-script", "prepare", "--finish", *sets)
     assert code == 0 and "--shard" not in script and "--array" not in script
     # one part: no array, one prepare job as before
