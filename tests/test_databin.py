@@ -87,6 +87,8 @@ def test_parts_binarized_as_jobs_assemble_into_the_one_process_data_bin(tmp_path
     for shard in ("0/3", "2/3"):
         code, out = cli("prepare", *_sets(local_corpus, parts), "--shard", shard)
         assert code == 0, out
+    code, out = cli("prepare", *_sets(local_corpus, parts, quiet=False), "--shard", "0/3")  # a job run again
+    assert code == 0 and "part 0/3: already binarized, skipping" in out, out
     assert cli("prepare", *_sets(local_corpus, parts, "prepare.max_tokens=9"), "--shard", "0/2")[0] == 0
     L = RunLayout(parts)
     assert not L.data_bin.exists() and not L.manifest("prepare").exists()

@@ -215,6 +215,7 @@ def binarize_part(cfg: Config, layout: RunLayout, model: Path, key: str, i: int,
         with open(tmp["sizes.npy"], "wb") as f:
             np.save(f, np.stack([np.concatenate(sizes[k]) if sizes[k] else np.zeros(0, np.int32) for k in STREAMS]))
         crash_point("prepare:part-before-json")
+        files["json"].unlink(missing_ok=True)  # no finished mark over a mix of old and new files
         for k, p in files.items():
             if k != "json":
                 os.replace(tmp[k], p)
@@ -250,6 +251,9 @@ def run_part(cfg: Config, layout: RunLayout, shard: str) -> Path:
     require_fresh_upstream("prepare", cfg, layout, label="prepare --shard")
     key = part_key(cfg, layout)
     prefix = layout.prepare_part(i, count)
+    if _stored_key(part_files(prefix, False)["json"]) == key:  # a job run again: the part is finished
+        log.info("prepare: part %d/%d: already binarized, skipping", i, count)
+        return prefix
     for p in layout.prepare_shards.glob(f".{prefix.name}.*.tmp"):  # a killed attempt's (this unit's lock is ours)
         p.unlink(missing_ok=True)
     model = shared_spm(cfg, layout, key)
