@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -35,33 +35,16 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint32) if vocab_size < 4294967295 else np.dtype(np.int64)
 
 
-def write_index(path: Path | BinaryIO, sizes: np.ndarray, dtype: np.dtype) -> None:
+def write_index(path: Path, sizes: np.ndarray, dtype: np.dtype) -> None:
     """``<prefix>.idx`` for sentences of ``sizes`` ids each, stored as ``dtype``."""
     sizes = np.asarray(sizes, dtype=np.int64)
     pointers = np.zeros(len(sizes), dtype=np.int64)
     if len(sizes) > 1:
         np.cumsum(sizes[:-1] * dtype.itemsize, out=pointers[1:])
-    f = open(path, "wb") if isinstance(path, Path) else path  # noqa: SIM115 (closed below when opened here)
-    try:
+    with open(path, "wb") as f:
         f.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", _CODES[dtype]) + struct.pack("<Q", len(sizes)))
         f.write(sizes.astype(np.int32).tobytes())
         f.write(pointers.tobytes())
-    finally:
-        if isinstance(path, Path):
-            f.close()
-
-
-def read_sizes(path: Path) -> tuple[np.ndarray, np.dtype]:
-    """The sentence lengths and id dtype of an ``.idx`` file."""
-    with open(path, "rb") as f:
-        head = f.read(len(MAGIC) + 17)
-        if head[:len(MAGIC)] != MAGIC:
-            raise ValueError(f"{path}: not a fairseq mmap index")
-        code = head[len(MAGIC) + 8]
-        (count,) = struct.unpack("<Q", head[len(MAGIC) + 9:])
-        sizes = np.fromfile(f, dtype=np.int32, count=count)
-    dtype = {v: k for k, v in _CODES.items()}[code]
-    return sizes, dtype
 
 
 def framed(ids: np.ndarray, lengths: np.ndarray, eos: int, first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +66,7 @@ def framed(ids: np.ndarray, lengths: np.ndarray, eos: int, first: int | None = N
 
 
 def concat(parts: Iterable[Path], out: Path) -> None:
-    """Concatenate ``.bin`` files (a single one is linked where the file system allows)."""
+    """Concatenate files byte for byte (a single one is linked where the file system allows)."""
     parts = list(parts)
     out.unlink(missing_ok=True)
     if len(parts) == 1:
@@ -106,12 +89,17 @@ FAIRSEQ_SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 EOS = FAIRSEQ_SPECIALS["</s>"]
 
 
-def fairseq_ids(sp: Any) -> np.ndarray:
-    """SentencePiece id -> fairseq dictionary id, for the dictionary ``write_dictionary`` makes of ``sp``."""
-    lut = np.empty(sp.get_piece_size(), dtype=np.int64)
+def pieces(sp: Any) -> list[str]:
+    """A SentencePiece model's pieces, by id."""
+    return [sp.id_to_piece(k) for k in range(sp.get_piece_size())]
+
+
+def fairseq_ids(vocab: list[str]) -> np.ndarray:
+    """SentencePiece id -> fairseq dictionary id, for the dictionary ``write_dictionary`` makes of the pieces
+    ``vocab``."""
+    lut = np.empty(len(vocab), dtype=np.int64)
     following = len(FAIRSEQ_SPECIALS)
-    for k in range(len(lut)):
-        piece = sp.id_to_piece(k)
+    for k, piece in enumerate(vocab):
         if piece in FAIRSEQ_SPECIALS:
             lut[k] = FAIRSEQ_SPECIALS[piece]
         else:
@@ -152,7 +140,7 @@ def _init_worker(model_path: str) -> None:
     import sentencepiece as spm
 
     _sp = spm.SentencePieceProcessor(model_file=model_path)
-    _lut = fairseq_ids(_sp)
+    _lut = fairseq_ids(pieces(_sp))
 
 
 def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -210,14 +210,17 @@ def pass_stats(shards: list[Path], n_ckpts: int) -> dict[str, Any]:
     return out
 
 
+def stored_key(path: Path) -> str | None:
+    """The ``key`` a JSON key file holds; None when the file is missing or holds none."""
+    try:
+        return json.loads(path.read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def shard_key_matches(shard: Path, key: str) -> bool:
     """Whether ``shard`` was finished (its key file written last, the shard still there) with the settings of ``key``."""
-    if not shard.is_file():
-        return False
-    try:
-        return json.loads(shard.with_suffix(".json").read_text())["key"] == key
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return shard.is_file() and stored_key(shard.with_suffix(".json")) == key
 
 
 def write_parquet(table: Any, path: Path) -> None:

@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ import numpy as np
 
 from ..config import Config
 from ..cpus import usable_cpus
-from ..databin import Encoder, Frame, concat, fairseq_ids, id_dtype, write_index
+from ..databin import Encoder, Frame, concat, fairseq_ids, id_dtype, pieces, write_index
 from ..fairseq_backend import SRC, TGT, write_dictionary
 from ..faults import crash_point
 from ..layout import RunLayout
 from ..manifest import atomic_write_bytes, atomic_write_text, count_lines, json_hash, temp_path
 from ..pipeline import StageResult, require_fresh_upstream, stage_config, upstream_digests
-from ..scoring.shards import parse_shard, shard_counts
+from ..scoring.shards import parse_shard, shard_counts, stored_key
 from ..sources import langs
 from ..textio import text_lines
 
@@ -108,17 +109,10 @@ def part_key(cfg: Config, layout: RunLayout) -> str:
                       "download": [list(d.pairs), d.direction, d.seed], "inputs": upstream_digests("prepare", layout)})
 
 
-def _stored_key(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text())["key"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
 def shared_spm(cfg: Config, layout: RunLayout, key: str) -> Path:
     """The SentencePiece model every part is encoded with, trained once per ``key``: the first process to get
     here trains it, the others (parts run as jobs side by side) wait for it and reuse it."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     folder = layout.prepare_shards
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,11 +120,11 @@ def shared_spm(cfg: Config, layout: RunLayout, key: str) -> Path:
     lock = FileLock(str(folder / ".spm.lock"))
     try:
         lock.acquire(timeout=0)
-    except Exception:  # filelock.Timeout: another part is training it
+    except Timeout:  # another part is training it
         log.info("prepare: waiting for another job to train the SentencePiece model")
         lock.acquire()
     try:
-        if model.exists() and _stored_key(stamp) == key:
+        if model.exists() and stored_key(stamp) == key:
             log.info("prepare: reusing the SentencePiece model of %s", model)
             return model
         stamp.unlink(missing_ok=True)
@@ -142,20 +136,32 @@ def shared_spm(cfg: Config, layout: RunLayout, key: str) -> Path:
         lock.release()
 
 
-def _dictionary_size(model: Path) -> int:
-    import sentencepiece as spm
+@dataclass(frozen=True)
+class Vocabulary:
+    """The SentencePiece model's pieces and their fairseq dictionary ids, read once per process."""
 
-    lut = fairseq_ids(spm.SentencePieceProcessor(model_file=str(model)))
-    return int(lut.max()) + 1
+    pieces: list[str]
+    lut: np.ndarray
 
+    @classmethod
+    def load(cls, model: Path) -> Vocabulary:
+        import sentencepiece as spm
 
-def _frame(cfg: Config, model: Path, s: str, t: str) -> Frame:
-    import sentencepiece as spm
+        vocab = pieces(spm.SentencePieceProcessor(model_file=str(model)))
+        return cls(vocab, fairseq_ids(vocab))
 
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    lut = fairseq_ids(sp)
-    return Frame(tag=int(lut[sp.piece_to_id(tag(t))]), reverse_tag=int(lut[sp.piece_to_id(tag(s))]),
-                 limit=cfg.prepare.max_tokens, dtype=id_dtype(int(lut.max()) + 1).str, dual=cfg.proxy.dual)
+    @property
+    def dtype(self) -> np.dtype:
+        """What fairseq stores ids of this dictionary as."""
+        return id_dtype(int(self.lut.max()) + 1)
+
+    def frame(self, cfg: Config, s: str, t: str) -> Frame:
+        """How the rows of direction ``s``-``t`` are framed (tags, length limit, stored dtype)."""
+        def tag_id(lang: str) -> int:
+            return int(self.lut[self.pieces.index(tag(lang))])
+
+        return Frame(tag=tag_id(t), reverse_tag=tag_id(s), limit=cfg.prepare.max_tokens, dtype=self.dtype.str,
+                     dual=cfg.proxy.dual)
 
 
 STREAMS = ("src", "tgt")
@@ -168,7 +174,7 @@ def part_files(prefix: Path, dual: bool) -> dict[str, Path]:
     return {n: prefix.with_name(f"{prefix.name}.{n}") for n in names}
 
 
-def binarize_part(cfg: Config, layout: RunLayout, model: Path, key: str, i: int, count: int,
+def binarize_part(cfg: Config, layout: RunLayout, model: Path, vocab: Vocabulary, key: str, i: int, count: int,
                   workers: int) -> dict[str, Any]:
     """Encode and binarize slice I of N of the training rows (every task's download lines, task after task) into
     ``02_prepare/shards/part-I-of-N.*``; returns its record (what its ``.json`` holds)."""
@@ -197,7 +203,7 @@ def binarize_part(cfg: Config, layout: RunLayout, model: Path, key: str, i: int,
                                              text_lines(layout.split_file(pair, "train", t)), strict=True), start, stop)
                 sids = itertools.islice(text_lines(layout.download_ids(pair)), start, stop)  # read here, in step
                 kept = dropped = 0
-                frame = _frame(cfg, model, s, t)
+                frame = vocab.frame(cfg, s, t)
                 for chunk in enc.encode_rows(pairs, frame, stop - start, f"encode {name}"):
                     chunk_ids = list(itertools.islice(sids, len(chunk.keep)))
                     for k, f in bins.items():
@@ -251,20 +257,20 @@ def run_part(cfg: Config, layout: RunLayout, shard: str) -> Path:
     require_fresh_upstream("prepare", cfg, layout, label="prepare --shard")
     key = part_key(cfg, layout)
     prefix = layout.prepare_part(i, count)
-    if _stored_key(part_files(prefix, False)["json"]) == key:  # a job run again: the part is finished
+    if stored_key(part_files(prefix, False)["json"]) == key:  # a job run again: the part is finished
         log.info("prepare: part %d/%d: already binarized, skipping", i, count)
         return prefix
     for p in layout.prepare_shards.glob(f".{prefix.name}.*.tmp"):  # a killed attempt's (this unit's lock is ours)
         p.unlink(missing_ok=True)
     model = shared_spm(cfg, layout, key)
     started = time.time()
-    rec = binarize_part(cfg, layout, model, key, i, count, _workers(cfg))
+    rec = binarize_part(cfg, layout, model, Vocabulary.load(model), key, i, count, _workers(cfg))
     log.info("prepare: part %d/%d: %d rows in %.1fs -> %s", i, count, rec["rows"][1] - rec["rows"][0],
              time.time() - started, prefix.parent)
     return prefix
 
 
-def _encode_valid(cfg: Config, layout: RunLayout, enc: Encoder, model: Path, out: Path, dtype: np.dtype) -> None:
+def _encode_valid(cfg: Config, layout: RunLayout, enc: Encoder, vocab: Vocabulary, out: Path) -> None:
     """The valid split of every task, binarized like the training rows, into ``out`` (a data-bin folder)."""
     streams = STREAMS + (REVERSE_STREAMS if cfg.proxy.dual else ())
     ids: dict[str, list[np.ndarray]] = {k: [] for k in streams}
@@ -272,7 +278,7 @@ def _encode_valid(cfg: Config, layout: RunLayout, enc: Encoder, model: Path, out
     for pair, s, t in tasks(cfg.download.pairs, cfg.download.direction):
         valid = zip(text_lines(layout.split_file(pair, "valid", s)),
                     text_lines(layout.split_file(pair, "valid", t)), strict=True)
-        for rows in enc.encode_rows(valid, _frame(cfg, model, s, t), 0, f"encode {pair}:{s}-{t} valid"):
+        for rows in enc.encode_rows(valid, vocab.frame(cfg, s, t), 0, f"encode {pair}:{s}-{t} valid"):
             for k in streams:
                 ids[k].append(rows.ids[k])
                 sizes[k].append(rows.sizes[k])
@@ -280,8 +286,8 @@ def _encode_valid(cfg: Config, layout: RunLayout, enc: Encoder, model: Path, out
         folder, side = _destination(out, k)
         folder.mkdir(parents=True, exist_ok=True)
         prefix = folder / f"valid.{SRC}-{TGT}.{side}"
-        np.concatenate(ids[k] or [np.zeros(0, dtype)]).astype(dtype).tofile(f"{prefix}.bin")
-        write_index(Path(f"{prefix}.idx"), np.concatenate(sizes[k] or [np.zeros(0, np.int32)]), dtype)
+        np.concatenate(ids[k] or [np.zeros(0, vocab.dtype)]).astype(vocab.dtype).tofile(f"{prefix}.bin")
+        write_index(Path(f"{prefix}.idx"), np.concatenate(sizes[k] or [np.zeros(0, np.int32)]), vocab.dtype)
 
 
 def _destination(out: Path, stream: str) -> tuple[Path, str]:
@@ -294,7 +300,7 @@ def _destination(out: Path, stream: str) -> tuple[Path, str]:
 def _assemble(cfg: Config, count: int, records: dict[int, dict[str, Any]], layout: RunLayout, dict_path: Path,
               out: Path, dtype: np.dtype) -> dict[str, Any]:
     """data-bin's training split (and data-bin-reverse's) from parts 0..N-1, into ``out``; train.ids and
-    train.tasks beside them (``out``'s folder); returns the summed stats."""
+    train.tasks into their temp names (``temp_path``); returns the summed stats."""
     parts = [part_files(layout.prepare_part(i, count), cfg.proxy.dual) for i in range(count)]
     sizes = [np.load(p["sizes.npy"]) for p in parts]
     src = np.concatenate([s[0] for s in sizes])
@@ -308,8 +314,8 @@ def _assemble(cfg: Config, count: int, records: dict[int, dict[str, Any]], layou
         write_index(Path(f"{prefix}.idx"), lengths[k], dtype)
         for name in (f"dict.{SRC}.txt", f"dict.{TGT}.txt"):
             shutil.copyfile(dict_path, folder / name)
-    for name in ("ids", "tasks"):
-        concat([p[name] for p in parts], out.parent / f".train.{name}.{os.getpid()}.assembled")
+    for name, dest in (("ids", layout.prepare_ids), ("tasks", layout.prepare_tasks)):
+        concat([p[name] for p in parts], temp_path(dest))
     stats: dict[str, Any] = {"tasks": {}, "parts": count}
     for i in range(count):
         for name, t in records[i]["tasks"].items():
@@ -328,30 +334,26 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     for p in shards.glob(".part-*.tmp") if shards.is_dir() else ():  # killed parts' (no part job runs now)
         p.unlink(missing_ok=True)
     model = shared_spm(cfg, layout, key)
+    vocab = Vocabulary.load(model)
     found = finished_parts(layout, key)
     count, records = found if found is not None else (1, {})
     if records:
         log.info("prepare: %d of %d part(s) binarized already (`prepare --shard`)", len(records), count)
     for i in range(count):  # what jobs did not do, done here
         if i not in records:
-            records[i] = binarize_part(cfg, layout, model, key, i, count, _workers(cfg))
-    size = _dictionary_size(model)
-    dtype = id_dtype(size)
+            records[i] = binarize_part(cfg, layout, model, vocab, key, i, count, _workers(cfg))
     tmp_bin = temp_path(layout.data_bin)
     tmp_rev = tmp_bin.with_name(tmp_bin.name + "-reverse")
     for d in (tmp_bin, tmp_rev):
         shutil.rmtree(d, ignore_errors=True)
     tmp_dict = temp_path(sd / "dict.txt")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    write_dictionary([sp.id_to_piece(k) for k in range(sp.get_piece_size())], tmp_dict)
+    write_dictionary(vocab.pieces, tmp_dict)
     try:
         crash_point("prepare:before-binarize")
-        stats = _assemble(cfg, count, records, layout, tmp_dict, tmp_bin, dtype)
+        stats = _assemble(cfg, count, records, layout, tmp_dict, tmp_bin, vocab.dtype)
         with Encoder(model, 1) as enc:
-            _encode_valid(cfg, layout, enc, model, tmp_bin, dtype)
-        stats["vocab_size"] = sp.get_piece_size()
+            _encode_valid(cfg, layout, enc, vocab, tmp_bin)
+        stats["vocab_size"] = len(vocab.pieces)
         for name, t in stats["tasks"].items():
             log.log(logging.INFO if t["dropped_too_many_tokens"] else logging.DEBUG, "prepare: %s: %d training pairs "
                     "encoded (%d over %d pieces dropped)", name, t["train"], t["dropped_too_many_tokens"],
@@ -363,14 +365,14 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         shutil.copyfile(model, temp_path(layout.spm_model))
         os.replace(temp_path(layout.spm_model), layout.spm_model)
         os.replace(tmp_dict, sd / "dict.txt")
-        for name, dest in (("ids", layout.prepare_ids), ("tasks", layout.prepare_tasks)):
-            os.replace(sd / f".train.{name}.{os.getpid()}.assembled", dest)
+        for dest in (layout.prepare_ids, layout.prepare_tasks):
+            os.replace(temp_path(dest), dest)
         for final, tmp in ((layout.data_bin, tmp_bin), (layout.data_bin_reverse, tmp_rev)):
             shutil.rmtree(final, ignore_errors=True)
             if tmp.exists():
                 os.replace(tmp, final)
     finally:
-        for p in (tmp_dict, sd / f".train.ids.{os.getpid()}.assembled", sd / f".train.tasks.{os.getpid()}.assembled"):
+        for p in (tmp_dict, temp_path(layout.prepare_ids), temp_path(layout.prepare_tasks)):
             p.unlink(missing_ok=True)
         for d in (tmp_bin, tmp_rev):
             shutil.rmtree(d, ignore_errors=True)
