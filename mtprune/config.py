@@ -447,6 +447,12 @@ class ProxyConfig(_Recorded):
 _COMBINE_ENTRY = re.compile(r"^-?[A-Za-z0-9_@]+$")
 
 
+def _chunk_problem(v: int | str) -> str | None:
+    if v == "auto" or (isinstance(v, int) and v >= 1):
+        return None
+    return f"must be a positive number of tokens or auto, got {v!r}"
+
+
 def combine_problem(entry: str) -> str | None:
     """Why ``entry`` cannot be a ``score.combine`` entry (None: it can); ``scoring/derived.py`` applies the same
     rules to the score table."""
@@ -471,9 +477,9 @@ class ScoreConfig(_Recorded):
     # auto (fp16 on cuda: NLL within 1e-3 of fp32, bf16 is not; fp32 on cpu) | fp32 | fp16 | bf16
     precision: Annotated[Str, _one_of("auto", "fp32", "fp16", "bf16")] = "auto"
     batch_tokens: BatchTokens = 6000  # source+target tokens per forward batch
-    # target tokens whose vocabulary-wide softmax is held at once: small enough to stay in CPU cache
-    # (measured with scripts/bench_score.py: 128 beats 1024 by ~1.7x on CPU); raise it on GPUs
-    chunk_tokens: Positive = 128
+    # target tokens whose vocabulary-wide softmax is held at once, or auto: 2M logits (chunk x vocabulary)
+    # on CPU, where they stay in cache, 128M on a GPU (scoring/forward.py chunk_size, scripts/bench_score.py)
+    chunk_tokens: Annotated[Int | Str, _check(_chunk_problem)] = "auto"
     dump_tokens: Bool = False
     proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score
     # post-pass columns (mtprune/scoring/derived.py): `combined` ranks these columns (-name: low is bad) and takes

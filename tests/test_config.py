@@ -253,3 +253,17 @@ def test_status_report_and_config_without_c_read_the_runs_own_config(tmp_path: P
     assert load_config(printed) == load_config(resolved)
     code, out = cli("config", "-c", str(printed), "--set", "train.lr=0.0005")
     assert "lr: 0.0005" in out and "max_update: 1500" in out, out  # defaults are printed too
+
+
+def test_chunk_tokens_is_auto_or_a_positive_count_and_auto_scales_with_the_vocabulary() -> None:
+    from mtprune.scoring.forward import chunk_size
+
+    assert load_config().score.chunk_tokens == "auto"
+    assert load_config(overrides=["score.chunk_tokens=64"]).score.chunk_tokens == 64
+    for bad in ("0", "big"):
+        with pytest.raises(ConfigError, match="score.chunk_tokens"):
+            load_config(overrides=[f"score.chunk_tokens={bad}"])
+    assert chunk_size(64, 1000, "cpu") == 64
+    assert chunk_size("auto", 1000, "cpu") == 2097 and chunk_size("auto", 8000, "cpu") == 262
+    assert chunk_size("auto", 32000, "cuda") == 4194
+    assert chunk_size("auto", 10_000_000, "cpu") == 1  # never zero tokens
