@@ -478,7 +478,7 @@ class ScoreConfig(_Recorded):
     precision: Annotated[Str, _one_of("auto", "fp32", "fp16", "bf16")] = "auto"
     batch_tokens: BatchTokens = 6000  # source+target tokens per forward batch
     # target tokens whose vocabulary-wide softmax is held at once, or auto: 2M logits (chunk x vocabulary)
-    # on CPU, where they stay in cache, 128M on a GPU (scoring/forward.py chunk_size, scripts/bench_score.py)
+    # on CPU, where they stay in cache, 128M on a GPU (el2n.py chunk_size, scripts/bench_score.py)
     chunk_tokens: Annotated[Int | Str, _check(_chunk_problem)] = "auto"
     dump_tokens: Bool = False
     proto_clusters: Positive = 16  # k-means clusters per language pair and direction for the `proto` score

@@ -85,7 +85,8 @@ def rescore(model: Any, dataset: Any, dictionary: Any, indices: np.ndarray, metr
             batch_tokens: int = 6000, chunk_tokens: int | str = "auto") -> np.ndarray:
     """``metric`` (``el2n`` or ``nll``) of the model as it is now for each of ``indices`` of a fairseq
     LanguagePairDataset, with mtprune's scoring pass in eval mode (the model's mode is restored)."""
-    from .scoring.forward import chunk_size, score_dataset
+    from .el2n import chunk_size
+    from .scoring.forward import score_dataset
 
     was_training = model.training
     model.eval()

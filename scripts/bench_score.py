@@ -303,7 +303,7 @@ def main() -> None:
     if bool(args.checkpoint) != bool(args.data_bin):
         ap.error("--checkpoint and --data-bin go together")
     if args.chunk_tokens is None:
-        from mtprune.scoring.forward import chunk_size
+        from mtprune.el2n import chunk_size
 
         args.chunk_tokens = chunk_size(score_cfg.chunk_tokens, args.vocab, "cpu")
     torch.set_num_threads(args.threads)

@@ -256,7 +256,7 @@ def test_status_report_and_config_without_c_read_the_runs_own_config(tmp_path: P
 
 
 def test_chunk_tokens_is_auto_or_a_positive_count_and_auto_scales_with_the_vocabulary() -> None:
-    from mtprune.scoring.forward import chunk_size
+    from mtprune.el2n import chunk_size
 
     assert load_config().score.chunk_tokens == "auto"
     assert load_config(overrides=["score.chunk_tokens=64"]).score.chunk_tokens == 64

@@ -130,22 +130,6 @@ def proxy_lr(lr: float, warmup_updates: int, updates: int, warmup_init_lr: float
     return lr * warmup_updates ** 0.5 * updates ** -0.5
 
 
-# logits (chunk tokens × vocabulary) held at once with ``score.chunk_tokens: auto``. On CPU 2M, 8 MB a
-# tensor, which logits and probabilities share with a 32 MB L3 cache: scripts/bench_score.py (1+1 layers,
-# dim 32, one thread, 2,000 sentences) measured 2^18, 2^19, 2^20 and 2^21 logits at vocabularies 1k, 8k
-# and 32k; 2^21 was the fastest all-scores pass at each (1k: 82.8k target tokens/s against 68.7k with the
-# old fixed 128 tokens; 8k: 18.2k against 17.4k), and 4M logits at 8k fell to 14.1k. On a GPU 128M.
-CHUNK_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 27}
-
-
-def chunk_size(setting: int | str, vocab: int, device: str) -> int:
-    """Target tokens per chunk of the vocabulary projection: ``score.chunk_tokens``, or with ``auto``
-    as many as keep ``CHUNK_LOGITS[device]`` logits at once (at least one token)."""
-    if setting != "auto":
-        return int(setting)
-    return max(1, CHUNK_LOGITS.get(device, CHUNK_LOGITS["cpu"]) // max(vocab, 1))
-
-
 def output_layer(model: Any, **kw: Any) -> Any:
     """The model's vocabulary projection as ``el2n.OutputLayer`` (refuses an adaptive softmax)."""
     from ..el2n import OutputLayer
@@ -319,6 +303,8 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
         vocab = m.decoder.embed_tokens.num_embeddings
         if vocab != len(dictionary):
             raise UsageError(f"{c.path}: dictionary size {vocab} does not match {layout.data_bin} ({len(dictionary)})")
+    from ..el2n import chunk_size
+
     vsrc, vtgt, _ = load_train_pairs(layout.data_bin, "valid")
     chunk = chunk_size(cfg.score.chunk_tokens, len(dictionary), device)
     t0 = time.time()
