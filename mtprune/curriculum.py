@@ -85,16 +85,14 @@ def rescore(model: Any, dataset: Any, dictionary: Any, indices: np.ndarray, metr
             batch_tokens: int = 6000, chunk_tokens: int | str = "auto") -> np.ndarray:
     """``metric`` (``el2n`` or ``nll``) of the model as it is now for each of ``indices`` of a fairseq
     LanguagePairDataset, with mtprune's scoring pass in eval mode (the model's mode is restored)."""
-    from .el2n import chunk_size
     from .scoring.forward import score_dataset
 
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device.type
-        chunk = chunk_size(chunk_tokens, len(dictionary), device)
         res = score_dataset([model], dataset.src, dataset.tgt, dictionary, np.asarray(indices, dtype=np.int64),
-                            batch_tokens, chunk, device, None, desc="self-paced")
+                            batch_tokens, chunk_tokens, device, None, desc="self-paced")
     finally:
         model.train(was_training)
     return res[metric][:, 0]

@@ -58,11 +58,8 @@ def reverse_nll(cfg: Config, layout: RunLayout, indices: np.ndarray) -> np.ndarr
         if not p.is_file():
             raise UsageError(f"proxy.dual: {p} is missing; run `mtprune proxy` with proxy.dual: true")
     models = [load_model(p, rbin, device)[0] for p in paths]
-    from ..el2n import chunk_size
-
-    chunk = chunk_size(cfg.score.chunk_tokens, len(dictionary), device)
     res = score_dataset(models, src_ds, tgt_ds, dictionary, indices, cfg.score.batch_tokens,
-                        chunk, device, dtype, desc="score reverse")
+                        cfg.score.chunk_tokens, device, dtype, desc="score reverse")
     return np.asarray(res["nll"], dtype=np.float64)
 
 

@@ -190,14 +190,16 @@ def _pooled(enc: dict[str, Any]) -> Any:
     return x.mean(1) if keep is None else (x * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
-def dev_gradient(model: Any, src_ds: Any, tgt_ds: Any, dictionary: Any, batch_tokens: int, chunk_tokens: int,
+def dev_gradient(model: Any, src_ds: Any, tgt_ds: Any, dictionary: Any, batch_tokens: int, chunk_tokens: int | str,
                  device: str, dtype: Any, pooled: list[Any] | None = None) -> Any:
     """Σ over every pair of a split (the valid split) of the output layer's gradient, float64 (V, D[+1]).
-    With ``pooled`` (a list), the batches' pooled encoder states (B, D) are appended to it."""
+    With ``pooled`` (a list), the batches' pooled encoder states (B, D) are appended to it. ``chunk_tokens``
+    as ``score.chunk_tokens`` (``auto`` or a count)."""
     import torch
 
-    from ..el2n import output_gradient
+    from ..el2n import chunk_size, output_gradient
 
+    chunk_tokens = chunk_size(chunk_tokens, len(dictionary), device)
     pad, eos = dictionary.pad(), dictionary.eos()
     layer = output_layer(model)
     grad = torch.zeros(layer.weight.shape, dtype=torch.float64, device=device)
@@ -220,7 +222,7 @@ GRADIENT = ("grand", "tracin_dot")
 
 
 def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, indices: np.ndarray,
-                  batch_tokens: int, chunk_tokens: int, device: str, dtype: Any, dump_tokens: bool = False,
+                  batch_tokens: int, chunk_tokens: int | str, device: str, dtype: Any, dump_tokens: bool = False,
                   desc: str = "score", *, layers: list[Any] | None = None, full: bool = False,
                   sketch_out: np.ndarray | None = None, pooled_out: np.ndarray | None = None,
                   runs: list[list[int]] | None = None, pooled_proj: list[Any] | None = None) -> dict[str, Any]:
@@ -233,13 +235,14 @@ def score_dataset(models: list[Any], src_ds: Any, tgt_ds: Any, dictionary: Any, 
     (len(indices), len(models), D) the mean-pooled encoder states, times model k's ``pooled_proj[k]`` (D, P)
     when those are given (both may be memory maps, of any float type). With
     ``runs`` (the model positions of each proxy run, in update order), ``forget`` (len(indices),): the
-    pairs' forgetting (``el2n.forgetting``) averaged over the runs.
+    pairs' forgetting (``el2n.forgetting``) averaged over the runs. ``chunk_tokens`` as ``score.chunk_tokens``.
     """
     import torch
     from tqdm import tqdm
 
-    from ..el2n import forgetting
+    from ..el2n import chunk_size, forgetting
 
+    chunk_tokens = chunk_size(chunk_tokens, len(dictionary), device)
     pad, eos = dictionary.pad(), dictionary.eos()
     layers = [output_layer(m) for m in models] if layers is None else layers
     forget = np.zeros(len(indices), dtype=np.float64) if runs else None
@@ -303,15 +306,12 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
         vocab = m.decoder.embed_tokens.num_embeddings
         if vocab != len(dictionary):
             raise UsageError(f"{c.path}: dictionary size {vocab} does not match {layout.data_bin} ({len(dictionary)})")
-    from ..el2n import chunk_size
-
     vsrc, vtgt, _ = load_train_pairs(layout.data_bin, "valid")
-    chunk = chunk_size(cfg.score.chunk_tokens, len(dictionary), device)
     t0 = time.time()
     layers, bases = [], []
     for m in models:  # one pass over valid per checkpoint: the dev gradient tracin dots with, the pooled basis
         states: list[Any] = []
-        g = dev_gradient(m, vsrc, vtgt, dictionary, cfg.score.batch_tokens, chunk, device, dtype,
+        g = dev_gradient(m, vsrc, vtgt, dictionary, cfg.score.batch_tokens, cfg.score.chunk_tokens, device, dtype,
                          pooled=states)
         bases.append(pooled_basis(torch.cat(states)) if states else None)
         base = output_layer(m)
@@ -323,7 +323,7 @@ def score_indices(cfg: Config, layout: RunLayout, indices: np.ndarray, desc: str
     sketch = open_npy(sketch_path, (len(indices), SKETCH_K * SKETCH_K), SKETCH_DTYPE)
     pooled = open_npy(pooled_path, (len(indices), len(models), POOLED_DIMS if projected else dim), np.float16)
     res = score_dataset(models, src_ds, tgt_ds, dictionary, indices, cfg.score.batch_tokens,
-                        chunk, device, dtype, cfg.score.dump_tokens, desc,
+                        cfg.score.chunk_tokens, device, dtype, cfg.score.dump_tokens, desc,
                         layers=layers, full=True, sketch_out=sketch, pooled_out=pooled, runs=proxy_runs(ckpts),
                         pooled_proj=[b.to(device) for b in bases] if projected else None)
     flush_npy(sketch)
