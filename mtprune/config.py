@@ -490,7 +490,7 @@ class ScoreConfig(_Recorded):
     # base_all and combined_all: fisher (sum of -log tail probabilities over the columns) or max (of the ranks)
     combine_all_how: Annotated[Str, _one_of("fisher", "max")] = "fisher"
     # base_* columns from OpusFilter's filters (length ratios, language id, similarity, punctuation, numerals,
-    # repetition, eflomal word alignment), their rank max base_all and combined_all (with the combine columns)
+    # repetition, word alignment), their rank max base_all and combined_all (with the combine columns)
     baselines: Bool = True
 
 

@@ -1,6 +1,6 @@
-"""The base_* columns: OpusFilter's filters run for real on known pairs, eflomal on a corpus built so that the
-misaligned pairs are known, the cache that keeps word alignment stable across reruns, and base_all /
-combined_all."""
+"""The base_* columns: OpusFilter's filters run for real on known pairs, word alignment on a corpus built so that
+the misaligned pairs are known (the same values every time, and for any slice of the rows), the cache of computed
+columns, and base_all / combined_all."""
 
 from __future__ import annotations
 
@@ -68,11 +68,6 @@ def test_a_language_lingua_lacks_gives_missing_values_not_an_error(tmp_path: Pat
     assert np.isnan(out["base_wordalign_src"][0])  # one pair is no corpus to learn alignments from
 
 
-def test_an_infinite_alignment_score_becomes_the_worst_finite_one() -> None:
-    got = baselines.finite(np.array([[1.5, np.inf], [-np.inf, np.nan]]))
-    np.testing.assert_array_equal(got, [[1.5, baselines.RATIO_CAP], [-baselines.RATIO_CAP, np.nan]])
-
-
 def toy_corpus(n: int = 400, n_bad: int = 40, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
     """Sentences over a made-up 60-word lexicon whose 'translation' maps each word to its own counterpart,
     in the same order; `n_bad` targets belong to another sentence (misaligned)."""
@@ -100,7 +95,38 @@ def test_word_alignment_learnt_from_the_corpus_finds_its_misaligned_pairs(tmp_pa
     out = baselines.compute(src, tgt, ["en-de"] * len(src), tmp_path)
     assert auroc(out["base_wordalign_src"], bad) > 0.95
     assert auroc(out["base_wordalign_tgt"], bad) > 0.95
-    assert not list(tmp_path.glob(".wordalign.*"))  # its temp folder is gone
+    names = sorted(p.name for p in (tmp_path / "wordalign").iterdir())
+    assert [n for n in names if not n.startswith(".")] == ["de-en.json", "de-en.npz", "en-de.json", "en-de.npz"]
+    assert not [n for n in names if n.endswith(".tmp")]  # the two models kept, no temp file left
+
+
+def test_word_alignment_gives_the_same_bytes_every_time_and_for_any_slice_of_the_rows(tmp_path: Path) -> None:
+    src, tgt, _ = toy_corpus(300, 30)
+    dirs = ["en-de"] * len(src)
+    first = baselines.compute(src, tgt, dirs, tmp_path / "a")
+    again = baselines.compute(src, tgt, dirs, tmp_path / "b")  # fitted again from scratch
+    for c in ("base_wordalign_src", "base_wordalign_tgt"):
+        assert first[c].tobytes() == again[c].tobytes()
+    from mtprune.scoring import wordalign
+
+    model = wordalign.fit(list(zip(src, tgt, strict=True)))
+    whole = model.scores(zip(src, tgt, strict=True))
+    parts = np.concatenate([model.scores(zip(src[:7], tgt[:7], strict=True)),
+                            model.scores(zip(src[7:], tgt[7:], strict=True))])
+    assert whole.tobytes() == parts.tobytes()  # a pair's score does not depend on the pairs scored beside it
+    assert whole.tobytes() == first["base_wordalign_src"].tobytes()
+    loaded = wordalign.Model.load(tmp_path / "a" / "wordalign" / "en-de.npz")
+    assert loaded.scores(zip(src, tgt, strict=True)).tobytes() == whole.tobytes()
+
+
+def test_a_pair_with_an_empty_side_gets_the_worst_alignment_score_and_unknown_words_the_floor(tmp_path: Path) -> None:
+    from mtprune.scoring import wordalign
+
+    src, tgt, _ = toy_corpus(200, 0)
+    model = wordalign.fit(list(zip(src, tgt, strict=True)))
+    got = model.scores([(src[0], tgt[0]), ("", tgt[0]), (src[0], ""), ("zzz qqq", "yyy")])
+    assert got[1] == got[2] == wordalign.WORST
+    assert got[0] < 5 < got[3] < wordalign.WORST  # words never seen: about -log(FLOOR) = 16
 
 
 def test_the_cache_is_reused_for_the_same_text_and_redone_for_other_text(tmp_path: Path, monkeypatch) -> None:
@@ -117,7 +143,7 @@ def test_the_cache_is_reused_for_the_same_text_and_redone_for_other_text(tmp_pat
     with monkeypatch.context() as m:
         m.setattr(baselines, "compute_rows", no_compute)
         again = baselines.cached(path, ids, dirs, src, tgt, tmp_path)
-    for c in baselines.COLUMNS:  # eflomal is not reproducible bit for bit: only the cache gives equal values
+    for c in baselines.COLUMNS:
         np.testing.assert_array_equal(again[c], first[c])
     tgt[3] = tgt[3] + " v1x"
     with monkeypatch.context() as m, pytest.raises(AssertionError, match="computed again"):
@@ -207,7 +233,7 @@ def test_a_sweep_prunes_by_opusfilter_random_length_and_word_alignment_on_real_t
     assert got["random-length"] == got["base_wordalign_tgt-high"] == 0.2
     md = L.report_file("results.md").read_text()
     assert "opusfilter" in md and "random-length" in md
-    # score --overwrite scores again but keeps the baselines it cannot redraw bit for bit (eflomal)
+    # score --overwrite scores again; the base_* columns come out the same (kept, and the same bytes if recomputed)
     code, out = cli("score", "-c", str(TINY), "--run-dir", str(run), "-q", "--overwrite",
                     *[a for s in sets for a in ("--set", s)])
     assert code == 0, out
@@ -254,14 +280,17 @@ def test_baseline_slices_scored_as_jobs_of_their_own_are_what_the_merge_uses(tin
     assert calls == [] and "baseline columns assembled from 2 shards" in out
     scores = pd.read_parquet(L.scores)
     cols = list(baselines.COLUMNS)
-    for part in sliced:  # every value is its slice's, word alignment included (eflomal draws differently each run)
+    for part in sliced:  # every value is its slice's
         got = scores.set_index("sentence_id").loc[part["sentence_id"], cols].reset_index(drop=True)
         pd.testing.assert_frame_equal(got, part[cols])
-    # the filters that need no corpus give what one pass over all rows gives
+    # every filter gives what one pass over all rows gives: word alignment bit for bit (its models are fitted on the
+    # pair's whole training text whatever the slice), lingua's confidences to their rounding (1e-6)
     with RowText(L, scores["pair"], scores["direction"], scores["sentence_id"]) as text:
         whole = real(text, text.direction_codes, text.direction_names, tmp_path)
-    for c in cols:  # (lingua's confidences are rounded to 1e-6: a last-digit rounding may differ)
-        if not c.startswith("base_wordalign"):
+    for c in cols:
+        if c.startswith("base_wordalign"):
+            assert scores[c].to_numpy().tobytes() == whole[c].tobytes(), c
+        else:
             np.testing.assert_allclose(scores[c].to_numpy(), whole[c], rtol=0, atol=2e-6, err_msg=c)
 
     # --overwrite moves 04_score aside and keeps the slices, like the whole-corpus cache

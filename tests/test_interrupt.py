@@ -75,12 +75,10 @@ COMPARE = {  # outputs that must be byte-identical to the uninterrupted run's
 # at random-0.2's end may find el2n-high-0.2 mid-run
 SETS = {"train": ["train.include_full=false"]}
 
-# score's killed runs start with the uninterrupted run's cache of the base_* columns (04_score/shards, keyed by
-# the text), as every rerun of a run finds it: eflomal's word alignment has no seed, so columns computed afresh
-# would differ from the reference's. The kill points after the scoring pass also start from the pass it
-# finished (the one shard of one), as the killed run would have left it itself, so they only merge before the
-# kill (scoring every pair again first gives the same files, slowly); after score:start the rerun scores every
-# pair, compared byte for byte below
+# score's kill points after the scoring pass start from the pass it finished (the one shard of one), as the
+# killed run would have left it itself, so they only merge before the kill (scoring every pair again first gives
+# the same files, slowly); after score:start the rerun scores every pair, compared byte for byte below. The base_*
+# columns (off in tiny.yaml) are killed and rerun by test_a_killed_score_stage_with_baselines_reruns_to_the_same_bytes
 AFTER_THE_PASS = {"score": {"write:scores.parquet", "write:manifest.json"}}
 
 
@@ -118,9 +116,6 @@ def test_kill_and_rerun(stage: str, tiny_swept: tuple[Path, str], tmp_path: Path
             shards = RunLayout(ref).score_shard(0, 1).parent
             if point in AFTER_THE_PASS[stage]:
                 shutil.copytree(shards, run / shards.relative_to(ref))
-            elif RunLayout(ref).baseline_cache.is_file():  # (off in tiny.yaml)
-                (run / shards.relative_to(ref)).mkdir(parents=True)
-                shutil.copy2(RunLayout(ref).baseline_cache, RunLayout(run).baseline_cache)
         killed = mtprune(run, stage, *sets, crash_at=point)
         assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
         tried += 1
@@ -147,10 +142,6 @@ def test_kill_and_rerun(stage: str, tiny_swept: tuple[Path, str], tmp_path: Path
             same_proxy_scores(run, ref, ckpts)
         elif stage == "proxy":  # retrained on another thread count: compared through the scores they give
             shutil.rmtree(L.stage_dir("score"), ignore_errors=True)
-            cache = RunLayout(ref).baseline_cache  # the base_* columns depend on the text alone: not computed again
-            if cache.is_file():  # (off in tiny.yaml)
-                L.baseline_cache.parent.mkdir(parents=True)
-                shutil.copy2(cache, L.baseline_cache)
             scored = mtprune(run, "score")
             assert scored.returncode == 0, scored.stderr[-2000:]
             import pandas as pd
@@ -165,6 +156,29 @@ def test_kill_and_rerun(stage: str, tiny_swept: tuple[Path, str], tmp_path: Path
             for c in ranks:
                 np.testing.assert_allclose(a[c].rank(pct=True), b[c].rank(pct=True), atol=6 / len(a), err_msg=c)
     assert tried == len(KILL_POINTS[stage]) >= 2
+
+
+def test_a_killed_score_stage_with_baselines_reruns_to_the_same_bytes(tiny_swept: tuple[Path, str],
+                                                                      tmp_path: Path) -> None:
+    """With the base_* columns on (word alignment, language id and the other filters computed from scratch in every
+    run: no cache carried over), a score stage killed before, during and after computing them reruns to the
+    scores.parquet of an uninterrupted run, byte for byte."""
+    ref, _ = tiny_swept
+    on = ("--set", "score.baselines=true")
+    clean = without(tmp_path / "clean", ref, "score")
+    done = mtprune(clean, "score", *on)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = RunLayout(clean).scores.read_bytes()
+    assert b"base_wordalign_src" in want
+    for point in ("score:start", "write:scores.parquet"):
+        run = without(tmp_path / point.replace(":", "_"), ref, "score")
+        killed = mtprune(run, "score", *on, crash_at=point)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        # killed before the columns were computed, or after (their cache kept and used by the rerun)
+        assert RunLayout(run).baseline_cache.exists() == (point != "score:start"), point
+        done = mtprune(run, "score", *on)
+        assert done.returncode == 0, (point, done.stderr[-2000:])
+        assert RunLayout(run).scores.read_bytes() == want, point
 
 
 def _kill_when(run_args: list[str], pattern: str, run: Path, env: dict[str, str]) -> None:

@@ -419,8 +419,9 @@ def test_the_merged_sketch_of_one_shard_shares_its_disk(tiny_run: Path) -> None:
 
 
 def test_the_base_columns_leftovers_go_once_no_baselines_job_holds_its_lock(tmp_path: Path) -> None:
-    """A killed `score --baselines I/N` job (or merge computing the base_* columns) leaves its temp table and
-    eflomal's temp folder in 04_score/shards/: removed by `mtprune score`, but not while a baselines job runs."""
+    """A killed `score --baselines I/N` job (or merge computing the base_* columns) leaves its temp table, a
+    word-alignment model's temp file (or, in runs from before, eflomal's temp folder) in 04_score/shards/: removed by
+    `mtprune score`, but not while a baselines job runs."""
     import subprocess
     import sys
 
@@ -436,7 +437,10 @@ def test_the_base_columns_leftovers_go_once_no_baselines_job_holds_its_lock(tmp_
     (eflomal / "sub").mkdir(parents=True)
     (eflomal / "src").write_bytes(b"\0" * 30)
     (eflomal / "sub" / "priors").write_bytes(b"\0" * 7)
-    kept = [shards / "baselines-0000-of-0002.parquet", shards / "baselines.parquet"]
+    model = shards / "wordalign" / ".en-de.npz.4242.tmp"
+    model.parent.mkdir()
+    model.write_bytes(b"\0" * 5)
+    kept = [shards / "baselines-0000-of-0002.parquet", shards / "baselines.parquet", shards / "wordalign" / "en-de.npz"]
     for p in kept:
         p.write_bytes(b"\0" * 10)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(score / ".lock-baselines-1-of-2")], cwd=ROOT,
@@ -444,9 +448,9 @@ def test_the_base_columns_leftovers_go_once_no_baselines_job_holds_its_lock(tmp_
     try:
         assert holder.stdout.readline().strip() == "held"
         assert remove_stale_temps(L) == 0
-        assert table.exists() and eflomal.is_dir()
+        assert table.exists() and eflomal.is_dir() and model.exists()
     finally:
         holder.stdin.close()
         holder.wait()
-    assert remove_stale_temps(L) == 137
-    assert not table.exists() and not eflomal.exists() and all(p.exists() for p in kept)
+    assert remove_stale_temps(L) == 142
+    assert not table.exists() and not eflomal.exists() and not model.exists() and all(p.exists() for p in kept)

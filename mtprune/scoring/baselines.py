@@ -14,7 +14,7 @@ is oriented higher = worse and named after the filter it comes from (OpusFilter 
 | ``base_terminalpunct`` | ``TerminalPunctuationFilter`` | log(1 + mismatch of sentence-final punctuation) |
 | ``base_numerals`` | ``NonZeroNumeralsFilter`` | 1 - similarity of the non-zero digits of the two sides |
 | ``base_repetition`` | ``RepetitionFilter`` | how often a stretch of 3+ characters repeats itself in a row |
-| ``base_wordalign_src``, ``base_wordalign_tgt`` | ``WordAlignFilter`` | eflomal's alignment score in each direction (lower: better aligned) |
+| ``base_wordalign_src``, ``base_wordalign_tgt`` | (``WordAlignFilter``'s role) | mean negative log-probability per word of one side given the other, under a fast_align-style lexical model (``scoring/wordalign.py``) |
 | ``base_opusfilter`` | all of the above but word alignment | how many of them reject the pair at OpusFilter's default thresholds |
 
 ``base_opusfilter > 0`` is what the ``opusfilter`` prune strategy drops: the pairs a user running these filters
@@ -23,12 +23,13 @@ learnt from clean data, and with priors learnt from the corpus itself they rejec
 Tatoeba en-es pairs).
 
 Language id is restricted to the run's languages and ``EXTRA_LANGS`` (lingua names the most likely of those;
-among all 75 of its languages short sentences are often taken for a rarer neighbour). Word alignment uses
-priors that eflomal learns, unsupervised, from the very pairs it then scores (OpusFilter's ``make_priors``),
-per translation direction, both sides Moses-tokenised. eflomal seeds its sampler from ``/dev/urandom`` and
-has no seed option: the ``base_wordalign_*`` columns are the only ones a fresh computation does not reproduce
-bit for bit, so they are computed once per corpus and kept (``04_score/shards/baselines.parquet``, keyed by
-the text itself): a rerun of the score stage reuses them.
+among all 75 of its languages short sentences are often taken for a rarer neighbour). Word alignment is not
+OpusFilter's (eflomal samples from ``/dev/urandom`` and aligns a corpus jointly, so its scores change from run to run
+and with the rows that share a job) but ``scoring/wordalign.py``'s: lexical models fitted by EM on the language pair's
+training text, each pair scored on its own. Every column is a deterministic function of the text: the same in a
+rerun, in a slice of ``score --baselines I/N``, after ``--overwrite``. The computed columns are still kept
+(``04_score/shards/baselines.parquet``, keyed by the text; the word-alignment models in ``shards/wordalign/``) to save
+their time on a rerun.
 
 Rows are scored per translation direction (``direction`` column: ``src-tgt``), so a run with both directions
 scores each sentence pair once each way.
@@ -39,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ import numpy as np
 
 log = logging.getLogger("mtprune")
 
-VERSION = 1  # bump when a column's definition changes: cached baselines are then recomputed
+VERSION = 2  # bump when a column's definition changes: cached baselines are then recomputed (2: scoring/wordalign.py)
 COLUMNS = ("base_lengthratio_char", "base_lengthratio_word", "base_langid_src", "base_langid_tgt", "base_similarity",
            "base_terminalpunct", "base_numerals", "base_repetition", "base_wordalign_src", "base_wordalign_tgt",
            "base_opusfilter")
@@ -61,7 +61,7 @@ CHUNK = 50_000  # rows whose text is held at once by the per-pair filters
 
 def _quiet_opusfilter() -> None:
     # LinguaFilter and the tokenizers log at INFO/WARNING for every instance; the stage logs its own summary
-    for name in ("opusfilter", "eflomal", "mosestokenizer"):
+    for name in ("opusfilter", "mosestokenizer"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -110,26 +110,39 @@ def langid_rejects(bad_src: np.ndarray, bad_tgt: np.ndarray) -> np.ndarray:
 
 
 def wordalign(text: Any, rows: np.ndarray, src: str, tgt: str, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """eflomal's scores of each of ``rows`` of ``text`` (source->target, target->source) with priors learnt from
-    those very pairs. The text is streamed to eflomal's files twice (priors, then scores), never held."""
-    from opusfilter.word_alignment import WordAlignFilter, make_priors
+    """The word-alignment scores of each of ``rows`` of ``text`` (source->target, target->source): each pair scored on
+    its own by lexical models fitted on ``training_pairs`` (``scoring/wordalign.py``), kept in ``workdir/wordalign``.
+    NaN for every row when fewer than two distinct non-empty pairs are there to learn from."""
+    from . import wordalign as wa
 
     nan = np.full(len(rows), np.nan)
-    if not _two_distinct(text.pairs(rows)):
-        return nan, nan.copy()  # eflomal needs a corpus to learn from
-    toks = (("moses", src), ("moses", tgt))
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".wordalign.") as tmp:
-        s_file, t_file, priors = Path(tmp, "src"), Path(tmp, "tgt"), Path(tmp, "priors")
-        with open(s_file, "w", encoding="utf-8") as fs, open(t_file, "w", encoding="utf-8") as ft:
-            for a, b in text.pairs(rows):
-                fs.write(" ".join(a.split()) + "\n")
-                ft.write(" ".join(b.split()) + "\n")
-        make_priors(str(s_file), str(t_file), str(priors), src_tokenizer=toks[0], tgt_tokenizer=toks[1])
-        f = WordAlignFilter(priors=str(priors), src_tokenizer=toks[0], tgt_tokenizer=toks[1])
-        scores = np.fromiter((x for pair in f.score(text.pairs(rows)) for x in pair), dtype=np.float64,
-                             count=2 * len(rows)).reshape(len(rows), 2)
-    scores = finite(scores)
-    return scores[:, 0], scores[:, 1]
+    train = training_pairs(text, rows, f"{src}-{tgt}")
+    if not _two_distinct(train):
+        return nan, nan.copy()
+    digest = wa.sample_digest(train)
+    folder = workdir / "wordalign"
+    forward = wa.cached_model(folder, f"{src}-{tgt}", train, digest)
+    backward = wa.cached_model(folder, f"{tgt}-{src}", [(b, a) for a, b in train], digest)
+    fwd, bwd = np.empty(len(rows)), np.empty(len(rows))
+    for lo in range(0, len(rows), CHUNK):
+        pairs = list(text.pairs(rows[lo:lo + CHUNK]))
+        fwd[lo:lo + CHUNK] = forward.scores(pairs)
+        bwd[lo:lo + CHUNK] = backward.scores([(b, a) for a, b in pairs])
+    return fwd, bwd
+
+
+def training_pairs(text: Any, rows: np.ndarray, direction: str) -> list[tuple[str, str]]:
+    """What the word-alignment models of ``direction`` are fitted on: the language pair's whole training text when
+    ``text`` reads it from the download (``RowText.direction_sample``), so that a slice of the rows gets the same
+    models as the whole table; else the given rows themselves (``ListText``). At most ``wordalign.TRAIN_MAX`` pairs,
+    evenly spaced."""
+    from .wordalign import sample_rows
+
+    whole = getattr(text, "direction_sample", None)
+    if whole is not None:
+        return whole(direction, sample_rows)
+    rows = np.asarray(rows)
+    return list(text.pairs(rows[sample_rows(len(rows))]))
 
 
 def _two_distinct(pairs: Any) -> bool:
@@ -142,12 +155,6 @@ def _two_distinct(pairs: Any) -> bool:
             elif p != first:
                 return True
     return False
-
-
-def finite(scores: np.ndarray) -> np.ndarray:
-    """eflomal gives an infinite score to a pair it cannot align at all; the ranks, the noise table's AUROC and
-    the plots need numbers: +-inf becomes +-RATIO_CAP (still the worst / best value of the column)."""
-    return np.where(np.isinf(scores), np.sign(scores) * RATIO_CAP, scores)
 
 
 def _simple() -> dict[str, tuple[Any, Any]]:
@@ -179,8 +186,8 @@ def compute_rows(text: Any, direction_codes: np.ndarray, direction_names: list[s
     """Every ``base_*`` column for the rows of ``text`` (``rawtext.RowText`` or ``ListText``), row i translating in
     direction ``direction_names[direction_codes[i]]``; ``seconds`` receives the wall time per filter.
 
-    The text is read ``CHUNK`` rows at a time for the per-pair filters, and streamed to eflomal: memory does not grow
-    with the corpus beyond the columns themselves (and eflomal's own, in its process)."""
+    The text is read ``CHUNK`` rows at a time for the per-pair filters, and to the word-alignment models: memory does not
+    grow with the corpus beyond the columns themselves (and the models, fitted on at most ``wordalign.TRAIN_MAX`` pairs)."""
     _quiet_opusfilter()
     seconds = {} if seconds is None else seconds
     n = len(text)
@@ -227,11 +234,16 @@ def rows_key(sentence_ids: Any, text: Any, direction_codes: np.ndarray, directio
     """``text_key`` streamed over the rows of ``text``, ``CHUNK`` rows at a time (``sentence_ids``: a sequence or a
     pyarrow array)."""
     from .rawtext import _chunked
+    from .wordalign import sample_digest
 
     h = hashlib.sha256(f"mtprune-baselines-{VERSION}\n".encode())
     ids, n = _chunked(sentence_ids), len(text)
     if len(ids) != n or len(direction_codes) != n:
         raise ValueError("sentence ids, directions and text differ in length")
+    codes = np.asarray(direction_codes)
+    for code in np.unique(codes):  # what the word-alignment models are fitted on (the pair's text, for a slice too)
+        rows = np.flatnonzero(codes == code)
+        h.update(f"wordalign {sample_digest(training_pairs(text, rows, direction_names[int(code)]))}\n".encode())
     for lo in range(0, n, CHUNK):
         part = range(lo, min(n, lo + CHUNK))
         for sid, code, (a, b) in zip(ids.slice(lo, CHUNK).to_pylist(), direction_codes[lo:lo + CHUNK],
@@ -313,6 +325,11 @@ class _Rows:
 
     def pairs(self, part: np.ndarray | range) -> Any:
         return self.text.pairs(self.rows[np.asarray(part, dtype=np.int64)])
+
+    @property
+    def direction_sample(self) -> Any:
+        """The whole text's (``training_pairs``): a slice's models are the whole table's."""
+        return getattr(self.text, "direction_sample", None)
 
 
 def _stored_key(path: Path) -> str | None:

@@ -139,6 +139,13 @@ class RowText:
             line = int(self._line[r])
             yield src.line(line), tgt.line(line)
 
+    def direction_sample(self, direction: str, sample_rows: Any) -> list[tuple[str, str]]:
+        """(source, target) of the lines ``sample_rows(n)`` of the download's training text of the pair that
+        ``direction`` translates (n lines): the same whichever rows this table holds."""
+        d = self.direction_names.index(direction)
+        src, tgt = next(sides for (_, dd), sides in sorted(self._side_of.items()) if dd == d)
+        return [(src.line(int(i)), tgt.line(int(i))) for i in sample_rows(len(src))]
+
     def close(self) -> None:
         for p in self._pairs.values():
             p.close()

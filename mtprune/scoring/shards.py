@@ -90,7 +90,7 @@ def remove_stale_temps(layout: RunLayout, shard: tuple[int, int] | None = None) 
 
     A shard's temp files go when that shard's lock (``04_score/.lock-<i>-of-<n>``) is free or held by this
     process, the merge's when the run lock is; a shard scored right now by another process keeps its own. The
-    ``base_*`` columns' leftovers in shards/ (their temp table, eflomal's temp folder) go with the merge's when no
+    ``base_*`` columns' leftovers in shards/ (their temp table, a word-alignment model's temp file) go with the merge's when no
     ``score --baselines`` job holds its lock either. With ``shard`` (i, N), only that shard's files are looked at."""
     from ..lock import HOLDER_SUFFIX, UNIT_LOCK_PREFIX, unit_lock_path
 
@@ -110,13 +110,14 @@ def remove_stale_temps(layout: RunLayout, shard: tuple[int, int] | None = None) 
             stale.append(p)
     if shard is None and folder.is_dir() and _writer_gone(layout.lock):
         stale += sorted(p for p in folder.glob(".*.tmp") if _MERGE_TEMP.fullmatch(p.name) and p.is_file())
-        # the base_* columns' (a merge's or a `score --baselines I/N` job's): their temp table and eflomal's folder,
-        # once no baselines job holds its lock either (eflomal's folder does not say whose it is)
+        # the base_* columns' (a merge's or a `score --baselines I/N` job's): their temp table and a model's temp file,
+        # once no baselines job holds its lock either (a temp file does not say whose it is)
         if all(_writer_gone(lock) for lock in folder.glob(UNIT_LOCK_PREFIX + "baselines-*")
                if not lock.name.endswith(HOLDER_SUFFIX)):
             shards = layout.score_shard(0, 1).parent
             stale += sorted(p for p in shards.glob(".baselines*.tmp") if p.is_file())
-            stale += sorted(p for p in shards.glob(".wordalign.*") if p.is_dir())
+            stale += sorted(p for p in shards.glob(".wordalign.*") if p.is_dir())  # eflomal's, in runs before VERSION 2
+            stale += sorted(p for p in (shards / "wordalign").glob(".*.tmp") if p.is_file())  # a killed model fit
     freed = 0
     for p in stale:
         try:

@@ -52,10 +52,11 @@ UPSTREAM = ("prepare", "proxy")
 
 
 KEEPS_UNITS = True  # shards in 04_score/shards carry their own key
-# the base_* columns (whole, or per slice from `score --baselines I/N`), keyed by the text they were computed from:
-# eflomal cannot draw them again bit for bit, so --overwrite and a changed config keep them (delete the files to
-# compute them again)
-KEPT_CACHES = ("shards/baselines.parquet", "shards/baselines-*-of-*.parquet")
+# the base_* columns (whole, or per slice from `score --baselines I/N`) and the word-alignment models, keyed by the
+# text they were computed from: --overwrite and a changed config keep them (computing them again gives the same bytes,
+# in minutes at millions of pairs)
+KEPT_CACHES = ("shards/baselines.parquet", "shards/baselines-*-of-*.parquet", "shards/wordalign/*.npz",
+               "shards/wordalign/*.json")
 
 
 log = logging.getLogger("mtprune")
@@ -108,7 +109,8 @@ def run_baselines_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     """The ``base_*`` columns of slice I of N of the training pairs into ``04_score/shards/baselines-I-of-N.parquet``:
     CPU work that needs the prepare stage only (no proxy model), run as a job array of its own beside the proxy
     and score jobs on a cluster; `mtprune score` then assembles the columns from the shards instead of computing
-    them in its one merge process. eflomal learns its word-alignment priors from each slice's own pairs."""
+    them in its one merge process. Every slice scores with the same word-alignment models, fitted on the pair's whole
+    training text (the first slice to need one fits it; the others wait for it and read it)."""
     from ..scoring import baselines
     from ..scoring.forward import row_columns
     from ..scoring.rawtext import RowText
