@@ -131,6 +131,22 @@ def find_run_config(run_dir: str | None) -> Path | None:
     return None
 
 
+def where_it_ran(label: str, cfg: Any, root: Path, with_run_dir: Callable[[str], Any]) -> Any:
+    """A run found without ``-c`` (``find_run_config``) in ``root`` whose config names its ``run_dir`` relative to
+    the directory it was run in: work from that directory (its other relative paths, the data files, are relative
+    to it too), or, where ``root`` does not end in ``run_dir``, take ``root`` as the run directory."""
+    root = root.resolve()
+    if Path(cfg.run_dir).resolve() == root:
+        return cfg
+    parts = Path(cfg.run_dir).parts
+    if not Path(cfg.run_dir).is_absolute() and root.parts[-len(parts):] == parts:
+        origin = root.parents[len(parts) - 1]
+        log.info("%s: the run in %s was run from %s: its relative paths are read from there", label, root, origin)
+        os.chdir(origin)
+        return cfg
+    return guarded(label, lambda: with_run_dir(str(root)))
+
+
 def config_options(f: Callable[..., Any], writes: bool = True, finds_run: bool = False) -> Callable[..., Any]:
     """The options every command shares. ``finds_run``: without ``-c``, read the config of the run in
     ``--run-dir``, the default run directory or the last run used (``find_run_config``), and say which."""
@@ -153,12 +169,15 @@ def config_options(f: Callable[..., Any], writes: bool = True, finds_run: bool =
                 quiet: bool, **kw: Any) -> Any:
         _setup_logging(verbose, quiet)
         label = f.__name__.rstrip("_")
+        found = None
         if finds_run and config_path is None:
             found = find_run_config(run_dir)
             if found is not None:
                 log.info("%s: no -c given: reading the config of the run in %s (%s)", label, found.parent, found.name)
                 config_path = str(found)
         cfg = guarded(label, lambda: load_config(config_path, overrides, run_dir))
+        if finds_run and found is not None and run_dir is None:
+            cfg = where_it_ran(label, cfg, found.parent, lambda root: load_config(config_path, overrides, root))
         kw_config = {"config_path": config_path} if "config_path" in inspect.signature(f).parameters else {}
         layout = RunLayout(cfg.run_dir)
         if writes and not kw.get("dry_run"):

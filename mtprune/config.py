@@ -53,7 +53,7 @@ OPUS100_PAIRS = tuple("-".join(sorted(("en", x))) for x in OPUS100_LANGS)
 OPUS100_TEST_ONLY = tuple(f"{a}-{b}" for i, a in enumerate(("ar", "de", "fr", "nl", "ru", "zh"))
                           for b in ("ar", "de", "fr", "nl", "ru", "zh")[i + 1:])
 _LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
-_SCORE = r"[A-Za-z0-9_]+-(high|low)"  # <score column>-high / -low
+_SCORE = r"[A-Za-z0-9_@]+-(high|low)"  # <score column>-high / -low (a per-checkpoint column el2n@s1u500 too)
 _STRATEGY = re.compile(rf"^(random|random-length|group|opusfilter|{_SCORE})$")
 _SCORE_STRATEGY = re.compile(rf"^{_SCORE}$")
 ORDERS = ("shuffled", "easy-first", "hard-first", "competence", "self-paced")  # train.order (curriculum.py)

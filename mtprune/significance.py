@@ -10,12 +10,21 @@ BLEU is tokenized as the BLEU table tokenizes it: by target language (sacrebleu'
 ja-mecab, ko-mecab, else 13a). When the pooled test sets need different tokenizers, every line is
 tokenized with its own set's tokenizer first and the test scores the result with ``tokenize='none'``,
 which gives each line the n-grams its own tokenizer would.
+
+Two systems that cannot be told apart are not called different: a system byte-identical to its baseline is
+not tested at all (p = 1, marked ``identical``), and a resample whose difference ties the observed one counts
+as being as extreme as it (sacrebleu counts only those strictly beyond, so a difference of exactly 0 in every
+resample, as when one sentence differs in words no reference has, got the floor p = 1/(n+1)).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+log = logging.getLogger("mtprune")
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,7 @@ class Comparison:
     bleu: float  # corpus BLEU of the pooled hypotheses
     baseline_bleu: float
     p_value: float
+    identical: bool = False  # the same hypotheses as the baseline: not tested, p = 1
 
 
 def bleu_for(tgt_langs: Sequence[str], systems: list[tuple[str, Sequence[str]]],
@@ -60,9 +70,40 @@ def paired_test(baseline: tuple[str, Sequence[str]], systems: list[tuple[str, Se
     if not systems:
         return [], ""
     bleu, tested, refs = bleu_for(tgt_langs if tgt_langs is not None else [""] * len(refs), [baseline, *systems], refs)
-    test = PairedTest(tested, {"BLEU": bleu}, [refs], test_type=test_type, n_samples=n_samples)
-    signatures, scores = test()
+    same = {name for name, hyps in systems if list(hyps) == list(baseline[1])}
+    # the baseline alone (every system a copy of it) still gives its BLEU and the test's signature
+    test = PairedTest([tested[0]] + [s for s in tested[1:] if s[0] not in same], {"BLEU": bleu}, [refs],
+                      test_type=test_type, n_samples=n_samples)
+    with _ties_counted():
+        signatures, scores = test()
     base = scores["BLEU"][0]
-    out = [Comparison(name, baseline[0], float(r.score), float(base.score), float(r.p_value))
-           for name, r in zip(scores["System"][1:], scores["BLEU"][1:], strict=True)]
+    found = dict(zip(scores["System"][1:], scores["BLEU"][1:], strict=True))
+    out = [Comparison(name, baseline[0], float(base.score), float(base.score), 1.0, identical=True) if name in same
+           else Comparison(name, baseline[0], float(found[name].score), float(base.score), float(found[name].p_value))
+           for name, _ in systems]
     return out, str(signatures["BLEU"])
+
+
+@contextmanager
+def _ties_counted() -> Iterator[None]:
+    """Inside the block, sacrebleu's paired tests count a resample whose difference ties the observed one as at
+    least as extreme (its ``_compute_p_value`` counts only ``>``); everything else (the resamples, their seed,
+    the signature) stays its own. PairedTest runs in this process (or in processes forked inside the block), so
+    the swap reaches it."""
+    import numpy as np
+    import sacrebleu.significance as sb
+
+    strict = getattr(sb, "_compute_p_value", None)
+    if strict is None:  # a sacrebleu that computes p elsewhere: its own counting, with a warning that says so
+        log.warning("significance: this sacrebleu has no _compute_p_value; ties are counted as it counts them")
+        yield
+        return
+
+    def with_ties(stats: np.ndarray, real_difference: float) -> float:
+        return (int(np.sum(stats >= real_difference)) + 1) / (len(stats) + 1)
+
+    sb._compute_p_value = with_ties
+    try:
+        yield
+    finally:
+        sb._compute_p_value = strict

@@ -250,3 +250,36 @@ def test_a_missing_text_in_a_translation_entry_is_an_empty_side(tmp_path: Path) 
     assert code == 0, out
     assert "train 1 (read 3, empty 2," in out
     assert (RunLayout(run).split_file("de-en", "train", "en")).read_text() == "Hello.\n"
+
+
+def test_a_dry_run_with_an_unknown_order_by_is_one_line(tiny_swept: tuple[Path, str]) -> None:
+    """The dry run plans the train units (which read the ordering column) before the checks: an order_by naming no
+    column, or one the table does not hold, is still one line naming train.order_by, not parquet's schema."""
+    run, _ = tiny_swept
+    for bad in ("nosuch", "-sentence_id"):
+        code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--dry-run",
+                        "--set", "train.order=[easy-first]", "--set", f"train.order_by={bad}")
+        assert code == 2, out
+        assert error_lines(out)[-1].startswith("mtprune sweep: error: train.order_by:"), out
+        assert "ArrowInvalid" not in out and "__fragment_index" not in out and "Traceback" not in out, out
+
+
+def test_every_prune_strategy_is_checked_before_any_is_pruned(tiny_copy: Path) -> None:
+    """A typo among valid strategies: refused before el2n-high is pruned, naming close columns and every column the
+    score stage writes (not only those read), without telling the user to rescore; a typo in
+    prune.length_match names that key; an identifier column is no score; a per-checkpoint column is one."""
+    L = RunLayout(tiny_copy)
+    run = ["prune", "-c", str(TINY), "--run-dir", str(tiny_copy)]
+    code, out = cli(*run, "--set", "prune.strategies=[el2n-high,el2m-high]")
+    line = error_lines(out)[-1]
+    assert code == 2 and line.startswith("mtprune prune: error: prune.strategies: 'el2m-high'"), out
+    assert "did you mean el2n or el2n_max?" in line and "el2n_eos" in line and "tracin" in line, line
+    assert "--overwrite" not in line and "older mtprune" not in line, line
+    assert not L.kept_ids("el2n-high-0.2").exists()  # nothing pruned
+    code, out = cli(*run, "--set", "prune.strategies=[el2n-high,index-high]")
+    assert code == 2 and "prune.strategies: 'index-high' ranks by 'index', which is no score column" in out, out
+    code, out = cli(*run, "--set", "prune.strategies=[el2n-high,random-length]", "--set", "prune.length_match=el2m-high")
+    assert code == 2 and error_lines(out)[-1].startswith("mtprune prune: error: prune.length_match: 'el2m-high'"), out
+    code, out = cli(*run, "--set", "prune.strategies=[el2n@s1u20-high]", "-q")
+    assert code == 0, out
+    assert L.kept_ids("el2n@s1u20-high-0.2").is_file()

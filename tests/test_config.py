@@ -267,3 +267,29 @@ def test_chunk_tokens_is_auto_or_a_positive_count_and_auto_scales_with_the_vocab
     assert chunk_size("auto", 1000, "cpu") == 2097 and chunk_size("auto", 8000, "cpu") == 262
     assert chunk_size("auto", 32000, "cuda") == 4194
     assert chunk_size("auto", 10_000_000, "cpu") == 1  # never zero tokens
+
+
+def test_a_run_remembered_from_another_directory_is_read_where_it_was_run(tmp_path: Path, monkeypatch) -> None:
+    """A run made with a relative run_dir (and relative data files), then looked at without -c from another
+    directory: status finds its stages where they are, and nothing is created in the current directory."""
+    from conftest import cli
+
+    monkeypatch.setenv("MTPRUNE_STATE_DIR", str(tmp_path / "state"))
+    work, other = tmp_path / "w", tmp_path / "other"
+    (work / "data").mkdir(parents=True)
+    other.mkdir()
+    for split, n in (("train", 60), ("valid", 5), ("test", 5)):
+        (work / "data" / f"{split}.en").write_text("".join(f"hello number {i}\n" for i in range(n)))
+        (work / "data" / f"{split}.de").write_text("".join(f"hallo nummer {i}\n" for i in range(n)))
+    files = "{en-de: {" + ", ".join(f"{s}: [data/{s}.en, data/{s}.de]" for s in ("train", "valid", "test")) + "}}"
+    monkeypatch.chdir(work)
+    code, out = cli("download", "--set", "run_dir=rl", "--set", "download.source=files",
+                    "--set", "download.pairs=[en-de]", "--set", f"download.files={files}", "-q")
+    assert code == 0, out
+    monkeypatch.chdir(other)
+    code, out = cli("status")
+    assert code == 0, out
+    assert [ln.split()[:2] for ln in out.splitlines() if ln.strip().startswith("download")] == [["download", "fresh"]], out
+    code, out = cli("report")
+    assert code == 2 and "is missing (not run yet)" in out, out  # as for a run in the current directory
+    assert not (other / "rl").exists() and list(other.iterdir()) == []

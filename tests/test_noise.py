@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA, cli, download, read, write_release
+from conftest import SHARED_DATA, TINY, cli, download, error_lines, read, write_release
 from mtprune.config import NOISE_KINDS, OPUS_PAIRS
 from mtprune.layout import RunLayout
 from mtprune.scoring.finding import labelled_noise_table, noise_finding
@@ -365,6 +365,43 @@ def test_report_reads_two_and_one_column_labels(tmp_path: Path) -> None:
     t = noise_finding(df, labels, [0.2])
     assert set(t["kind"]) == {"all"}  # no kinds known: overall only
     assert t.set_index("score").loc["el2n", "auroc"] == pytest.approx((8 + 0) / 16)
+
+
+def test_a_labels_file_none_of_whose_lines_parse_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """Space- instead of tab-separated labels: every "id" was `de-en/6 truncated`, none matched, and the report
+    said "0 of 1200 pairs labelled" with exit 0."""
+    from mtprune.config import load_config
+    from mtprune.errors import InputError
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("de-en/6 truncated\nde-en/8 misaligned\n\n")
+    run = tmp_path / "run"
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", f"report.noise_ids={labels}", "--dry-run")
+    assert code == 2, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert errors == [f"error: report.noise_ids: {labels}: no line is `<sentence id>` TAB `<kind>` or a bare "
+                      "`<sentence id>` (e.g. 'de-en/17\\tmisaligned'); line 1 is 'de-en/6 truncated'"], out
+    code, out = cli("sweep", "-c", str(TINY), "--run-dir", str(run), "--set", f"report.noise_ids={labels}")
+    assert code == 2 and len(error_lines(out)) == 1 and str(labels) in out, out
+    assert not (run / "01_download").exists()  # refused before the first stage
+    L = RunLayout(run)
+    with pytest.raises(InputError, match="no line is"):
+        noise_labels(load_config(None, [f"report.noise_ids={labels}"]), L)
+
+
+def test_labels_lines_that_do_not_parse_are_counted_in_a_warning(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from mtprune.config import load_config
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("de-en/6\ttruncated\nde-en/7\n\nde-en/8 misaligned\nen-fr/2\tmisaligned\nen-fr 3\n")
+    cfg = load_config(None, [f"report.noise_ids={labels}"])
+    with caplog.at_level("WARNING", logger="mtprune"):
+        found, source = noise_labels(cfg, RunLayout(tmp_path / "run"))
+    assert found == {"de-en/6": "truncated", "de-en/7": "noise", "en-fr/2": "misaligned"} and source == str(labels)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"report.noise_ids: {labels}: 2 of 5 line(s) are not `<sentence id>` TAB `<kind>` or a bare "
+                      "`<sentence id>`, ignored; the first is line 4: 'de-en/8 misaligned'"], warned
 
 
 @pytest.mark.slow

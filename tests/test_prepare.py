@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, cli
+from conftest import SHARED_DATA, TINY, cli, error_lines
 from mtprune.fairseq_backend import load_train_pairs
 from mtprune.layout import RunLayout
 from mtprune.textio import read_lines
@@ -108,3 +108,23 @@ def test_download_and_prepare_on_tatoeba_in_opus_layout(tmp_path: Path) -> None:
     code, out = cli("prepare", *sets)
     assert code == 0, out
     assert _check_mapping(RunLayout(run), ["de-en", "en-es", "en-fr", "en-it"]) == 6000
+
+
+def test_a_pair_with_no_training_pair_left_stops_prepare_with_one_line(tmp_path: Path) -> None:
+    """prepare.max_tokens below every sentence: prepare used to finish (exit 0) with empty training data, and the
+    proxy died in fairseq (AttributeError ... _bin_buffer_mmap). Now it stops, naming the pairs and the setting."""
+    run = tmp_path / "run"
+    sets = ["-c", str(TINY), "--run-dir", str(run), "-q", "--set", "download.pairs=[de-en,en-fr]"]
+    assert cli("download", *sets)[0] == 0
+    code, out = cli("prepare", *sets, "--set", "prepare.max_tokens=4")
+    assert code == 2, out
+    assert len(error_lines(out)) == 1 and len(out.strip().splitlines()) == 1, out
+    line = error_lines(out)[0]
+    assert line.startswith("mtprune prepare: error: ") and "de-en (en-de)" in line and "en-fr (en-fr)" in line, line
+    assert "0 training pairs" in line and "prepare.max_tokens=4" in line, line
+    L = RunLayout(run)
+    assert not L.manifest("prepare").exists() and not L.data_bin.exists() and not L.prepare_ids.exists()
+    assert not L.spm_model.exists()
+    # the same run with room for the sentences goes on as usual
+    code, out = cli("prepare", *sets)
+    assert code == 0 and L.manifest("prepare").exists(), out

@@ -157,3 +157,33 @@ def test_paired_tests_tokenize_by_target_language_as_the_bleu_table_does() -> No
     found, _ = paired_test(("a", mixed_base), [("b", mixed_other)], mixed_refs, "bs", 100, langs)
     assert found[0].baseline_bleu == pytest.approx(_bleu_summed_per_line(mixed_base, mixed_refs, langs))
     assert found[0].bleu == pytest.approx(_bleu_summed_per_line(mixed_other, mixed_refs, langs))
+
+
+@pytest.mark.parametrize("test_type", ["bs", "ar"])
+def test_a_system_identical_to_its_baseline_gets_p_1_and_is_marked_identical(swept, test_type: str) -> None:
+    """sacrebleu counts only resamples strictly beyond the observed difference, so a copy of the baseline got the
+    floor p (0.0010 with 1,000 resamples): "significantly different" from itself."""
+    cfg, L = swept
+    cfg = cfg.model_copy(update={"report": cfg.report.replace(paired_test=test_type, paired_samples=300)})
+    for run in ("el2n-high-0.2", "el2n-high-0.2-seed2"):  # el2n-high decoded exactly what random did
+        for pair in PAIRS:
+            src = hyp_path(L, run.replace("el2n-high", "random"), pair)
+            hyp_path(L, run, pair).write_bytes(src.read_bytes())
+    md, stats = report.significance(cfg, L)
+    assert stats["p_vs_random"]["el2n-high-0.2"] == 1.0
+    assert "| el2n-high | 0.20 |" in md and "| +0.00 | 1 (identical) |" in md, md
+    assert stats["p_vs_full"]["el2n-high-0.2"] < 0.01  # still a real difference from full
+
+
+@pytest.mark.parametrize("test_type", ["bs", "ar"])
+def test_a_one_sentence_difference_that_leaves_bleu_unchanged_is_not_given_the_floor_p(test_type: str) -> None:
+    from mtprune.significance import paired_test
+
+    refs = refs_of("de-en") * 2
+    base = corrupt(refs, 0.3, "base")
+    k = next(i for i, ln in enumerate(base) if "xyz" in ln.split())
+    other = list(base)
+    other[k] = base[k].replace("xyz", "qqq", 1)  # another word no reference has: the same n-gram counts
+    found, _ = paired_test(("base", base), [("other", other)], refs, test_type, 300)
+    assert found[0].bleu == found[0].baseline_bleu and other != base
+    assert found[0].p_value == 1.0 and not found[0].identical  # every resample ties: as extreme as observed

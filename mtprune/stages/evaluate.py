@@ -61,7 +61,16 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
 
 
 def check(cfg: Config, layout: RunLayout) -> None:
-    """BLEU tokenizers and extra test-set files, from the config alone: also before a sweep's first stage."""
+    """Extra test sets' target languages, BLEU tokenizers and extra test-set files, from the config alone: also
+    before a sweep's first stage."""
+    trained = list(dict.fromkeys(t for _, _, t in tasks(cfg.download.pairs, cfg.download.direction)))
+    for i, x in enumerate(cfg.evaluate.extra_test_sets):
+        # a model only learns to translate into the targets of its training directions (their <2xx> tag starts
+        # every source it saw): any other target decodes into something else, and its BLEU would be reported
+        if x.tgt_lang not in trained:
+            raise UsageError(f"evaluate.extra_test_sets[{i}] ({x.name}, {x.src_lang}-{x.tgt_lang}): the models "
+                             f"translate into {', '.join(trained)} only (download.pairs, download.direction "
+                             f"{cfg.download.direction}), not {x.tgt_lang}")
     check_bleu_tokenizers(target_languages(cfg))
     for x in cfg.evaluate.extra_test_sets:
         for f in (x.src, x.ref):

@@ -26,6 +26,7 @@ import numpy as np
 from ..config import Config
 from ..cpus import usable_cpus
 from ..databin import Encoder, Frame, concat, fairseq_ids, id_dtype, pieces, write_index
+from ..errors import UsageError
 from ..fairseq_backend import SRC, TGT, write_dictionary
 from ..faults import crash_point
 from ..layout import RunLayout
@@ -327,6 +328,24 @@ def _assemble(cfg: Config, count: int, records: dict[int, dict[str, Any]], layou
     return stats
 
 
+def check_every_direction_kept(cfg: Config, stats: dict[str, Any]) -> None:
+    """Refuse a direction left with no training pair: fairseq cannot load an empty training split (the proxy died
+    in its dataset code), and a pair the models never see would be reported all the same. ``run`` calls it
+    before anything of the stage is put in place, so nothing looks finished."""
+    empty, too_long = [], False
+    for pair, s, t in tasks(cfg.download.pairs, cfg.download.direction):
+        got = stats["tasks"].get(f"{pair}:{s}-{t}", {"train": 0, "dropped_too_many_tokens": 0})
+        if got["train"] == 0:
+            dropped = got["dropped_too_many_tokens"]
+            too_long = too_long or dropped > 0
+            empty.append(f"{pair} ({s}-{t}): " + (f"all {dropped} over prepare.max_tokens="
+                                                  f"{cfg.prepare.max_tokens} pieces on a side" if dropped
+                                                  else "the download has no training line"))
+    if empty:
+        raise UsageError("0 training pairs encoded for " + "; ".join(empty)
+                         + ("; raise prepare.max_tokens" if too_long else ""))
+
+
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     sd = layout.stage_dir("prepare")
     key = part_key(cfg, layout)
@@ -351,6 +370,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     try:
         crash_point("prepare:before-binarize")
         stats = _assemble(cfg, count, records, layout, tmp_dict, tmp_bin, vocab.dtype)
+        check_every_direction_kept(cfg, stats)
         with Encoder(model, 1) as enc:
             _encode_valid(cfg, layout, enc, vocab, tmp_bin)
         stats["vocab_size"] = len(vocab.pieces)

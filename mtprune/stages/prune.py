@@ -88,29 +88,49 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
                                  f"{n} training pairs{of}; use a smaller sparsity")
 
 
+IDENTIFIERS = ("sentence_id", "pair", "direction", "index")  # columns of scores.parquet that are not scores
+
+
+def ranked_columns(cfg: Config) -> list[tuple[str, str, str]]:
+    """(setting, what it names, score column) of every column the strategies rank by: ``prune.strategies`` entries,
+    and ``prune.length_match`` when random-length is among them."""
+    out = []
+    for strategy in cfg.prune.strategies:
+        if strategy == "opusfilter":
+            out.append(("prune.strategies", strategy, "base_opusfilter"))
+        elif strategy == "random-length":
+            out.append(("prune.length_match", cfg.prune.length_match, cfg.prune.length_match.rsplit("-", 1)[0]))
+        elif strategy not in ("random", "group"):
+            out.append(("prune.strategies", strategy, strategy.rsplit("-", 1)[0]))
+    return out
+
+
+def _not_written(setting: str, name: str, column: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(column, known, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    shown = [c for c in known if "@" not in c]
+    return (f"{setting}: {name!r} ranks by {column!r}, which is no score column: {hint}the score stage writes "
+            f"{', '.join(shown)}, and one <score>@s<seed>u<updates> per proxy checkpoint")
+
+
 def check(cfg: Config, layout: RunLayout) -> None:
     """A strategy naming a column the score stage does not write, from the config alone: also before a sweep's
-    first stage, not after the proxy runs have trained."""
+    first stage, not after the proxy runs have trained, and before `mtprune prune` prunes by any strategy."""
     from ..scoring.forward import score_columns
 
-    known = [c for c in score_columns(cfg) if "@" not in c]
-    for strategy in cfg.prune.strategies:
-        column, label = strategy.rsplit("-", 1)[0], repr(strategy)
-        if strategy == "opusfilter":
-            column = "base_opusfilter"
-        elif strategy == "random-length":
-            column = cfg.prune.length_match.rsplit("-", 1)[0]
-            label = f"random-length (prune.length_match: {cfg.prune.length_match})"
-        elif strategy in ("random", "group"):
-            continue
+    known = score_columns(cfg)
+    for setting, name, column in ranked_columns(cfg):
         if column not in known:
-            raise UsageError(f"prune.strategies: {label} needs a score column {column!r}, which the score "
-                             f"stage does not write with these settings (it writes: {', '.join(known)})")
+            raise UsageError(_not_written(setting, name, column, known))
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
     import pandas as pd
 
+    check(cfg, layout)
+    read_columns(cfg, layout.scores)
     pairs = pd.read_parquet(layout.scores, columns=["pair"])["pair"]
     check_something_left(cfg, pairs)
     if "group" in cfg.prune.strategies:
@@ -182,11 +202,8 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
         raise UsageError("prune.strategies: group needs the gradient sketch 04_score/grad_sketch.npy")
     if strategy not in ("random", "group"):
         column, side = strategy.rsplit("-", 1)
-        if column not in df.columns or column in ("sentence_id", "pair", "direction", "index"):
-            known = [c for c in df.columns if c not in ("sentence_id", "pair", "direction", "index")]
-            raise UsageError(f"prune.strategies: {strategy!r} needs a score column {column!r}; "
-                             f"scores.parquet has: {', '.join(known)} (scored by an older mtprune? "
-                             "`mtprune score --overwrite` scores again with today's columns)")
+        if column not in df.columns or column in IDENTIFIERS:  # (the stage checks every strategy before this)
+            raise UsageError(f"prune.strategies: {strategy!r} ranks by {column!r}, which is no score column")
         values = df[column].to_numpy(dtype=np.float64)
         if np.isnan(values).any():
             raise UsageError(f"prune: score column {column!r} has missing values "
@@ -222,19 +239,17 @@ def read_columns(cfg: Config, scores: Path) -> list[str]:
     scores no strategy reads). A strategy naming a column the table lacks is refused with the table's columns."""
     import pyarrow.parquet as pq
 
+    from ..scoring.forward import score_columns
+
     have = pq.read_schema(scores).names
     want = ["sentence_id", "pair", "direction", "index", "n_tokens"]
-    for strategy in cfg.prune.strategies:
-        for name in ([cfg.prune.length_match] if strategy == "random-length" else [strategy]):
-            if name in ("random", "group"):
-                continue
-            column = "base_opusfilter" if name == "opusfilter" else name.rsplit("-", 1)[0]
-            if column not in have and name != "opusfilter":
-                known = [c for c in have if c not in ("sentence_id", "pair", "direction", "index")]
-                raise UsageError(f"prune.strategies: {name!r} needs a score column {column!r}; scores.parquet "
-                                 f"has: {', '.join(known)} (scored by an older mtprune? `mtprune score "
-                                 "--overwrite` scores again with today's columns)")
-            want.append(column)
+    for setting, name, column in ranked_columns(cfg):
+        if column in IDENTIFIERS:
+            raise UsageError(_not_written(setting, name, column, score_columns(cfg)))
+        if column not in have and name != "opusfilter":
+            raise UsageError(f"{setting}: {name!r} ranks by {column!r}, which {scores} lacks: it was scored by an "
+                             "older mtprune or with other settings (`mtprune score --overwrite` scores again)")
+        want.append(column)
     return [c for c in dict.fromkeys(want) if c in have]
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..scoring.finding import (
 )
 from ..scoring.forward import checkpoints
 from ..scoring.stats import spearman
+from ..textio import text_lines
 from .proxy import unit_names
 from .report_compare import dropped_section, significance
 from .train import seed_models
@@ -95,26 +97,60 @@ def budget_text(cfg: Config, layout: RunLayout) -> str:
             f"(updates: {listed}).\n")
 
 
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    check(cfg, layout)
+
+
 def check(cfg: Config, layout: RunLayout) -> None:
-    """A labels file that is not there, from the config alone: also before a sweep's first stage."""
+    """A labels file that is not there or that holds no label, from the config alone: also before a sweep's first
+    stage."""
     if cfg.report.noise_ids is not None:
-        path = Path(cfg.report.noise_ids)
-        if not path.is_file():
-            what = "a directory, not a file" if path.is_dir() else "file not found"
-            raise InputError(f"report.noise_ids: {path}: {what}")
+        _check_labels_file(Path(cfg.report.noise_ids), warn=False)
+
+
+# a line of a labels file: a sentence id (`<pair>/<n>`, no spaces), then a TAB and the kind, or nothing
+_SENTENCE_ID = re.compile(r"[^\s/]+/\d+")
+_LABEL_LINE = "`<sentence id>` TAB `<kind>` or a bare `<sentence id>`"
+
+
+def _check_labels_file(path: Path, warn: bool) -> None:
+    """Refuse a labels file none of whose lines is a label (a space where the TAB belongs makes the whole line an
+    id that matches no pair, and the report said 0 pairs labelled); with ``warn``, count the lines that are not."""
+    if not path.is_file():
+        what = "a directory, not a file" if path.is_dir() else "file not found"
+        raise InputError(f"report.noise_ids: {path}: {what}")
+    good, bad, first = 0, 0, (0, "")
+    try:
+        for n, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            if _SENTENCE_ID.fullmatch(line.partition("\t")[0].strip()):  # as read_noise_ids splits it
+                good += 1
+            else:
+                bad += 1
+                first = first if first[0] else (n, line[:80])
+    except UnicodeDecodeError:
+        raise InputError(f"report.noise_ids: {path}: not UTF-8 text") from None
+    if bad and not good:
+        raise InputError(f"report.noise_ids: {path}: no line is {_LABEL_LINE} (e.g. 'de-en/17\\tmisaligned'); "
+                         f"line {first[0]} is {first[1]!r}")
+    if bad and warn:
+        log.warning("report.noise_ids: %s: %d of %d line(s) are not %s, ignored; the first is line %d: %r", path, bad,
+                    good + bad, _LABEL_LINE, first[0], first[1])
 
 
 def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] | None:
     """Sentence id -> kind of noise, and where the labels came from; None when none are known."""
     if cfg.report.noise_ids is not None:
-        check(cfg, layout)
         path = Path(cfg.report.noise_ids)
+        _check_labels_file(path, warn=True)
         source = str(path)
     elif layout.noise_ids.is_file():
         path, source = layout.noise_ids, "01_download/noise.ids"
     else:
         return None
-    return read_noise_ids(path), source
+    # the lines the warning said are ignored are: read_noise_ids takes any line's text before a TAB as its id
+    return {sid: kind for sid, kind in read_noise_ids(path).items() if _SENTENCE_ID.fullmatch(sid)}, source
 
 
 class CheckpointColumns:

@@ -78,7 +78,8 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
              "`prune.length_match`): what its choice of pairs adds beyond their length" if vs["random-length"] else "")
           + ("; and a model trained in another order (`train.order`) against the same corpus trained `shuffled`: "
              "what the order itself does" if vs["shuffled"] else "")
-          + f". Δ: the difference of the pooled BLEU. Signature: `{signature}`.\n\n"]
+          + f". Δ: the difference of the pooled BLEU; `1 (identical)`: the same hypotheses as the baseline, "
+          f"not tested. Signature: `{signature}`.\n\n"]
     body = []
     against = [("random", vs["random"]), ("full", vs["full"])] + (
         [("random-length", vs["random-length"])] if vs["random-length"] else []) + (
@@ -90,7 +91,7 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
         first = next((c for c in found if c), None)
         row: list[Any] = [st, sp, first.bleu if first else float("nan")]
         for c in found:
-            row += [f"{c.bleu - c.baseline_bleu:+.2f}" if c else "–", f"{c.p_value:.4f}" if c else "–"]
+            row += [f"{c.bleu - c.baseline_bleu:+.2f}" if c else "–", _p_text(c)]
         body.append(row)
     md.append(md_table(["strategy", "sparsity", "BLEU (pooled)"] +
                        [h for b, _ in against for h in (f"Δ vs {b}", f"p vs {b}")], body))
@@ -100,6 +101,13 @@ def significance(cfg: Config, layout: RunLayout) -> tuple[str, dict[str, Any]]:
              "p_vs_random_length": {n: c.p_value for n, c in vs["random-length"].items()},
              "p_vs_shuffled": {n: c.p_value for n, c in vs["shuffled"].items()}}
     return "".join(md), stats
+
+
+def _p_text(c: Any) -> str:
+    """A comparison's p cell: a copy of its baseline says so rather than show a p-value of a test not run."""
+    if c is None:
+        return "–"
+    return "1 (identical)" if c.identical else f"{c.p_value:.4f}"
 
 
 def dropped_section(cfg: Config, layout: RunLayout, df: Any,

@@ -158,10 +158,15 @@ class OrderData:
 
     def _load(self) -> None:
         import pandas as pd
+        import pyarrow.parquet as pq
 
         from ..curriculum import difficulty
 
+        check_order_by(self.cfg)  # also met first here: a dry run plans the units before the checks run
         col = self.cfg.train.order_by.lstrip("-")
+        if col not in pq.read_schema(self.layout.scores).names:
+            raise UsageError(f"train.order_by: {self.layout.scores} has no column {col!r} (scored by an older "
+                             "mtprune? `mtprune score --overwrite` scores again with today's columns)")
         df = pd.read_parquet(self.layout.scores, columns=["index", "sentence_id", "direction", col])
         df = df.sort_values("index", kind="stable").reset_index(drop=True)
         self._hardness = difficulty(df[col].to_numpy(), self.cfg.train.order_by)
@@ -202,18 +207,23 @@ def check(cfg: Config, layout: RunLayout) -> None:
     keys hash the training data) are looked at only when the settings would be."""
     use_cuda = cuda_available()
     if set(cfg.train.order) != {"shuffled"}:
-        from ..scoring.forward import score_columns
-
-        column = cfg.train.order_by.lstrip("-")
-        if column not in score_columns(cfg):
-            known = [c for c in score_columns(cfg) if "@" not in c]
-            raise UsageError(f"train.order_by: {cfg.train.order_by!r} names no score column the score stage writes "
-                             f"with these settings (it writes: {', '.join(known)})")
+        check_order_by(cfg)
     try:
         check_training("train", cfg.train.precision, cfg.model, use_cuda)
     except UsageError:
         if not all_units_done(lambda: units(cfg, layout, use_cuda)):
             raise
+
+
+def check_order_by(cfg: Config) -> None:
+    """UsageError when ``train.order_by`` names no numeric column the score stage writes with these settings."""
+    from ..scoring.forward import score_columns
+
+    if cfg.train.order_by.lstrip("-") not in score_columns(cfg):
+        known = [c for c in score_columns(cfg) if "@" not in c]
+        raise UsageError(f"train.order_by: {cfg.train.order_by!r} names no score column the score stage writes "
+                         f"with these settings (it writes: {', '.join(known)}, and one <score>@s<seed>u<updates> "
+                         "per proxy checkpoint)")
 
 
 def plan_note(cfg: Config, layout: RunLayout, upstream_runs: list[str]) -> str:
