@@ -168,7 +168,7 @@ def config_options(f: Callable[..., Any], writes: bool = True, finds_run: bool =
     def wrapper(config_path: str | None, overrides: tuple[str, ...], run_dir: str | None, verbose: int,
                 quiet: bool, **kw: Any) -> Any:
         _setup_logging(verbose, quiet)
-        label = f.__name__.rstrip("_")
+        label = f.__name__.rstrip("_").replace("_", "-")  # the command as typed: slurm-script
         found = None
         if finds_run and config_path is None:
             found = find_run_config(run_dir)

@@ -731,9 +731,31 @@ def _model_in(tp: Any) -> Any:
     return None
 
 
+# pydantic names the member of a union a value failed as a step of its location (score.chunk_tokens.int): not a key
+_UNION_MEMBER = re.compile(r"^(int|str|float|bool|none|list\[.*|tuple\[.*|dict\[.*|function-.*|constrained-.*|lax-.*|"
+                           r"json-or-python\[.*|nullable\[.*|union\[.*|tagged-union\[.*)$")
+
+
+def _merged_unions(errors: list[Any]) -> list[Any]:
+    """pydantic's errors with union members taken out of their locations, and a value that fits no member of a
+    union (one type error per member) made one error whose message names every member."""
+    out: list[Any] = []
+    by_loc: dict[tuple[Any, ...], Any] = {}
+    for e in errors:
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+        if loc != tuple(e["loc"]) and e["type"] in _EXPECTED and loc in by_loc:
+            by_loc[loc]["expected"].append(_EXPECTED[e["type"]])
+            continue
+        e = {**e, "loc": loc, "expected": [_EXPECTED[e["type"]]] if e["type"] in _EXPECTED else []}
+        if e["expected"]:
+            by_loc[loc] = e
+        out.append(e)
+    return out
+
+
 def _messages(err: ValidationError, root: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
-    for e in err.errors(include_url=False):
+    for e in _merged_unions(err.errors(include_url=False)):
         key = _key(prefix, e["loc"])
         kind = e["type"]
         if kind == "mtprune":
@@ -742,7 +764,7 @@ def _messages(err: ValidationError, root: type[BaseModel], prefix: str = "") -> 
             known = sorted(_section_at(root, e["loc"][:-1]).__pydantic_fields__)
             out.append(f"{key}: unknown key (known: {', '.join(known)})")
         elif kind in _EXPECTED:
-            out.append(f"{key}: expected {_EXPECTED[kind]}, got {e['input']!r}")
+            out.append(f"{key}: expected {' or '.join(dict.fromkeys(e['expected']))}, got {e['input']!r}")
         elif kind == "missing":
             out.append(f"{key}: missing (required)")
         else:
@@ -758,10 +780,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError([f"--set {text!r}: empty key"], "--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError([f"--set {key}: value is not valid YAML ({str(e).splitlines()[0]})"], "--set") from None
     return key.split("."), value
+
+
+class DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as a config wants it: a key given twice in one mapping is an error (PyYAML keeps the last silently),
+    and ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``; YAML 1.2 and every user reads it as a number)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise DuplicateKey(f"line {key_node.start_mark.line + 1}: {key!r} is given twice in the same "
+                                   f"mapping (first on line {seen[key]}); PyYAML would keep the last silently")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
@@ -775,13 +821,19 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         if not p.is_file():
             raise ConfigError([f"file not found: {p}"], source)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            loaded = yaml.load(text, Loader=ConfigLoader)
+        except DuplicateKey as e:
+            raise ConfigError([str(e)], source) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError([f"invalid YAML{where}: {getattr(e, 'problem', e)}"], source) from None
         except UnicodeDecodeError:
             raise ConfigError(["not UTF-8 text"], source) from None
+        if loaded is None and p.name == "config.resolved.yaml":  # a run's record of its config: never blank
+            raise ConfigError(["is empty: the run's record of its config is damaged; give the config the run was "
+                               "made with (-c)"], source)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -25,7 +25,8 @@ class ConfigError(UsageError):
 
         def by_set(problem: str) -> bool:
             key = problem.split(":", 1)[0]
-            return any(key == k or key.startswith((k + ".", k + "[")) for k in overridden)
+            # the key itself, a value inside it, or a section above it that only --set named (nosuch.key=1)
+            return any(key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + ".") for k in overridden)
 
         from_set = [p for p in problems if by_set(p)]
         from_file = [p for p in problems if not by_set(p)]

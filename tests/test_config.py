@@ -293,3 +293,48 @@ def test_a_run_remembered_from_another_directory_is_read_where_it_was_run(tmp_pa
     code, out = cli("report")
     assert code == 2 and "is missing (not run yet)" in out, out  # as for a run in the current directory
     assert not (other / "rl").exists() and list(other.iterdir()) == []
+
+
+def test_config_problems_name_the_real_key_and_where_it_was_given(tmp_path: Path) -> None:
+    """A value that fits no member of a union names the key, not pydantic's member steps; a --set key under an
+    unknown section is blamed on --set, not on the file; the command is named as typed (slurm-script)."""
+    from conftest import cli
+
+    code, out = cli("config", "--set", "score.chunk_tokens=1.5")
+    assert code == 2 and out.strip().endswith(
+        "error: --set score.chunk_tokens: expected an integer or a string, got 1.5"), out
+    assert ".int" not in out and ".str" not in out
+    f = tmp_path / "f.yaml"
+    f.write_text("train:\n  lr: 0.001\n")
+    code, out = cli("config", "-c", str(f), "--set", "nosuch.key=1")
+    assert code == 2 and "error: --set nosuch: unknown key" in out and str(f) not in out, out
+    code, out = cli("slurm-script", "prepare", "--set", "train.lr=fast")
+    assert code == 2 and out.strip().startswith("mtprune slurm-script: error: --set train.lr"), out
+
+
+def test_yaml_keys_given_twice_are_refused_and_exponents_are_numbers(tmp_path: Path) -> None:
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  lr: 0.001\nprune:\n  seed: 2\ntrain:\n  max_update: 5\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 5: 'train' is given twice in the same mapping \(first on "
+                                          r"line 1\)"):
+        load_config(f)
+    f.write_text("train:\n  lr: 0.001\n  lr: 0.002\n")
+    with pytest.raises(ConfigError, match="line 3: 'lr' is given twice"):
+        load_config(f)
+    f.write_text("train:\n  lr: 1e-3\n")
+    assert load_config(f).train.lr == 0.001
+    assert load_config(overrides=["train.lr=5E-4"]).train.lr == 0.0005
+    assert load_config(overrides=["prune.seed=7"]).prune.seed == 7  # integers stay integers
+
+
+def test_an_empty_resolved_config_is_damaged_not_the_defaults(tmp_path: Path) -> None:
+    from conftest import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.resolved.yaml").write_text("")
+    code, out = cli("status", "--run-dir", str(run))
+    assert code == 2 and "config.resolved.yaml: is empty: the run's record of its config is damaged" in out, out
+    blank = tmp_path / "mine.yaml"
+    blank.write_text("")
+    assert load_config(blank) == load_config()  # a blank config of one's own is the defaults
