@@ -85,11 +85,12 @@ def folder_bytes(path: Path) -> int:
     return sum(seen.values())
 
 
-def run_stage(stage: str, cfg_path: Path, run_dir: Path, log: Path) -> dict:
+def run_stage(stage: str, cfg_path: Path, run_dir: Path, log: Path, extra: tuple[str, ...] = ()) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     with open(log, "a", encoding="utf-8") as out:
-        p = subprocess.Popen([sys.executable, "-m", "mtprune", stage, "-c", str(cfg_path), "--run-dir", str(run_dir)],
+        p = subprocess.Popen([sys.executable, "-m", "mtprune", stage, "-c", str(cfg_path), "--run-dir", str(run_dir),
+                              *extra],
                              cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         peak = [0]
 
