@@ -350,19 +350,26 @@ for _stage in STAGES:
 @main.command(short_help=SHORT_HELP["export"])
 @click.option("--run", "runs", multiple=True, metavar="NAME",
               help="A pruned corpus to export (el2n-high-0.2, ...); repeatable. Default: export.runs, or every one.")
+@click.option("--format", "fmt", type=click.Choice(["text", "hf"]), default=None,
+              help="text: plain files; hf: also a Hugging Face dataset per pair (OPUS-100's hub schema, with the "
+                   "scores) in <run>/<pair>/hf/, for datasets.load_dataset('parquet', ...). Default: export.format.")
 @click.option("--overwrite", is_flag=True, help="Redo the export even if it is fresh.")
 @config_options
-def export(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, runs: tuple[str, ...]) -> None:
+def export(cfg: Config, layout: RunLayout, verbose: int, overwrite: bool, runs: tuple[str, ...],
+           fmt: str | None) -> None:
     """Write pruned corpora as plain text for other toolkits, and every score as TSV; write 09_export/.
 
     09_export/<run>/<pair>/train.<lang> holds the kept pairs, untokenized, with their sentence ids in
-    train.ids; 09_export/scores.tsv has sentence_id, pair and every score column. Not part of sweep.
+    train.ids; 09_export/scores.tsv has sentence_id, pair and every score column. With --format hf, also
+    09_export/<run>/<pair>/hf/{train,validation,test}.parquet. Not part of sweep.
     """
     from .lock import RunLock
     from .pipeline import run_stage
 
     def go() -> None:
         chosen = cfg.replace(export=cfg.export.replace(runs=runs)) if runs else cfg
+        if fmt is not None:
+            chosen = chosen.replace(export=chosen.export.replace(format=fmt))
         with RunLock(layout.lock, "export"):
             run_stage("export", chosen, layout, overwrite=overwrite)
         click.echo(str(layout.stage_dir("export")))

@@ -634,6 +634,9 @@ class ReportConfig(_Recorded):
 class ExportConfig(_Recorded):
     # pruned corpora to export (el2n-high-0.2, ...; `mtprune export --run NAME`); empty: every one
     runs: Annotated[tuple[Str, ...], _check(lambda v: "duplicate runs" if len(set(v)) != len(v) else None)] = ()
+    # text: plain line-aligned files (Marian, OpenNMT, fairseq); hf: also a Hugging Face dataset per pair in
+    # OPUS-100's hub schema (`mtprune export --format hf`)
+    format: Annotated[Str, _one_of("text", "hf")] = "text"
 
 
 class SlurmConfig(_Recorded):

@@ -217,6 +217,10 @@ class RunLayout:
     def export_ids(self, name: str, pair: str) -> Path:
         return self.export_dir(name) / pair / "train.ids"
 
+    def export_hf(self, name: str, pair: str, split: str) -> Path:
+        """One split (train, validation, test) of the pruned corpus ``name`` as a Hugging Face dataset file."""
+        return self.export_dir(name) / pair / "hf" / f"{split}.parquet"
+
     @property
     def export_scores(self) -> Path:
         return self.stage_dir("export") / "scores.tsv"

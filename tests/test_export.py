@@ -109,3 +109,30 @@ def test_scores_tsv_carries_the_noise_kind_when_labels_are_known(tmp_path: Path,
         assert [ln[-1] for ln in lines[1:]] == ["", "misaligned", "", "", "untranslated"]
     else:
         assert columns == ["sentence_id", "pair", "n_tokens", "el2n"]
+
+
+@pytest.mark.slow
+def test_an_hf_export_loads_with_datasets_and_matches_the_text_export_row_for_row(pruned: Path) -> None:
+    """`--format hf`: per pair, train/validation/test in OPUS-100's hub schema (a Translation feature), each kept
+    pair with its sentence id and scores, loaded back by `datasets` exactly as the text export lists them."""
+    import datasets
+
+    code, out = cli("export", "-c", str(TINY), "--run-dir", str(pruned), "--format", "hf", "-q")
+    assert code == 0, out
+    L = RunLayout(pruned)
+    scores = pd.read_parquet(L.scores).set_index("sentence_id")
+    for name in ("el2n-high-0.2", "random-0.2"):
+        for pair in ("de-en", "en-es"):
+            l1, l2 = pair.split("-")
+            files = {s: str(L.export_hf(name, pair, s)) for s in ("train", "validation", "test")}
+            d = datasets.load_dataset("parquet", data_files=files)
+            train = d["train"]
+            assert train.features["translation"] == datasets.Translation(languages=[l1, l2])
+            assert train["sentence_id"] == read(L.export_ids(name, pair))
+            rows = train["translation"]
+            assert [r[l1] for r in rows] == read(L.export_file(name, pair, l1))
+            assert [r[l2] for r in rows] == read(L.export_file(name, pair, l2))
+            assert train["el2n"] == scores.loc[train["sentence_id"], "el2n"].tolist()
+            test = d["test"]
+            assert [r[l2] for r in test["translation"]] == read(L.split_file(pair, "test", l2))
+            assert set(test["el2n"]) == {None} and len(d["validation"]) == len(read(L.split_file(pair, "valid", l1)))

@@ -6,7 +6,9 @@ text the pipeline trained on), in download order; ``train.ids`` beside them give
 id. ``09_export/scores.tsv`` has one row per scored pair: ``sentence_id``, ``pair`` (and ``direction``
 with ``download.direction: both``), then every score column of ``04_score/scores.parquet``, for people
 who pick their own threshold; when noise labels are known (``01_download/noise.ids``, or ``report.noise_ids``,
-which wins), a last column ``noise`` with each pair's labelled kind (empty: not labelled).
+which wins), a last column ``noise`` with each pair's labelled kind (empty: not labelled). With
+``export.format: hf`` (``--format hf``) each pair of a pruned corpus is also a Hugging Face dataset in OPUS-100's hub
+schema, with its scores, in ``09_export/<run>/<pair>/hf/`` (``export_hf.py``).
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     outputs: list[Path] = []
     for name in names:
         stats["runs"][name] = export_corpus(cfg, layout, name)
+        if cfg.export.format == "hf":
+            from .export_hf import export_corpus as export_hf
+
+            hf = export_hf(cfg, layout, name, _kept(layout.kept_ids(name)))
+            for pair, rows in hf.items():
+                stats["runs"][name][pair]["hf"] = rows
         outputs.append(layout.export_dir(name))
         crash_point(f"export:after:{name}")
     rows, columns = export_scores(layout, None if labels is None else labels[0])
