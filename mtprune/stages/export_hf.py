@@ -14,7 +14,6 @@ direction it was kept in.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -52,18 +51,11 @@ def kept_scores(layout: RunLayout, kept: dict[str, list[str]]) -> tuple[list[str
     return columns, row, table
 
 
-def _writer(path: Path, schema: Any) -> Any:
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return pq.ParquetWriter(temp_path(path), schema)
-
-
 def write_pair(cfg: Config, layout: RunLayout, name: str, pair: str, kept: dict[str, list[str]],
                columns: list[str], row: dict[str, int], table: Any) -> dict[str, int]:
     """The three splits of one pair; returns the rows of each."""
     import datasets
-    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     l1, l2 = langs(pair)
     features = datasets.Features({"translation": datasets.Translation(languages=[l1, l2]),
@@ -78,36 +70,41 @@ def write_pair(cfg: Config, layout: RunLayout, name: str, pair: str, kept: dict[
         scored = split == "train"
         rows = (((sid, a, b) for sid, (a, b) in zip(text_lines(layout.download_ids(pair)), texts, strict=True))
                 if scored else ((None, a, b) for a, b in texts))
-        writer = _writer(path, schema)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = pq.ParquetWriter(temp_path(path), schema)
         n = 0
         try:
             batch: list[tuple[str | None, str, str]] = []
-
-            def flush() -> None:
-                at = [row[s] for s, _, _ in batch] if scored else []
-                cols = {"translation": pa.array([{l1: a, l2: b} for _, a, b in batch], schema.field("translation").type),
-                        "sentence_id": pa.array([s for s, _, _ in batch], pa.string())}
-                for c in columns:
-                    cols[c] = (table.column(c).take(pa.array(at, pa.int64())).cast(pa.float64()) if scored
-                               else pa.nulls(len(batch), pa.float64()))
-                writer.write_table(pa.table(cols, schema=schema))
-                batch.clear()
-
             for sid, a, b in rows:
                 if sid is not None and sid not in kept:
                     continue
                 batch.append((sid, a, b))
                 n += 1
                 if len(batch) == BATCH:
-                    flush()
+                    writer.write_table(_batch(schema, batch, (l1, l2), columns, row if scored else None, table))
+                    batch = []
             if batch or n == 0:
-                flush()
+                writer.write_table(_batch(schema, batch, (l1, l2), columns, row if scored else None, table))
             writer.close()
             temp_path(path).replace(path)
         finally:
             temp_path(path).unlink(missing_ok=True)
         counts[hub] = n
     return counts
+
+
+def _batch(schema: Any, batch: list[tuple[str | None, str, str]], sides: tuple[str, str], columns: list[str],
+           row: dict[str, int] | None, table: Any) -> Any:
+    """Rows of one split as a table of ``schema``: the scores taken from ``table`` (None: an unscored split)."""
+    import pyarrow as pa
+
+    l1, l2 = sides
+    cols = {"translation": pa.array([{l1: a, l2: b} for _, a, b in batch], schema.field("translation").type),
+            "sentence_id": pa.array([s for s, _, _ in batch], pa.string())}
+    at = pa.array([row[s] for s, _, _ in batch] if row is not None else [], pa.int64())
+    for c in columns:
+        cols[c] = table.column(c).take(at).cast(pa.float64()) if row is not None else pa.nulls(len(batch), pa.float64())
+    return pa.table(cols, schema=schema)
 
 
 def export_corpus(cfg: Config, layout: RunLayout, name: str, kept: dict[str, list[str]]) -> dict[str, dict[str, int]]:
