@@ -10,6 +10,15 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
+# the report page's tests drive Debian's chromium through chromedriver: installed here when missing and allowed
+# (root with apt-get); without them those tests are skipped, saying why
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing chromium and chromium-driver for the report page's tests"
+    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
+      >"$root/.venv/apt.log" 2>&1 || echo "test.sh: could not install chromium (see .venv/apt.log); its tests will be skipped"
+  fi
+fi
 marker=(-m "slow or not slow")
 if [ "${1:-}" = "--fast" ]; then marker=(-m "not slow"); shift; fi
 set +e

@@ -1,4 +1,4 @@
-"""Stage 8: the sweep's table and plots, score stability, and how well scores find known noise.
+"""Stage 8: the sweep's table and plots, score stability, how well scores find known noise, and report.html.
 
 The noise table and its measures are in ``scoring/finding.py``, the plots in ``plots.py`` and ``curves.py``."""
 
@@ -34,6 +34,7 @@ from ..scoring.stats import spearman
 from ..textio import text_lines
 from .proxy import unit_names
 from .report_compare import dropped_section, significance
+from .report_html import write_page
 from .train import seed_models
 
 SECTIONS = ("report",)
@@ -361,7 +362,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         stats["significance"] = sig_stats
     stats["dropped"] = drop_stats
 
-    names = ["results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md"]
+    names = ["results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md", "report.html"]
+    table = None
     if labels is not None:
         known, source = labels
         fractions = [s for s in cfg.prune.sparsities if s > 0]
@@ -380,5 +382,6 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     units = {"proxy": set(unit_names(cfg)), "train": {layout.train_dir(m.run).name for m in seed_models(cfg, layout)}}
     names.append(plot_curves(layout, units))  # training_curves.png: proxy and final training loss (mtprune/curves.py)
     atomic_write_text(layout.report_file("examples.md"), _examples(cfg, layout, df, labels))
+    write_page(cfg, layout, rows, df, labels, table, layout.report_file("report.html"))  # report_html.py
     log.info("report: wrote %s", ", ".join(str(out / n) for n in names))
     return StageResult([layout.report_file(n) for n in names], stats)
