@@ -14,8 +14,6 @@ from conftest import TINY
 from mtprune.config import load_config
 from mtprune.layout import RunLayout
 
-pytestmark = pytest.mark.slow
-
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 PAGE_LIMIT = 1_000_000  # bytes: the demo's page (a bounded sample per corpus, whatever the corpus size)
 
@@ -48,6 +46,7 @@ def _rows(driver) -> list[list[str]]:  # noqa: ANN001
             for tr in driver.find_elements("css selector", "#rows tr")]
 
 
+@pytest.mark.slow
 def test_the_report_page_loads_lists_every_corpus_and_sorts_and_searches(tiny_swept: tuple[Path, str],
                                                                          browser) -> None:  # noqa: ANN001
     from selenium.webdriver.support.ui import Select
@@ -80,6 +79,7 @@ def test_the_report_page_loads_lists_every_corpus_and_sorts_and_searches(tiny_sw
     assert all(r[0] == "kept" for r in _rows(browser))
 
 
+@pytest.mark.slow
 def test_a_corpus_line_holding_a_script_is_shown_as_text_and_never_runs(tiny_swept: tuple[Path, str], tmp_path: Path,
                                                                         browser) -> None:  # noqa: ANN001
     """Every English training line of a copy of the run becomes markup that would run if the page inserted it as
@@ -105,3 +105,16 @@ def test_a_corpus_line_holding_a_script_is_shown_as_text_and_never_runs(tiny_swe
     assert browser.execute_script("return window.pwned === undefined")
     shown = [r[2] for r in _rows(browser)] + [r[3] for r in _rows(browser)]
     assert any(s.startswith(evil) for s in shown)  # the line, character for character, as text
+
+
+@pytest.mark.parametrize("n", [100, 1_000_000])
+def test_the_page_shows_a_bounded_seeded_sample_whatever_the_corpus_size(n: int) -> None:
+    """At most SAMPLE dropped and SAMPLE kept pairs per corpus (so a 1M-pair run's page is as large as the demo's
+    per corpus), the same draw every time."""
+    from mtprune.stages.report_html import SAMPLE, sample_rows
+
+    d, k = sample_rows(n // 5, n - n // 5, seed=1)
+    assert len(d) == min(SAMPLE, n // 5) and len(k) == SAMPLE
+    assert (d < n // 5).all() and (k < n - n // 5).all() and len(set(d)) == len(d)
+    again = sample_rows(n // 5, n - n // 5, seed=1)
+    assert d.tolist() == again[0].tolist() and k.tolist() == again[1].tolist()

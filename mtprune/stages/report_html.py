@@ -52,8 +52,8 @@ def browser_data(cfg: Config, layout: RunLayout, df: Any, labels: dict[str, str]
         if not path.is_file():
             continue
         kept = {line.split("\t")[0] for line in text_lines(path)}
-        is_kept = np.fromiter((s in kept for s in sid), bool, len(sid)) & first
-        is_dropped = ~np.isin(sid, list(kept)) & first
+        member = np.fromiter((s in kept for s in sid), bool, len(sid))
+        is_kept, is_dropped = member & first, ~member & first
         dropped_rows, kept_rows = np.flatnonzero(is_dropped), np.flatnonzero(is_kept)
         d, k = sample_rows(len(dropped_rows), len(kept_rows), cfg.prune.seed)
         ranked = strategy.rsplit("-", 1)[0] if strategy.endswith(("-high", "-low")) else None
