@@ -71,16 +71,27 @@ def die_with_parent() -> None:
         return  # a task of a multi-node job on another node: the pid names a process of the first one
     parent = int(expected)
     if os.getppid() == parent:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # pragma: no cover - every Linux libc has prctl
+        if not die_with(parent):
             return
-        if os.getppid() != parent:  # the parent exited before the request was made
-            os._exit(1)
     elif not pid_alive(parent):  # started by mtprune, which is gone already
         os._exit(1)
     os.environ[PARENT_PID] = _me()
+
+
+def die_with(parent: int) -> bool:
+    """Be killed (SIGKILL) when ``parent``, the process that started this one, exits; exit now if it already has.
+    For children mtprune starts itself with the pid at hand (a prepare part's encoding workers). False where the
+    kernel cannot be asked (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - every Linux libc has prctl
+        return False
+    if os.getppid() != parent:  # the parent exited before the request was made
+        os._exit(1)
+    return True
 
 
 def writers_into(*folders: Path) -> list[int]:

@@ -453,10 +453,11 @@ def headline(results_md: str, sections: tuple[str, ...] = ("## BLEU on", "## Pai
 @click.option("--verify", is_flag=True, help="Rehash every recorded artifact (slower) to catch changed files.")
 @functools.partial(config_options, writes=False, finds_run=True)
 def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool, config_path: str | None) -> None:
-    """Show each stage as fresh, stale (and why), restorable, incomplete or missing.
+    """Show each stage as fresh, stale (and why), restorable, running, failed, incomplete or missing.
 
     restorable: a run killed while redoing the stage left its last finished artifacts in <stage>.previous, and
-    they are fresh: the next run puts them back and redoes nothing."""
+    they are fresh: the next run puts them back and redoes nothing. running: another process holds the stage
+    (named). failed: its last run stopped on an error, shown; fix that, then rerun."""
     from .pipeline import Freshness
 
     def go() -> None:

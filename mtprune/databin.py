@@ -13,6 +13,7 @@ then every sentence's length as int32 and its byte offset in the .bin as int64.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import struct
 from collections import deque
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .children import die_with
 
 MAGIC = b"MMIDIDX\x00\x00"
 _CODES = {np.dtype(np.uint16): 8, np.dtype(np.uint32): 9, np.dtype(np.int64): 5}
@@ -135,9 +138,12 @@ _sp: Any = None
 _lut: Any = None
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(model_path: str, parent: int | None = None) -> None:
     global _sp, _lut
     import sentencepiece as spm
+
+    if parent is not None:  # a pool worker: killed with the prepare that started it, not left to write a
+        die_with(parent)  # BrokenPipeError traceback into its log when its results have nowhere to go
 
     _sp = spm.SentencePieceProcessor(model_file=model_path)
     _lut = fairseq_ids(pieces(_sp))
@@ -169,6 +175,26 @@ def _chunked(items: Iterable[Any], size: int = 2000) -> Iterator[list[Any]]:
         yield chunk
 
 
+def _start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if this process has none yet) without its leak warning.
+
+    The pool's semaphores are registered with the tracker, a process of its own that outlives a killed prepare
+    to remove them; it then printed "There appear to be N leaked semaphore objects to clean up" into the job's
+    log, though that clean-up is its whole purpose. Its warning filters come from the environment it starts
+    with, so the one that hides this warning is set for that moment only."""
+    from multiprocessing import resource_tracker
+
+    hide, old = "ignore:resource_tracker:UserWarning", os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = f"{old},{hide}" if old else hide
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = old
+
+
 class Encoder:
     """Encodes text with the SentencePiece model on ``workers`` processes, streaming, in order."""
 
@@ -177,7 +203,8 @@ class Encoder:
 
     def __enter__(self) -> Encoder:
         if self.workers > 1:
-            self.pool = get_context("spawn").Pool(self.workers, _init_worker, (self.model_path,))
+            _start_quiet_resource_tracker()
+            self.pool = get_context("spawn").Pool(self.workers, _init_worker, (self.model_path, os.getpid()))
         else:
             _init_worker(self.model_path)
             self.pool = None

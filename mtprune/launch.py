@@ -230,6 +230,19 @@ def all_units_done(make_units: Callable[[], list[Unit]]) -> bool:
         return False
 
 
+def finished_units(stage_dir: Path, expected: dict[str, dict[str, Any]], unchecked: tuple[str, ...] = ()) -> list[str]:
+    """The units of ``expected`` (folder name -> key) whose folder holds finished work with that key, the key's
+    entries named in ``unchecked`` aside: digests of the training data that only a run computes (a hash pass
+    over data-bin is no job for `status`). The outputs are not checked either; the run does both."""
+    out = []
+    for name, key in expected.items():
+        done = _read_json(stage_dir / name / DONE)
+        recorded = done.get("key") if isinstance(done, dict) else None
+        if isinstance(recorded, dict) and {k: v for k, v in recorded.items() if k not in unchecked} == key:
+            out.append(name)
+    return out
+
+
 def units_note(stage_dir: Path, names: list[str], make_units: Callable[[], list[Unit]],
                upstream_runs: list[str]) -> str:
     """For a dry run: which of a stage's units will run and which finished ones are reused. When an upstream

@@ -17,6 +17,7 @@ command prints.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -115,10 +116,7 @@ class RunLock:
                 time.sleep(0.05)
 
     def _busy(self, holder: dict[str, Any] | None) -> str:
-        if holder is None:
-            return f"{self.subject} is in use by another process (it has not said which); wait for it to finish"
-        return (f"{self.subject} is in use by `mtprune {holder.get('command')}` (pid {holder.get('pid')} on "
-                f"{holder.get('host')}); wait for it to finish")
+        return f"{self.subject} is in use by {describe_holder(holder)}; wait for it to finish"
 
     def _release(self) -> None:
         if self.held:
@@ -130,6 +128,57 @@ class RunLock:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self._release()
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    """``mtprune proxy` (pid 4242 on node7)``, or what is known when the holder has not said who it is."""
+    if not holder:
+        return "another process (it has not said which)"
+    return f"`mtprune {holder.get('command')}` (pid {holder.get('pid')} on {holder.get('host')})"
+
+
+def _locked_by_another(path: Path) -> bool | None:
+    """Whether another process holds the lock at ``path`` now; None when that cannot be told (no permission).
+
+    Asked with a shared flock on a read-only descriptor, released at once: nothing is created or truncated, so
+    ``status`` may look at a run directory it cannot write. filelock takes its locks with flock too."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing the descriptor releases the probe's lock
+    return False
+
+
+def held_by(path: Path, wait: float = 0.5) -> dict[str, Any] | None:
+    """Who holds the lock at ``path`` now, for a reader (``status``, a dry run) that takes nothing: the holder's
+    record (pid, host, command; ``{}`` while it has not said who it is), or None when the lock is free or
+    held by this very process.
+
+    A holder that has just taken the lock writes its record a moment later, and a command that only checks a
+    lock (``check_free``) holds it for an instant: ``wait`` seconds are given for either to settle."""
+    if holding(path) is not None:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        locked = _locked_by_another(path)
+        if locked is False:
+            return None
+        holder = _live_holder(path)
+        if locked is None:  # the lock cannot be asked: trust a record whose process is alive
+            return holder
+        if holder is not None or time.monotonic() > deadline:
+            return holder or {}
+        time.sleep(0.05)
 
 
 def check_free(path: Path, subject: str | None = None) -> None:
@@ -147,3 +196,17 @@ def check_no_units_running(stage_dir: Path) -> None:
     for p in sorted(stage_dir.glob(UNIT_LOCK_PREFIX + "*")):
         if not p.name.endswith(HOLDER_SUFFIX) and p.is_file():
             check_free(p, f"{stage_dir.name}/{p.name[len(UNIT_LOCK_PREFIX):]}")
+
+
+def unit_holders(stage_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The units of a stage that another process runs now (a ``--unit`` / ``--shard`` job, or a plain command
+    running them): (unit name, holder record) for each, by name."""
+    if not stage_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(stage_dir.glob(UNIT_LOCK_PREFIX + "*")):
+        if not p.name.endswith(HOLDER_SUFFIX) and p.is_file():
+            holder = held_by(p)
+            if holder is not None:
+                out.append((p.name[len(UNIT_LOCK_PREFIX):], holder))
+    return out

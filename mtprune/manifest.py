@@ -147,6 +147,25 @@ def input_changed(path: Path, recorded: Any, rehash: bool = False) -> bool:
     return file_sha256(path) != recorded.get("sha256")
 
 
+def input_changes(recorded: dict[str, Any], now: set[str], rehash: bool = False) -> list[str]:
+    """Input files from outside the run that changed since their ``recorded`` fingerprints were taken, ``now``
+    being the files the stage reads today; each with how: ``edited``, ``missing``, ``new`` (a file a local copy
+    gained) or ``no longer read``, so that `status` names the file rather than a setting."""
+    out = []
+    for f in sorted(set(recorded) | now):
+        if f not in recorded:
+            out.append(f"{f} (new)")
+            continue
+        changed = input_changed(Path(f), recorded[f], rehash)
+        if f in now and not changed:
+            continue
+        if changed and not Path(f).is_file():
+            out.append(f"{f} (missing)")
+        else:
+            out.append(f"{f} ({'edited' if f in now else 'no longer read'})")
+    return out
+
+
 def _is_text_split(f: Path) -> bool:
     return f.stem in ("train", "valid", "test") and len(f.suffix) in (3, 4) and f.suffix != ".bin"
 

@@ -16,6 +16,7 @@ from typing import Any
 from .config import Config, dump_yaml, is_speed_only, lookup, recording_reads
 from .errors import UsageError
 from .faults import crash_point
+from .inprogress import last_failure, marker_key, record_failure, running
 from .layout import STAGES, RunLayout, remember_run
 from .manifest import (
     Manifest,
@@ -23,7 +24,7 @@ from .manifest import (
     atomic_write_text,
     build_manifest,
     check_outputs,
-    input_changed,
+    input_changes,
     input_fingerprint,
     json_hash,
     write_manifest,
@@ -41,9 +42,10 @@ class StageResult:
 @dataclass
 class StageState:
     stage: str
-    status: str  # fresh | restorable | stale | incomplete | missing
+    status: str  # fresh | restorable | stale | incomplete | failed | running | missing
     reason: str = ""
     manifest: Manifest | None = None
+    progress: str = ""  # what of an unfinished stage is finished already (the end of ``reason``)
 
     @property
     def fresh(self) -> bool:
@@ -118,6 +120,24 @@ class Freshness:
         return self._cache[stage]
 
     def _compute(self, stage: str) -> StageState:
+        st = self._on_disk(stage)
+        if st.fresh:
+            return st
+        own = Manifest.read(self.layout.manifest(stage)) is not None
+        # a sweep runs its stages in order (export is none of them): it is at the first one not done
+        busy = running(self.layout, stage, own,
+                       lambda: stage in STAGES and all(self(s).usable for s in STAGES[:STAGES.index(stage)]))
+        if busy:
+            st = StageState(stage, "running", busy, st.manifest)
+        if st.status in ("missing", "incomplete", "failed", "running"):  # what parts and units a rerun reuses
+            progress = getattr(stage_module(stage), "progress", None)
+            note = progress(self.cfg, self.layout) if progress is not None else ""
+            if note:
+                st = StageState(stage, st.status, f"{st.reason}; {note}", st.manifest, progress=note)
+        return st
+
+    def _on_disk(self, stage: str) -> StageState:
+        """The stage's state from its folder, manifest and markers, whoever may be running it now."""
         layout = self.layout
         path = layout.manifest(stage)
         m = Manifest.read(path)
@@ -135,15 +155,35 @@ class Freshness:
                 return StageState(stage, "incomplete", f"a killed run left the finished artifacts in "
                                   f"{previous.name}; the next run puts them back, then redoes the stage ({st.reason})")
             if layout.in_progress(stage).exists():
-                return StageState(stage, "incomplete", "started but not finished; rerun to resume")
+                failed = self._failure(stage)
+                if failed is None:
+                    return StageState(stage, "incomplete", "started but not finished; rerun to resume")
+                message, now = failed
+                if now:  # a rerun as things are meets the same problem
+                    return StageState(stage, "failed", f"{message} (fix that, then rerun)")
+                return StageState(stage, "incomplete", "started but not finished; rerun to resume (the last run, "
+                                  f"with other settings, failed: {message})")
             return StageState(stage, "missing", "not run yet")
         return self._judge(stage, m, layout.stage_dir(stage))
 
+    def _failure(self, stage: str) -> tuple[str, bool] | None:
+        """The message of the stage's last run if it failed, and whether it ran with the settings and upstream
+        outputs of now (then a rerun as things are meets the same problem)."""
+        failed = last_failure(self.layout, stage)
+        return None if failed is None else (failed[0], failed[1] == run_key(self.cfg, stage, self.layout))
+
     def _judge(self, stage: str, m: Manifest, folder: Path) -> StageState:
         """The state of ``stage`` if ``folder`` (its own, or the one a killed run set aside) were in place."""
-        changed = config_changes(self.cfg, stage, m, rehash=self.verify)
-        if changed:
-            return StageState(stage, "stale", f"config changed: {', '.join(changed)}", m)
+        changed = config_changes(self.cfg, stage, m)
+        extra = getattr(stage_module(stage), "external_inputs", None)
+        inputs = [] if extra is None or "params" not in m.data else (  # an older manifest: config_changes has it
+            input_changes(m.data.get("config", {}).get("external", {}), set(extra(self.cfg)), rehash=self.verify))
+        if changed or inputs:
+            why = [f"config changed: {', '.join(changed)}"] if changed else []
+            if inputs:
+                more = f", +{len(inputs) - 4} more" if len(inputs) > 4 else ""
+                why.append(f"input changed: {', '.join(inputs[:4])}{more}")
+            return StageState(stage, "stale", "; ".join(why), m)
         for up in stage_module(stage).UPSTREAM:
             up_state = self(up)
             if not up_state.usable:
@@ -163,9 +203,8 @@ def previous_dir(layout: RunLayout, stage: str) -> Path:
     return sd.with_name(sd.name + ".previous")
 
 
-def config_changes(cfg: Config, stage: str, m: Manifest, rehash: bool = False) -> list[str]:
-    """Settings the stage read last time whose values differ now, and changed external inputs
-    (``rehash``: hash every input file again, as ``status --verify`` does).
+def config_changes(cfg: Config, stage: str, m: Manifest) -> list[str]:
+    """Settings the stage read last time whose values differ now (its input files: ``manifest.input_changes``).
 
     Freshness rests on what the stage actually read while it ran (recorded in the manifest as
     ``params``), so a key of another section that a stage reads makes it stale too.
@@ -175,15 +214,7 @@ def config_changes(cfg: Config, stage: str, m: Manifest, rehash: bool = False) -
         return [] if old == stage_config(cfg, stage) else ["see manifest (written by an older mtprune)"]
     recorded = m.data["params"]
     now = params_of(cfg, list(recorded))
-    changed = [k for k in recorded if now.get(k, recorded[k]) != recorded[k]]
-    mod = stage_module(stage)
-    extra = getattr(mod, "external_inputs", None)
-    if extra is not None:
-        old_ext = m.data.get("config", {}).get("external", {})
-        new_ext = set(extra(cfg))
-        changed += [f"{f} (input file)" for f in sorted(set(old_ext) | new_ext)
-                    if f not in old_ext or f not in new_ext or input_changed(Path(f), old_ext[f], rehash)]
-    return changed
+    return [k for k in recorded if now.get(k, recorded[k]) != recorded[k]]
 
 
 def save_resolved_config(cfg: Config, layout: RunLayout) -> None:
@@ -233,11 +264,11 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
         return state.manifest
 
     section = stage_config(cfg, stage)
-    inputs = upstream_digests(stage, layout)
-    key = {"config_hash": json_hash(result_config(cfg)), "inputs": inputs}
+    key = run_key(cfg, stage, layout)
+    inputs = key["inputs"]
     keeps_units = getattr(mod, "KEEPS_UNITS", False)
     old_manifest = layout.manifest(stage).read_bytes() if layout.manifest(stage).exists() else None
-    if overwrite or (not keeps_units and (state.status == "stale" or _in_progress_key(layout, stage) != key)):
+    if overwrite or (not keeps_units and (state.status == "stale" or marker_key(layout, stage) != key)):
         if sd.exists():
             log.info("%s: clearing %s (%s)", stage, sd, "--overwrite" if overwrite else state.reason)
             # kept aside until the new run succeeds, so that a failure leaves the last good artifacts
@@ -261,13 +292,15 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
         manifest = build_manifest(stage, section, params_of(cfg, reads), inputs, sd, result.outputs,
                                   result.stats, started)
         crash_point(f"{stage}:before-manifest")
-    except BaseException:
+    except BaseException as e:
         if previous.exists():  # put the last good artifacts back as they were
             shutil.rmtree(sd, ignore_errors=True)
             os.replace(previous, sd)
         elif old_manifest is not None:
             atomic_write_bytes(layout.manifest(stage), old_manifest)
             layout.in_progress(stage).unlink(missing_ok=True)
+        if isinstance(e, Exception):  # not an interruption (Ctrl-C): a rerun as things are meets it again
+            record_failure(layout, stage, key, e)
         raise
     write_manifest(layout.manifest(stage), manifest)
     layout.in_progress(stage).unlink(missing_ok=True)
@@ -278,11 +311,10 @@ def run_stage(stage: str, cfg: Config, layout: RunLayout, *, overwrite: bool = F
     return manifest
 
 
-def _in_progress_key(layout: RunLayout, stage: str) -> Any:
-    try:
-        return json.loads(layout.in_progress(stage).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def run_key(cfg: Config, stage: str, layout: RunLayout) -> dict[str, Any]:
+    """What a run of ``stage`` is made with (every setting that changes a result, the upstream outputs): its
+    in-progress marker records it, so that a rerun resumes only work begun with the same."""
+    return {"config_hash": json_hash(result_config(cfg)), "inputs": upstream_digests(stage, layout)}
 
 
 @dataclass
@@ -296,7 +328,10 @@ class Step:
 
     def line(self) -> str:
         st = self.state
-        return f"{self.action:<5}  {st.stage:<9} {st.status}: {st.reason}" + (f"; {self.note}" if self.note else "")
+        reason = st.reason
+        if self.note and st.progress:  # the note says which units run and which are reused, more exactly
+            reason = reason.removesuffix(f"; {st.progress}")
+        return f"{self.action:<5}  {st.stage:<9} {st.status}: {reason}" + (f"; {self.note}" if self.note else "")
 
 
 def plan(cfg: Config, layout: RunLayout, overwrite: bool = False, detail: bool = True) -> list[Step]:

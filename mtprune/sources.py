@@ -178,7 +178,8 @@ def read_hub(pair: str, split: str, cache_dir: str | None = None) -> Pairs:
             raise UsageError(f"download.pairs: {HUB_DATASET} on the Hugging Face hub has no {pair!r} "
                              f"({first[:200]})") from None
         if hub_offline():
-            where = cache or "the datasets cache (HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets)"
+            # the folder datasets itself looked in: HF_DATASETS_CACHE, HF_HOME or XDG_CACHE_HOME move it
+            where = cache or str(datasets.config.HF_DATASETS_CACHE)
             raise StageError(
                 f"cannot load {HUB_DATASET} ({pair}, {HUB_SPLIT[split]}): offline (HF_DATASETS_OFFLINE / "
                 f"HF_HUB_OFFLINE is set) and not cached in {where}; download it where the hub is reachable, "

@@ -51,3 +51,13 @@ def test_every_relative_link_resolves(md: Path) -> None:
 
 def test_the_readme_reads_in_ten_minutes() -> None:
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 250
+
+
+def test_the_guide_counts_the_blog_sweeps_pruned_corpora() -> None:
+    """The guide says how many pruned corpora an export of the blog sweep copies: prune's own list says."""
+    from mtprune.config import load_config
+    from mtprune.stages.prune import runs
+
+    said = re.search(r"the blog sweep has (\d+)\)", (ROOT / "docs" / "guide.md").read_text(encoding="utf-8"))
+    assert said is not None
+    assert int(said.group(1)) == len(runs(load_config(ROOT / "configs" / "blog.yaml", []))) == 16

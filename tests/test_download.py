@@ -438,3 +438,22 @@ def test_a_million_row_pair_is_downloaded_in_bounded_memory(tmp_path: Path) -> N
     n = [int(s.split("/")[1]) for s in ids]
     assert n == sorted(n) and n[-1] > 900_000  # drawn over the whole split, in source order
     assert read(layout.split_file("en-es", "train", "en"))[7] == f"sentence {n[7]} of {'many ' * (n[7] % 9)}words"
+
+
+@pytest.mark.parametrize("var", ["HF_HOME", "HF_DATASETS_CACHE"])
+def test_offline_message_names_the_cache_folder_the_environment_chose(tmp_path: Path, var: str) -> None:
+    """With HF_HOME or HF_DATASETS_CACHE moving datasets' cache, the offline message names that folder, where
+    datasets really looked, not ~/.cache. The real datasets library in a child (it reads them when imported)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_DATASETS_CACHE", "HF_DATASETS_OFFLINE")}
+    env.update({var: str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run([sys.executable, "-m", "mtprune", "download", "--run-dir", str(tmp_path / "run"), "-q",
+                        "--set", "download.source=hub", "--set", "download.pairs=[de-en]"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    folder = tmp_path / "hf" / "datasets" if var == "HF_HOME" else tmp_path / "hf"
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"and not cached in {folder};" in p.stderr and "~/.cache" not in p.stderr, p.stderr

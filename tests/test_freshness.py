@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, cli
+from conftest import ROOT, TINY, cli, write_release
+from mtprune.layout import RunLayout
 
 SYN = ["--set", "download.source=synthetic", "--set", "download.synthetic_train_per_pair=50",
        "--set", "prepare.vocab_size=120", "--set", "prepare.spm_sample=500"]
@@ -178,7 +179,7 @@ def test_an_input_file_edited_with_its_size_and_mtime_put_back_is_seen_by_verify
     code, out = cli("status", *sets, "--run-dir", str(run))
     assert _states(out)["download"].startswith("fresh"), out  # size and mtime are the cache key
     code, out = cli("status", "--verify", *sets, "--run-dir", str(run))
-    assert code == 1 and _states(out)["download"].startswith(f"stale config changed: {p} (input file)"), out
+    assert code == 1 and _states(out)["download"] == f"stale input changed: {p} (edited)", out
 
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # within the same second
     code, out = cli("status", *sets, "--run-dir", str(run))
@@ -194,3 +195,90 @@ def test_status_of_a_run_directory_under_a_file_is_one_line(tmp_path: Path) -> N
         code, out = cli(*cmd, *SYN, "--run-dir", str(tmp_path / "f" / "x"))
         assert code == 2 and out.strip().endswith(f"{tmp_path / 'f'} is a file, not a directory"), out
         assert len(out.strip().splitlines()) == 1, out
+
+
+def _plain_text_source(tmp_path: Path) -> tuple[dict[tuple[str, str], Path], list[str]]:
+    """A de-en pair from plain-text files (source: files): the files, and the --set options naming them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files, sets = {}, ["--set", "download.source=files", "--set", "download.pairs=[de-en]"]
+    for split in ("train", "valid", "test"):
+        for lang in ("de", "en"):
+            files[(split, lang)] = src / f"{split}.{lang}"
+            files[(split, lang)].write_text("".join(f"{lang} {split} {i}\n" for i in range(30)), encoding="utf-8")
+        sets += ["--set", f"download.files.de-en.{split}=[{files[(split, 'de')]},{files[(split, 'en')]}]"]
+    return files, sets
+
+
+def test_status_names_the_input_file_that_was_edited_or_deleted(tmp_path: Path) -> None:
+    """An input edited or deleted is not "config changed": status says which file, and how."""
+    files, sets = _plain_text_source(tmp_path)
+    run = ["--run-dir", str(tmp_path / "run")]
+    code, out = cli("download", *sets, *run, "-q")
+    assert code == 0, out
+    edited, gone = files[("train", "de")], files[("test", "en")]
+    edited.write_text(edited.read_text(encoding="utf-8") + "de train extra\n", encoding="utf-8")
+    gone.unlink()
+    code, out = cli("status", *sets, *run)
+    assert _states(out)["download"] == f"stale input changed: {gone} (missing), {edited} (edited)", out
+    code, out = cli("sweep", "--dry-run", *sets, *run)
+    assert f"run    download  stale: input changed: {gone} (missing), {edited} (edited)" in out, out
+
+    # a local copy: a file deleted from the pair's folder, another added to it
+    local = tmp_path / "opus"
+    write_release(local, "de-en")
+    copy = ["--set", f"download.source=local:{local}", "--set", "download.pairs=[de-en]"]
+    run = ["--run-dir", str(tmp_path / "run-local")]
+    code, out = cli("download", *copy, *run, "-q")
+    assert code == 0, out
+    (local / "de-en" / "opus.de-en-dev.en").unlink()
+    (local / "de-en" / "README").write_text("notes\n")
+    code, out = cli("status", *copy, *run)
+    assert _states(out)["download"] == (f"stale input changed: {local / 'de-en' / 'README'} (new), "
+                                        f"{local / 'de-en' / 'opus.de-en-dev.en'} (missing)"), out
+
+
+def test_status_says_why_a_run_failed_until_the_stage_succeeds(tmp_path: Path) -> None:
+    """A download that failed (a local copy that is not there, a hub that cannot be reached) is not "rerun to
+    resume": status shows the failure's one line while the settings are those it failed with, and forgets it
+    once the stage succeeds. Failing again beside finished artifacts leaves their folder as it was."""
+    run = tmp_path / "run"
+    ok = [*SYN, "--set", "download.pairs=[de-en]", "--run-dir", str(run)]
+    nowhere = tmp_path / "nowhere"
+    bad = [*ok, "--set", f"download.source=local:{nowhere}"]
+    code, out = cli("download", *bad, "-q")
+    assert code == 2 and f"{nowhere}: local source folder not found" in out, out
+    failed = f"{nowhere}: local source folder not found"
+    code, out = cli("status", *bad)
+    assert _states(out)["download"] == f"failed {failed} (fix that, then rerun)", out
+    code, out = cli("sweep", "--dry-run", *bad)
+    assert f"run    download  failed: {failed} (fix that, then rerun)" in out, out
+    code, out = cli("status", *ok)  # other settings than the failed run's: the rerun may well work
+    assert _states(out)["download"] == ("incomplete started but not finished; rerun to resume (the last run, with "
+                                        f"other settings, failed: {failed})"), out
+
+    # the real datasets library, offline with an empty cache: the hub cannot be reached
+    hub = [*ok, "--set", "download.source=hub"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_DATASETS_CACHE"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "mtprune", "download", *hub, "-q"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 1, p.stderr
+    code, out = cli("status", *hub)
+    state = _states(out)["download"]
+    assert state.startswith("failed cannot load Helsinki-NLP/opus-100 (de-en, test): offline") and \
+        state.endswith("(fix that, then rerun)"), out
+
+    code, out = cli("download", *ok, "-q")
+    assert code == 0, out
+    assert not RunLayout(run).in_progress("download").exists()
+    code, out = cli("status", *ok)
+    assert _states(out)["download"].startswith("fresh"), out
+    code, out = cli("status", *bad)
+    assert _states(out)["download"] == "stale config changed: download.source", out
+
+    code, out = cli("download", *bad, "-q")  # fails again: the finished download is put back as it was
+    assert code == 2, out
+    assert not RunLayout(run).in_progress("download").exists()
+    code, out = cli("status", *ok)
+    assert _states(out)["download"].startswith("fresh"), out

@@ -20,7 +20,7 @@ FLOORS = {
     2: ["config"],
     3: ["fairseq_backend", "databin", "el2n", "scoring.*", "noise", "sources", "synthetic", "significance", "curves", "plots",
         "results", "curriculum", "fairseq_user.*"],
-    4: ["pipeline", "launch"],
+    4: ["pipeline", "inprogress", "launch"],
     5: ["stages.*"],
     6: ["cli", "slurm", "plan", "__main__"],
 }

@@ -196,3 +196,55 @@ def test_unit_jobs_run_side_by_side_but_never_beside_a_plain_command(prepared: t
         job.wait()
     with RunLock(unit_lock, "test"):  # the killed job's lock went with it
         pass
+
+
+def _states(out: str) -> dict[str, str]:
+    """status's lines by stage: ``{"download": "running    `mtprune ...` ..."}``."""
+    return {ln.split()[0]: ln.strip().split(None, 1)[1] for ln in out.splitlines()
+            if ln.startswith("  ") and len(ln.split()) > 1}
+
+
+def test_status_and_dry_run_name_the_process_running_a_stage(tmp_path: Path) -> None:
+    """While another process runs a stage (it holds the run lock, the stage's in-progress marker is there),
+    `status` and `sweep --dry-run` say it is running and name the holder as its lock records it, instead of
+    "rerun to resume"; a lock held for another stage's command says nothing about this one, and once the
+    holder has gone the stage is incomplete again."""
+    run = tmp_path / "run"
+    L = RunLayout(run)
+    args = ["--set", "download.source=synthetic", "--set", "download.synthetic_train_per_pair=50",
+            "--set", "download.pairs=[de-en]", "--run-dir", str(run)]
+    env = {**os.environ, "MTPRUNE_CRASH_AT": "download:start"}  # a real marker: a download killed after it began
+    p = subprocess.run([sys.executable, "-m", "mtprune", "download", *args], env=env, cwd=ROOT, capture_output=True)
+    assert p.returncode == -signal.SIGKILL and L.in_progress("download").exists(), p.stderr
+    host = socket.gethostname()
+    for command in ("download", "sweep"):
+        with Holder(L.lock, command) as h:
+            holder = f"`mtprune {command}` (pid {h.proc.pid} on {host}) is running it; wait for it to finish"
+            code, out = cli("status", *args)
+            assert code == 0 and _states(out)["download"] == f"running    {holder}", out
+            assert _states(out)["prepare"] == "missing    not run yet", out
+            code, out = cli("sweep", "--dry-run", *args)
+            assert code == 0 and f"run    download  running: {holder}\n" in out, out
+    with Holder(L.lock, "report"):
+        code, out = cli("status", *args)
+        assert _states(out)["download"] == "incomplete started but not finished; rerun to resume", out
+    code, out = cli("status", *args)
+    assert _states(out)["download"] == "incomplete started but not finished; rerun to resume", out
+
+
+def test_status_names_the_jobs_running_units_of_a_stage(tmp_path: Path) -> None:
+    """`--unit` / `--shard` jobs hold their units' locks, not the run lock: `status` names each one running."""
+    run = tmp_path / "run"
+    L = RunLayout(run)
+    args = ["--set", "download.source=synthetic", "--run-dir", str(run)]
+    host = socket.gethostname()
+    with Holder(L.stage_dir("proxy") / ".lock-seed2", "proxy --unit seed2") as a, \
+            Holder(L.stage_dir("score") / ".lock-0-of-2", "score --shard 0/2") as b:
+        code, out = cli("status", *args)
+        states = _states(out)
+        assert states["proxy"] == (f"running    `mtprune proxy --unit seed2` (pid {a.proc.pid} on {host}) is running "
+                                   "seed2; wait for it to finish"), out
+        assert states["score"].startswith(f"running    `mtprune score --shard 0/2` (pid {b.proc.pid} on {host}) is "
+                                          "running 0-of-2;"), out
+    code, out = cli("status", *args)
+    assert _states(out)["proxy"] == "missing    not run yet", out

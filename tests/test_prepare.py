@@ -128,3 +128,28 @@ def test_a_pair_with_no_training_pair_left_stops_prepare_with_one_line(tmp_path:
     # the same run with room for the sentences goes on as usual
     code, out = cli("prepare", *sets)
     assert code == 0 and L.manifest("prepare").exists(), out
+
+
+def test_a_prepare_part_killed_while_its_pool_encodes_leaves_a_clean_log(tmp_path: Path) -> None:
+    """A `prepare --shard` job killed while its encoding workers are busy (a cluster's time limit, `scancel`): its
+    log holds nothing after the kill, not the workers' BrokenPipeError tracebacks nor the resource tracker's
+    "leaked semaphore objects" warning. The pipe is read to its end, so every process that shared it (the
+    workers, the tracker) has gone by the time the run returns."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    # 4 pairs x 4,000 rows: part 0 of 2 is 4 chunks, so chunks are still in the workers when the first is written
+    sets = ["-c", str(TINY), "--run-dir", str(run), "-q", "--set", "download.synthetic_train_per_pair=4000",
+            "--set", "prepare.workers=2"]
+    code, out = cli("download", *sets)
+    assert code == 0, out
+    env = {**os.environ, "MTPRUNE_CRASH_AT": "prepare:part-encoding"}
+    p = subprocess.run([sys.executable, "-m", "mtprune", "prepare", "--shard", "0/2", *sets], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == -9, p.stderr
+    assert p.stderr == "" and p.stdout == "", p.stderr
+    assert not RunLayout(run).prepare_part(0, 2).with_name("part-0000-of-0002.json").exists()

@@ -454,3 +454,23 @@ def test_the_base_columns_leftovers_go_once_no_baselines_job_holds_its_lock(tmp_
         holder.wait()
     assert remove_stale_temps(L) == 142
     assert not table.exists() and not eflomal.exists() and not model.exists() and all(p.exists() for p in kept)
+
+
+def test_kmeans_finding_fewer_clusters_than_asked_is_one_log_line(tiny_copy: Path) -> None:
+    """Repeated sentences share one encoder state, so k-means finds fewer distinct clusters than score.proto_clusters
+    and scikit-learn warns (ConvergenceWarning) once per language pair and model, two lines each with its own
+    source line: on the terminal that is one log line saying what happened."""
+    from conftest import cli_subprocess
+    from mtprune.scoring.shards import shard_pooled
+
+    pooled = shard_pooled(RunLayout(tiny_copy).score_shard(0, 1))
+    states = np.load(pooled)
+    states[:] = states[0]  # every sentence's encoder state alike: a corpus of one repeated line, as k-means sees it
+    np.save(pooled, states)
+    p = cli_subprocess("score", "-c", str(TINY), "--run-dir", str(tiny_copy), "--set", "score.proto_clusters=8")
+    assert p.returncode == 0, p.stderr
+    assert "Warning" not in p.stderr and "sklearn" not in p.stderr, p.stderr
+    said = [ln for ln in p.stderr.splitlines() if "k-means" in ln]
+    assert len(said) == 1, p.stderr
+    # 4 language pairs x 4 checkpoints (2 seeds x 2), each fit finding 1 cluster
+    assert "score: proto: 16 k-means fit(s) found fewer distinct clusters than score.proto_clusters (8)" in said[0]

@@ -233,3 +233,32 @@ def test_a_shorter_list_of_seeds_keeps_finished_units_and_a_longer_one_reuses_th
         assert code == 0 and "unit(s), " not in out and out.count("already done, skipping") == 2, out
         assert files(seed2) == before
         assert cli(stage, *args(run))[0] == 0  # back to the config's seeds, for the next stage
+
+
+def _state(out: str, stage: str) -> str:
+    return next(ln.split(None, 1)[1] for ln in out.splitlines() if ln.startswith(f"  {stage} "))
+
+
+def test_status_counts_the_finished_parts_and_units_of_an_unfinished_stage(tmp_path: Path) -> None:
+    """Parts finished by `prepare --shard` jobs and proxy seeds finished by `--unit` jobs are what the next plain
+    command reuses: status says how many there are while the stage is not finished; seeds finished with other
+    settings do not count. The dry run says it once (its own note lists the units for proxy)."""
+    run = tmp_path / "run"
+    a = args(run, "proxy.seeds=[1,2]")
+    for cmd in (["download"], ["prepare", "--shard", "0/2"]):
+        code, out = cli(*cmd, *a, "-q")
+        assert code == 0, out
+    code, out = cli("status", *a)
+    assert _state(out, "prepare") == "missing    not run yet; 1 of 2 part(s) finished (`prepare --shard`)", out
+    code, out = cli("sweep", "--dry-run", *a)
+    assert "run    prepare   missing: not run yet; 1 of 2 part(s) finished (`prepare --shard`)\n" in out, out
+    for cmd in (["prepare", "--shard", "1/2"], ["prepare"], ["proxy", "--unit", "seed2"]):
+        code, out = cli(*cmd, *a, "-q")
+        assert code == 0, out
+    code, out = cli("status", *a)
+    assert _state(out, "prepare").startswith("fresh"), out
+    assert _state(out, "proxy") == "missing    not run yet; 1 of 2 proxy run(s) finished (seed2)", out
+    code, out = cli("sweep", "--dry-run", *a)
+    assert ("run    proxy     missing: not run yet; 1 of 2 unit(s) run (seed1); 1 finished, reused\n") in out, out
+    code, out = cli("status", *args(run, "proxy.seeds=[1,2]", "proxy.lr=0.001"))
+    assert _state(out, "proxy") == "missing    not run yet", out

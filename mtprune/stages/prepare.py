@@ -218,6 +218,7 @@ def binarize_part(cfg: Config, layout: RunLayout, model: Path, vocab: Vocabulary
                             tasks_out.write(line)
                     kept += int(chunk.keep.sum())
                     dropped += len(chunk.keep) - int(chunk.keep.sum())
+                    crash_point("prepare:part-encoding")  # the pool's workers still encode the next chunks
                 record["tasks"][name] = {"train": kept, "dropped_too_many_tokens": dropped}
         with open(tmp["sizes.npy"], "wb") as f:
             np.save(f, np.stack([np.concatenate(sizes[k]) if sizes[k] else np.zeros(0, np.int32) for k in STREAMS]))
@@ -249,6 +250,16 @@ def finished_parts(layout: RunLayout, key: str) -> tuple[int, dict[int, dict[str
         if done and (best is None or len(done) / count > len(best[1]) / best[0]):
             best = (count, done)
     return best
+
+
+def progress(cfg: Config, layout: RunLayout) -> str:
+    """For `status` while prepare is not finished: how many parts `prepare --shard` jobs have binarized with the
+    current settings (the next `mtprune prepare` assembles them and does only the missing ones)."""
+    found = finished_parts(layout, part_key(cfg, layout))
+    if found is None:
+        return ""
+    count, done = found
+    return f"{len(done)} of {count} part(s) finished (`prepare --shard`)"
 
 
 def run_part(cfg: Config, layout: RunLayout, shard: str) -> Path:

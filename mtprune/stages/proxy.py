@@ -26,7 +26,15 @@ from ..fairseq_backend import (
     update_freq_for,
     world_size,
 )
-from ..launch import Unit, all_units_done, note_kept_units, run_units, unit_settings, units_note
+from ..launch import (
+    Unit,
+    all_units_done,
+    finished_units,
+    note_kept_units,
+    run_units,
+    unit_settings,
+    units_note,
+)
 from ..layout import RunLayout
 from ..manifest import file_sha256
 from ..pipeline import StageResult
@@ -121,11 +129,27 @@ def unit_names(cfg: Config) -> list[str]:
     return names + ([f"reverse-{n}" for n in names] if cfg.proxy.dual else [])
 
 
+def _settings(cfg: Config) -> dict[str, Any]:
+    # proxy.dual selects units rather than changing one: a forward seed stays done when it is switched
+    return unit_settings(cfg, "model", "proxy", exclude=("proxy.seeds", "proxy.dual"))
+
+
+def progress(cfg: Config, layout: RunLayout) -> str:
+    """For `status` while proxy is not finished: the seeds whose runs finished with the current settings (their
+    training data is not hashed here; the next run checks it before reusing them)."""
+    settings = _settings(cfg)
+    expected = {name: {**settings, "seed": int(name.rpartition("seed")[2])} for name in unit_names(cfg)}
+    done = finished_units(layout.stage_dir("proxy"), expected, unchecked=("data",))
+    if not done:
+        return ""
+    shown = ", ".join(done[:6]) + (", ..." if len(done) > 6 else "")
+    return f"{len(done)} of {len(expected)} proxy run(s) finished ({shown})"
+
+
 def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     """One work unit per seed (``seed<k>``), and with proxy.dual one per seed on the reversed pairs
     (``reverse-seed<k>``, same schedule); a cluster runs them as one job array."""
-    # proxy.dual selects units rather than changing one: a forward seed stays done when it is switched
-    settings = unit_settings(cfg, "model", "proxy", exclude=("proxy.seeds", "proxy.dual"))
+    settings = _settings(cfg)
     runs = [("", layout.data_bin, layout.proxy_seed_dir)]
     if cfg.proxy.dual:
         runs.append(("reverse-", layout.data_bin_reverse, layout.proxy_reverse_seed_dir))

@@ -131,6 +131,28 @@ def run_baselines_shard(cfg: Config, layout: RunLayout, shard: str) -> Path:
     return path
 
 
+def _with_proto(table: Any, pooled: np.ndarray, ckpts: list[Any], clusters: int) -> Any:
+    """The ``proto`` columns, scikit-learn's ConvergenceWarning turned into one log line: k-means finds fewer
+    distinct clusters than asked when sentences repeat (one encoder state for all copies), once per language pair
+    and model, and each printed a two-line warning with sklearn's source line on the terminal."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        table = with_proto(table, pooled, ckpts, clusters)
+    fewer = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:  # any other warning is shown as it would have been
+        if w not in fewer:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    if fewer:
+        log.info("score: proto: %d k-means fit(s) found fewer distinct clusters than score.proto_clusters (%d), "
+                 "as repeated sentences share one encoder state; the distances are to the clusters found (%s)",
+                 len(fewer), clusters, str(fewer[0].message).split(". ")[0])
+    return table
+
+
 def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -156,7 +178,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         concat_npy([shard_sketch(s) for s in shards], tmp_sketch)
         concat_npy([shard_pooled(s) for s in shards], tmp_pooled)
         t0 = time.time()
-        table = with_proto(table, np.load(tmp_pooled, mmap_mode="r"), ckpts, cfg.score.proto_clusters)
+        table = _with_proto(table, np.load(tmp_pooled, mmap_mode="r"), ckpts, cfg.score.proto_clusters)
         stats["proto_seconds"] = round(time.time() - t0, 2)
         if np.load(tmp_sketch, mmap_mode="r").shape[0] != table.num_rows:
             raise UsageError("score: gradient sketches do not match the scored rows; delete 04_score/shards and score again")
