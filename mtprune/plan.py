@@ -43,10 +43,13 @@ REFERENCE: dict[str, float] = {
     # of which encoding and binarizing, what a `prepare --shard I/N` array splits: parts of 999,997 pairs of that
     # corpus took 5.2 and 4.7 s (`mtprune prepare --shard 3/4`, `--shard 0/4`)
     "prepare_parts": 0.50,
-    "score": 52.19,  # 2,577.4 s for the stage, less the scoring pass's 489.9 s (tiny model, on the CPU)
-    # of which the base_* columns (OpusFilter's filters, lingua, eflomal: 1,763.9 s in the stage's log line
-    # `derived columns`), the work a `score --baselines I/N` array takes off the finishing job
-    "baselines": 44.10,
+    # 2,577.4 s for the stage, less the scoring pass's 489.9 s (tiny model, on the CPU), with eflomal's word alignment
+    # (44.10 of its 52.19 s per 100k); its base_* columns replaced by mtprune's own word alignment's (29.07, below)
+    "score": 37.16,
+    # the base_* columns (OpusFilter's filters, lingua, word alignment), the work a `score --baselines I/N` array
+    # takes off the finishing job: `scripts/bench_baselines.py --pairs 100000,1000000` (2026-12-07), 290.7 s for
+    # 1,000,000 pairs of the same synthetic corpus in one `score --baselines 0/1` (32.3 s at 100,000)
+    "baselines": 29.07,
     "prune": 1.28,  # 51.1 s, one el2n-high corpus
     "report": 5.35,  # 213.9 s
 }
