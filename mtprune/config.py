@@ -623,7 +623,9 @@ class EvaluateConfig(_Recorded):
 
 
 class ReportConfig(_Recorded):
-    noise_ids: Str | None = None  # file of sentence ids labelled as bad, one per line
+    # labels file: `<sentence id> TAB <kind>` a line (a bare 0-based line number for the id in a one-pair run);
+    # kind OK marks a clean pair, and with any the noise is measured on the labelled pairs only
+    noise_ids: Str | None = None
     n_examples: Parallel = 10
     # sacrebleu's paired test of BLEU, each pruned model against random and full: bs (paired bootstrap
     # resampling), ar (approximate randomization; ~3x slower) or none; samples 0: sacrebleu's default

@@ -418,3 +418,51 @@ def test_report_writes_the_per_kind_table(tiny_swept: tuple[Path, str]) -> None:
     assert not any("@" in s for s in table["score"])
     outputs = json.loads(L.manifest("report").read_text())["outputs"]
     assert any(Path(k).name == "noise.csv" for k in outputs), outputs
+
+
+def test_labels_that_name_clean_pairs_measure_the_labelled_sample_only(tmp_path: Path) -> None:
+    """A labels file naming clean pairs (OK) is a labelled sample: AUROC and precision are taken on its pairs, not on
+    the whole corpus with every unlabelled pair counted as clean; a bare line number names a pair of a one-pair
+    run; lines that name no sentence are left out."""
+    from mtprune.config import load_config
+    from mtprune.scoring.finding import Labels, read_noise_ids
+
+    df = pd.DataFrame({"sentence_id": [f"en-de/{i}" for i in range(6)], "pair": "en-de",
+                       "n_tokens": [5, 6, 7, 8, 9, 10], "el2n": [0.9, 0.8, 0.2, 0.1, 0.95, 0.99]})
+    noise = {"en-de/0": "MISALIGNED", "en-de/1": "PARTIAL"}
+    whole = noise_finding(df, noise, [0.5]).set_index(["score", "kind"])
+    assert whole.loc[("el2n", "all"), "auroc"] == pytest.approx(0.5)  # rows 4 and 5 score highest, taken as clean
+    sample = noise_finding(df, Labels(noise, {"en-de/2", "en-de/3"}), [0.5]).set_index(["score", "kind"])
+    assert sample.loc[("el2n", "all"), "auroc"] == 1.0 and sample.loc[("el2n", "all"), "n_clean"] == 2
+    assert sample.loc[("el2n", "all"), "precision@0.5"] == 1.0  # the top half of the 4 labelled pairs
+    md, _, summary = labelled_noise_table(df, Labels(noise, {"en-de/2", "en-de/3"}), "labels.tsv")
+    assert "2 of 4 pairs labelled as noise, the other 2 as clean" in md and summary["auroc"]["el2n"] == 1.0
+
+    f = tmp_path / "labels.tsv"
+    f.write_text("0\tMISALIGNED\n1\tok\n7\tPARTIAL\nnot a line\n")
+    one = load_config(None, ["download.pairs=[en-de]", "download.source=files", f"report.noise_ids={f}",
+                             "download.files={en-de: {train: [a, b], valid: [a, b], test: [a, b]}}"])
+    from mtprune.stages.report import _label_key
+
+    labels = read_noise_ids(f, _label_key(one))
+    assert dict(labels) == {"en-de/0": "MISALIGNED", "en-de/7": "PARTIAL"} and labels.clean == {"en-de/1"}
+    two = load_config(None, ["download.pairs=[de-en,en-es]"])
+    assert read_noise_ids(f, _label_key(two)) == {}  # line numbers name no sentence when there are two pairs
+
+
+@pytest.mark.slow
+def test_the_report_measures_a_labelled_sample_with_clean_pairs(tiny_swept: tuple[Path, str], tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_swept[0], run)
+    L = RunLayout(run)
+    ids = read(L.prepare_ids)[:40]
+    f = tmp_path / "labels.tsv"
+    f.write_text("".join(f"{s}\t{'MISALIGNED' if i % 4 == 0 else 'OK'}\n" for i, s in enumerate(ids)))
+    code, out = cli("report", "-c", str(TINY), "--run-dir", str(run), "--set", f"report.noise_ids={f}", "-q")
+    assert code == 0, out
+    md = L.report_file("results.md").read_text()
+    assert f"## Finding known noise (10 of 40 pairs labelled, from {f})" in md
+    noise = pd.read_csv(L.report_file("noise.csv")).set_index(["score", "kind"])
+    assert noise.loc[("el2n", "all"), "n_clean"] == 30 and noise.loc[("el2n", "all"), "n_noisy"] == 10

@@ -38,16 +38,43 @@ def precision_at(scores: np.ndarray, labels: np.ndarray, fraction: float) -> flo
 
 
 UNKNOWN_KIND = "noise"  # the kind of a label given without one (a one-column report.noise_ids file)
+CLEAN_LABELS = ("OK", "CLEAN")  # a pair a reader found clean (case-insensitive)
 
 
-def read_noise_ids(path: Path) -> dict[str, str]:
-    """``<sentence id>[TAB <kind>]`` lines: sentence id -> kind of noise."""
-    labels = {}
+class Labels(dict):
+    """Sentence id -> kind of noise, and in ``clean`` the ids a labels file names as clean (``OK``). A file that names
+    clean pairs labels a sample: every figure is then taken on the labelled pairs only, not on the whole corpus with
+    the unlabelled pairs counted as clean."""
+
+    def __init__(self, noise: dict[str, str] | None = None, clean: frozenset[str] | set[str] = frozenset()) -> None:
+        super().__init__(noise or {})
+        self.clean = frozenset(clean)
+
+
+def read_noise_ids(path: Path, key: Any = None) -> Labels:
+    """``<sentence id>[TAB <kind>]`` lines: sentence id -> kind of noise (``OK`` marks a clean pair); ``key`` turns
+    the text before the TAB into the sentence id (None: the line is skipped)."""
+    noise, clean = {}, set()
     for ln in read_lines(path):
         if ln.strip():
             sid, _, kind = ln.partition("\t")
-            labels[sid.strip()] = kind.strip() or UNKNOWN_KIND
-    return labels
+            sid = sid.strip() if key is None else key(sid.strip())
+            if sid is None:
+                continue
+            if kind.strip().upper() in CLEAN_LABELS:
+                clean.add(sid)
+            else:
+                noise[sid] = kind.strip() or UNKNOWN_KIND
+    return Labels(noise, clean)
+
+
+def labelled_only(df: Any, labels: dict[str, str]) -> Any:
+    """The rows the noise figures are taken on: every row, or only the labelled ones when the labels name clean
+    pairs too."""
+    clean = getattr(labels, "clean", frozenset())
+    if not clean:
+        return df
+    return df[df["sentence_id"].isin(set(labels) | clean).to_numpy()].reset_index(drop=True)
 
 
 def per_pair_scores(df: Any) -> list[str]:
@@ -92,6 +119,7 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float], scop
     """
     import pandas as pd
 
+    df = labelled_only(df, labels)
     groups = ([np.arange(len(df))] if scope == "global"
               else [np.flatnonzero(df["pair"].to_numpy() == p) for p in sorted(df["pair"].unique())])
     kind = df["sentence_id"].map(labels).astype(object).fillna("").to_numpy()  # object: all-NaN when nothing matches
@@ -128,6 +156,7 @@ def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[
     (global ranking; the report gives precision at each prune sparsity), the worst kind and the
     Spearman with the target length. Depends on nothing but the scores and the labels, so that it
     stays true whatever the prune settings. Returns markdown, the long table and a summary."""
+    df = labelled_only(df, labels)
     n_all = len(df)
     n_noisy = int(df["sentence_id"].isin(labels.keys()).sum())
     rate = n_noisy / n_all if n_all else 0.0
@@ -154,7 +183,9 @@ def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[
         side_md = ("## Proxy, baselines, both\n\n`combined`: the proxy's scores alone (`score.combine`); `base_all`: "
                    "OpusFilter's filters alone (`base_*`), no model; `combined_all`: both (`score.combine_all_how`: "
                    "Fisher's sum of -log tail shares by default).\n\n" + md_table(header, sides) + "\n## Every score\n\n")
-    md = (f"# Finding the labelled noise\n\n{n_noisy} of {n_all} pairs labelled ({source}). AUROC of each score "
+    sample = (f" as noise, the other {n_all - n_noisy} as clean: every figure is on these {n_all} labelled pairs"
+              if getattr(labels, "clean", None) else "")
+    md = (f"# Finding the labelled noise\n\n{n_noisy} of {n_all} pairs labelled{sample} ({source}). AUROC of each score "
           "(higher = more suspicious; `-length`: shorter target first; 0.5 is chance), for all labelled pairs "
           "and for each kind against the clean pairs; the share of noise among the "
           f"{rate:.1%} highest-scoring pairs (random: {rate:.2f}); the kind the score finds worst, with its AUROC; "

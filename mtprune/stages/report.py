@@ -27,6 +27,7 @@ from ..scoring.finding import (
     md_table,
     noise_finding,
     oriented_scores,
+    labelled_only,
     read_noise_ids,
 )
 from ..scoring.forward import checkpoints
@@ -106,15 +107,31 @@ def check(cfg: Config, layout: RunLayout) -> None:
     """A labels file that is not there or that holds no label, from the config alone: also before a sweep's first
     stage."""
     if cfg.report.noise_ids is not None:
-        _check_labels_file(Path(cfg.report.noise_ids), warn=False)
+        _check_labels_file(Path(cfg.report.noise_ids), warn=False, key=_label_key(cfg))
 
 
-# a line of a labels file: a sentence id (`<pair>/<n>`, no spaces), then a TAB and the kind, or nothing
+# a line of a labels file: a sentence id (`<pair>/<n>`, no spaces; in a one-pair run also the bare line number
+# `<n>`), then a TAB and the kind (`OK`: a clean pair), or nothing
 _SENTENCE_ID = re.compile(r"[^\s/]+/\d+")
 _LABEL_LINE = "`<sentence id>` TAB `<kind>` or a bare `<sentence id>`"
 
 
-def _check_labels_file(path: Path, warn: bool) -> None:
+def _label_key(cfg: Config) -> Any:
+    """The sentence id a labels file's first field names: itself, or in a one-pair run a bare 0-based line number
+    of that pair's training text (``<n>`` -> ``<pair>/<n>``); None for a field that is neither."""
+    single = cfg.download.pairs[0] if len(cfg.download.pairs) == 1 else None
+
+    def key(field: str) -> str | None:
+        if _SENTENCE_ID.fullmatch(field):
+            return field
+        if single is not None and field.isdigit():
+            return f"{single}/{int(field)}"
+        return None
+
+    return key
+
+
+def _check_labels_file(path: Path, warn: bool, key: Any = None) -> None:
     """Refuse a labels file none of whose lines is a label (a space where the TAB belongs makes the whole line an
     id that matches no pair, and the report said 0 pairs labelled); with ``warn``, count the lines that are not."""
     if not path.is_file():
@@ -125,7 +142,8 @@ def _check_labels_file(path: Path, warn: bool) -> None:
         for n, line in enumerate(text_lines(path), 1):
             if not line.strip():
                 continue
-            if _SENTENCE_ID.fullmatch(line.partition("\t")[0].strip()):  # as read_noise_ids splits it
+            field = line.partition("\t")[0].strip()  # as read_noise_ids splits it
+            if (key(field) if key is not None else _SENTENCE_ID.fullmatch(field)) is not None:
                 good += 1
             else:
                 bad += 1
@@ -144,14 +162,12 @@ def noise_labels(cfg: Config, layout: RunLayout) -> tuple[dict[str, str], str] |
     """Sentence id -> kind of noise, and where the labels came from; None when none are known."""
     if cfg.report.noise_ids is not None:
         path = Path(cfg.report.noise_ids)
-        _check_labels_file(path, warn=True)
-        source = str(path)
-    elif layout.noise_ids.is_file():
-        path, source = layout.noise_ids, "01_download/noise.ids"
-    else:
-        return None
-    # the lines the warning said are ignored are: read_noise_ids takes any line's text before a TAB as its id
-    return {sid: kind for sid, kind in read_noise_ids(path).items() if _SENTENCE_ID.fullmatch(sid)}, source
+        _check_labels_file(path, warn=True, key=_label_key(cfg))
+        # the lines the warning said are ignored are: their first field names no sentence
+        return read_noise_ids(path, _label_key(cfg)), str(path)
+    if layout.noise_ids.is_file():
+        return read_noise_ids(layout.noise_ids), "01_download/noise.ids"
+    return None
 
 
 class CheckpointColumns:
@@ -370,7 +386,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         table = noise_finding(df, known, fractions, cfg.prune.scope)
         n_noisy = int(df["sentence_id"].isin(known.keys()).sum())
         stats["noise_pairs"] = n_noisy
-        md.append(_noise_section(table, fractions, n_noisy, len(df), source))
+        n_judged = len(labelled_only(df, known))  # every pair, or the labelled sample when clean pairs are named
+        md.append(_noise_section(table, fractions, n_noisy, n_judged, source))
         atomic_write_text(layout.report_file("noise.csv"), table.to_csv(index=False, lineterminator="\n"))
         names.append("noise.csv")
         stats["noise"] = _noise_stats(table, fractions)
