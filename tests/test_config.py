@@ -308,7 +308,7 @@ def test_config_problems_name_the_real_key_and_where_it_was_given(tmp_path: Path
     f.write_text("train:\n  lr: 0.001\n")
     code, out = cli("config", "-c", str(f), "--set", "nosuch.key=1")
     assert code == 2 and "error: --set nosuch: unknown key" in out and str(f) not in out, out
-    code, out = cli("slurm-script", "prepare", "--set", "train.lr=fast")
+    code, out = cli("slurm-script", "prepare", "--set", "train.lr=fast", "--run-dir", str(tmp_path / "r"))
     assert code == 2 and out.strip().startswith("mtprune slurm-script: error: --set train.lr"), out
 
 

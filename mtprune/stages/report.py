@@ -24,10 +24,10 @@ from ..pipeline import Manifest, StageResult
 from ..plots import plot_bleu, plot_hist
 from ..results import pm, result_columns, summarize
 from ..scoring.finding import (
+    labelled_only,
     md_table,
     noise_finding,
     oriented_scores,
-    labelled_only,
     read_noise_ids,
 )
 from ..scoring.forward import checkpoints
