@@ -215,7 +215,7 @@ def test_a_strategy_on_a_column_no_stage_writes_is_refused_before_anything_runs(
     code, out = cli("sweep", *bad, "--dry-run")
     assert code == 2, out
     errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
-    assert "'el2m-high' needs a score column 'el2m'" in errors[0], out
+    assert "'el2m-high' ranks by 'el2m', which is no score column: did you mean el2n" in errors[0], out
     assert errors[1] == f"error: evaluate.extra_test_sets (x): {tmp_path}: a directory, not a file", out
     assert out.splitlines()[-1].startswith("mtprune sweep: error: 2 problem(s) listed above"), out
     code, out = cli("sweep", *bad)
