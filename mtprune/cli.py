@@ -471,6 +471,10 @@ def status(cfg: Config, layout: RunLayout, verbose: int, verify: bool, config_pa
             st = fresh(stage)
             bad |= st.status == "stale" and verify
             click.echo(f"  {stage:<9} {st.status:<10} {st.reason}")
+        from .stages.report_stability import status_warning
+
+        if (warning := status_warning(layout)) is not None:
+            click.echo(f"warning: {warning}")
         from .slurm import job_states
 
         jobs = job_states(layout)

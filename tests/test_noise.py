@@ -466,3 +466,36 @@ def test_the_report_measures_a_labelled_sample_with_clean_pairs(tiny_swept: tupl
     assert f"## Finding known noise (10 of 40 pairs labelled, from {f})" in md
     noise = pd.read_csv(L.report_file("noise.csv")).set_index(["score", "kind"])
     assert noise.loc[("el2n", "all"), "n_clean"] == 30 and noise.loc[("el2n", "all"), "n_noisy"] == 10
+
+
+@pytest.mark.slow
+def test_the_report_says_how_stable_each_seeds_and_checkpoints_drop_set_is(tiny_swept: tuple[Path, str],
+                                                                           tmp_path: Path) -> None:
+    """results.md: the Jaccard of the pairs el2n-high drops by each seed's and each checkpoint's EL2N with the pairs
+    it drops by the averaged EL2N, as prune selects them; status warns when a seed's is under the threshold."""
+    import shutil
+
+    from mtprune.stages.prune import drop_mask
+    from mtprune.stages.report_stability import THRESHOLD
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_swept[0], run)
+    L = RunLayout(run)
+    md = L.report_file("results.md").read_text()
+    section = md.split("## How stable is the drop set?")[1].split("\n## ")[0]
+    rows = {ln.split(" | ")[0].strip("| "): float(ln.split(" | ")[1].strip(" |"))
+            for ln in section.splitlines() if ln.startswith("| seed") or ln.startswith("| checkpoint")}
+    assert set(rows) == {"seed 1 (mean of its 2 checkpoints)", "seed 2 (mean of its 2 checkpoints)",
+                         "checkpoint s1u10", "checkpoint s1u20", "checkpoint s2u10", "checkpoint s2u20"}
+    df = pd.read_parquet(L.scores)
+    ids = df[["sentence_id", "pair"]]
+    avg = drop_mask(ids.assign(el2n=df["el2n"]), "el2n-high", 0.2, "global", 1)
+    one = drop_mask(ids.assign(el2n=df["el2n@s1u20"]), "el2n-high", 0.2, "global", 1)
+    assert avg.sum() == one.sum() == round(0.2 * len(df))
+    assert rows["checkpoint s1u20"] == pytest.approx((avg & one).sum() / (avg | one).sum(), abs=0.005)
+    stats = json.loads(L.manifest("report").read_text())["stats"]["drop_set_stability"]
+    low = stats["min_seed_jaccard"]["0.2"]
+    assert low == pytest.approx(min(rows["seed 1 (mean of its 2 checkpoints)"],
+                                    rows["seed 2 (mean of its 2 checkpoints)"]), abs=0.005)
+    code, out = cli("status", "-c", str(TINY), "--run-dir", str(run))
+    assert code == 0 and (f"overlaps the averaged one by {low:.2f} at 0.2" in out) == (low < THRESHOLD), out

@@ -36,6 +36,7 @@ from ..textio import text_lines
 from .proxy import unit_names
 from .report_compare import dropped_section, significance
 from .report_html import write_page
+from .report_stability import drop_set_stability
 from .train import seed_models
 
 SECTIONS = ("report",)
@@ -371,12 +372,15 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         lines.append([c, spearman(v.to_numpy(), length), float(v.mean()),
                       *[float(np.percentile(v, q)) for q in (5, 50, 95)]])
     md.append(md_table(["score", "spearman vs length", "mean", "p5", "p50", "p95"], lines))
+    stability_md, stability = drop_set_stability(cfg, df, at, tags)  # report_stability.py
+    md.append(stability_md)
     score_manifest = Manifest.read(layout.manifest("score"))
     md.append(scores_section(df, at, score_manifest.stats if score_manifest else {}))
     stats: dict[str, Any] = {"rows": len(rows), "budget": cfg.train.budget}
     if sig_stats:
         stats["significance"] = sig_stats
     stats["dropped"] = drop_stats
+    stats["drop_set_stability"] = stability
 
     names = ["results.csv", "results.md", "bleu_vs_sparsity.png", "el2n_hist.png", "examples.md", "report.html"]
     table = None
