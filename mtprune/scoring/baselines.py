@@ -140,7 +140,7 @@ def training_pairs(text: Any, rows: np.ndarray, direction: str) -> list[tuple[st
 
     whole = getattr(text, "direction_sample", None)
     if whole is not None:
-        return whole(direction, sample_rows)
+        return whole(direction)
     rows = np.asarray(rows)
     return list(text.pairs(rows[sample_rows(len(rows))]))
 

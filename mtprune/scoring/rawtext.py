@@ -103,6 +103,7 @@ class RowText:
         pair, direction, sentence_id = (_chunked(c) for c in (pair, direction, sentence_id))
         self.n = len(pair)
         self._pairs: dict[str, PairText] = {}
+        self._samples: dict[str, list[tuple[str, str]]] = {}  # direction_sample's, by direction
         pair_codes, pair_names = _codes(pair)
         dir_codes, dir_names = _codes(direction)
         self.direction_codes, self.direction_names = dir_codes, dir_names
@@ -139,12 +140,17 @@ class RowText:
             line = int(self._line[r])
             yield src.line(line), tgt.line(line)
 
-    def direction_sample(self, direction: str, sample_rows: Any) -> list[tuple[str, str]]:
-        """(source, target) of the lines ``sample_rows(n)`` of the download's training text of the pair that
-        ``direction`` translates (n lines): the same whichever rows this table holds."""
-        d = self.direction_names.index(direction)
-        src, tgt = next(sides for (_, dd), sides in sorted(self._side_of.items()) if dd == d)
-        return [(src.line(int(i)), tgt.line(int(i))) for i in sample_rows(len(src))]
+    def direction_sample(self, direction: str) -> list[tuple[str, str]]:
+        """(source, target) of the lines ``wordalign.sample_rows(n)`` of the download's training text of the pair that
+        ``direction`` translates (n lines): the same whichever rows this table holds. Read once per direction:
+        the baselines' cache key, every slice's key and the word-alignment fit all ask for it."""
+        if direction not in self._samples:
+            from .wordalign import sample_rows
+
+            d = self.direction_names.index(direction)
+            src, tgt = next(sides for (_, dd), sides in sorted(self._side_of.items()) if dd == d)
+            self._samples[direction] = [(src.line(int(i)), tgt.line(int(i))) for i in sample_rows(len(src))]
+        return self._samples[direction]
 
     def close(self) -> None:
         for p in self._pairs.values():

@@ -23,6 +23,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +152,16 @@ class Model:
     keys: np.ndarray  # sorted
     prob: np.ndarray
 
+    @cached_property
+    def _ids(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Word -> id of each side, built once: ``scores`` is called chunk after chunk of a corpus."""
+        return ({w: k for k, w in enumerate(self.src_words)}, {w: k for k, w in enumerate(self.tgt_words)})
+
     def scores(self, pairs: Iterable[tuple[str, str]]) -> np.ndarray:
         """Mean negative log-probability of each pair's target words given its source (``WORST`` for a pair with
         an empty side), rounded to ``DECIMALS``."""
         pairs = list(pairs)
-        sv = {w: k for k, w in enumerate(self.src_words)}
-        tv = {w: k for k, w in enumerate(self.tgt_words)}
+        sv, tv = self._ids
         src = encode((p[0] for p in pairs), sv, SRC_UNKNOWN, grow=False)
         tgt = encode((p[1] for p in pairs), tv, TGT_UNKNOWN, grow=False)
         src, tgt, keep = _non_empty(src, tgt)

@@ -28,6 +28,7 @@ from ..manifest import open_atomic
 from ..pipeline import StageResult
 from ..sources import langs
 from ..textio import text_lines
+from .prune import IDENTIFIERS
 from .prune import runs as pruned_runs
 from .report import check as check_labels
 from .report import external_inputs as report_inputs
@@ -35,7 +36,6 @@ from .report import noise_labels
 
 SECTIONS = ("export",)
 UPSTREAM = ("download", "score", "prune")
-NOT_SCORES = ("sentence_id", "pair", "direction", "index")  # identifiers, not scores (index: fairseq's row)
 log = logging.getLogger("mtprune")
 
 
@@ -72,9 +72,9 @@ def _kept(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def export_corpus(cfg: Config, layout: RunLayout, name: str) -> dict[str, dict[str, int]]:
-    """Write one pruned corpus's kept pairs per pair and side; returns the line counts per pair."""
-    kept = _kept(layout.kept_ids(name))
+def export_corpus(cfg: Config, layout: RunLayout, name: str, kept: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """Write one pruned corpus's kept pairs (``_kept`` of its kept.ids) per pair and side; returns the line counts
+    per pair."""
     counts: dict[str, dict[str, int]] = {}
     for pair in cfg.download.pairs:
         l1, l2 = langs(pair)
@@ -104,7 +104,7 @@ def export_scores(layout: RunLayout, labels: dict[str, str] | None = None) -> tu
     pf = pq.ParquetFile(layout.scores)
     names = pf.schema_arrow.names
     columns = ["sentence_id", "pair"] + [c for c in ("direction",) if c in names and _both(pf)]
-    columns += [c for c in names if c not in NOT_SCORES]
+    columns += [c for c in names if c not in IDENTIFIERS]
     rows = 0
     with open_atomic(layout.export_scores) as f:
         f.write("\t".join(columns + (["noise"] if labels is not None else [])) + "\n")
@@ -133,11 +133,12 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     stats: dict[str, Any] = {"runs": {}}
     outputs: list[Path] = []
     for name in names:
-        stats["runs"][name] = export_corpus(cfg, layout, name)
+        kept = _kept(layout.kept_ids(name))
+        stats["runs"][name] = export_corpus(cfg, layout, name, kept)
         if cfg.export.format == "hf":
             from .export_hf import export_corpus as export_hf
 
-            hf = export_hf(cfg, layout, name, _kept(layout.kept_ids(name)))
+            hf = export_hf(cfg, layout, name, kept)
             for pair, rows in hf.items():
                 stats["runs"][name][pair]["hf"] = rows
         outputs.append(layout.export_dir(name))

@@ -21,9 +21,9 @@ from ..layout import RunLayout
 from ..manifest import temp_path
 from ..sources import langs
 from ..textio import text_lines
+from .prune import IDENTIFIERS
 
 BATCH = 10_000
-NOT_SCORES = ("sentence_id", "pair", "direction", "index")
 SPLITS = (("train", "train"), ("validation", "valid"), ("test", "test"))  # hub name, 01_download's name
 
 
@@ -34,7 +34,7 @@ def kept_scores(layout: RunLayout, kept: dict[str, list[str]]) -> tuple[list[str
     import pyarrow.parquet as pq
 
     names = pq.read_schema(layout.scores).names
-    columns = [c for c in names if c not in NOT_SCORES]
+    columns = [c for c in names if c not in IDENTIFIERS]
     table = pq.read_table(layout.scores, columns=["sentence_id", *[c for c in ("direction",) if c in names],
                                                   *columns])
     table = table.filter(pc.is_in(table.column("sentence_id"), value_set=pa.array(list(kept), pa.string())))

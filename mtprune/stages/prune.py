@@ -88,7 +88,8 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
                                  f"{n} training pairs{of}; use a smaller sparsity")
 
 
-IDENTIFIERS = ("sentence_id", "pair", "direction", "index")  # columns of scores.parquet that are not scores
+# columns of scores.parquet that are not scores (index: fairseq's row); export and export_hf read it too
+IDENTIFIERS = ("sentence_id", "pair", "direction", "index")
 
 
 def ranked_columns(cfg: Config) -> list[tuple[str, str, str]]:
