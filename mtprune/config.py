@@ -25,6 +25,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
@@ -32,6 +33,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -54,9 +56,11 @@ OPUS100_TEST_ONLY = tuple(f"{a}-{b}" for i, a in enumerate(("ar", "de", "fr", "n
                           for b in ("ar", "de", "fr", "nl", "ru", "zh")[i + 1:])
 _LANGS = tuple(sorted({"en", *OPUS100_LANGS}))
 _SCORE = r"[A-Za-z0-9_@]+-(high|low)"  # <score column>-high / -low (a per-checkpoint column el2n@s1u500 too)
-_STRATEGY = re.compile(rf"^(random|random-length|group|opusfilter|{_SCORE})$")
+# <score>-high / -low, or two of them joined by "+": the first drops prune.first_share, the second the rest
+_STRATEGY = re.compile(rf"^(random|random-length|group|opusfilter|{_SCORE}|{_SCORE}\+{_SCORE})$")
 _SCORE_STRATEGY = re.compile(rf"^{_SCORE}$")
-ORDERS = ("shuffled", "easy-first", "hard-first", "competence", "self-paced")  # train.order (curriculum.py)
+ORDERS = ("shuffled", "easy-first", "hard-first", "competence", "self-paced",  # train.order (curriculum.py)
+          "general-to-domain")
 
 # Settings that change how fast work runs, never what it produces: no stage or work unit is stale
 # because one of them changed (a GPU user would lose hours to a batch-size tweak). Dotted keys; a key
@@ -309,15 +313,50 @@ def _file_pair_problem(v: tuple[str, ...]) -> str | None:
 FilePair = Annotated[tuple[Str, ...], _check(_file_pair_problem)]
 
 
-class PairFiles(BaseModel):
-    """Plain-text files of one pair (download.source: files): ``[file of l1, file of l2]`` per split, the
-    languages in the order the pair names them; ``.gz`` files are read compressed."""
+class TrainPart(BaseModel):
+    """One part of a pair's training pool (``download.files.<pair>.train`` as a list): its two files, at most
+    ``max_pairs`` of its pairs (a seeded draw, ``download.seed``), and whether it is text of the target domain
+    (``in_domain``: the download then writes ``01_download/domain.ids``, what the domain columns are judged on)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
-    train: FilePair
+    files: FilePair
+    max_pairs: Annotated[Int | None, _at_least(1, or_null=True)] = None
+    in_domain: Bool = False
+
+
+TrainParts = Annotated[tuple[TrainPart, ...], _check(lambda v: None if v else "needs at least one part")]
+
+
+def _train_form(v: Any) -> str:
+    """Which form ``download.files.<pair>.train`` takes: a list of parts (mappings) or the two files."""
+    items = v if isinstance(v, list | tuple) else ()
+    return "parts" if items and all(isinstance(x, dict | TrainPart) for x in items) else "files"
+
+
+class PairFiles(BaseModel):
+    """Plain-text files of one pair (download.source: files): ``[file of l1, file of l2]`` per split, the
+    languages in the order the pair names them; ``.gz`` files are read compressed. ``train`` may instead be a
+    list of parts (``TrainPart``), read one after the other into one pool."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    train: Annotated[Annotated[FilePair, Tag("files")] | Annotated[TrainParts, Tag("parts")],
+                     Discriminator(_train_form)]
     valid: FilePair
     test: FilePair
+
+    def train_parts(self) -> tuple[TrainPart, ...]:
+        """The training pool's parts (one for a plain ``[file, file]``)."""
+        if self.train and isinstance(self.train[0], TrainPart):
+            return self.train  # type: ignore[return-value]
+        return (TrainPart(files=self.train),)
+
+    def split_files(self, split: str) -> list[tuple[str, ...]]:
+        """The ``[file of l1, file of l2]`` lists of a split (several for a training pool of parts)."""
+        if split == "train":
+            return [p.files for p in self.train_parts()]
+        return [getattr(self, split)]
 
 
 class DownloadConfig(_Recorded):
@@ -472,6 +511,43 @@ def _combine_problems(v: tuple[str, ...]) -> list[str]:
     return out + (["duplicate columns"] if len(set(v)) != len(v) else [])
 
 
+SidePath = Str | None
+
+
+class TargetConfig(_Recorded):
+    """The text the user will translate (``score.target``): with files or a split, the score stage adds the domain
+    columns (``domain_xent_diff``, ``domain_grad``, ``domain_sim``, ``base_domain_xent``, ``domain_combined``)."""
+
+    # {pair: [file of the pair's first language, file of its second]}, one sentence a line; either side may be
+    # null (then only the n-gram column base_domain_xent, from the side given, is computed)
+    files: dict[Str, Annotated[tuple[SidePath, ...], _check(
+        lambda v: None if len(v) == 2 and any(x is not None for x in v) else
+        f"needs two entries, one file per side of the pair (null for a side you lack, not both), got {list(v)}")]
+                ] = Field(default_factory=dict)
+    # or the run's own valid split as the target set
+    split: Annotated[Str | None, _check(lambda v: None if v in (None, "valid") else
+                                        f"must be valid or null, got {v!r}")] = Field(None, validate_default=True)
+    # domain_xent_diff: each seed's last proxy checkpoint fine-tuned on the target set for this many updates
+    # (Adam at lr, batches of proxy.max_tokens target tokens, seeded), then cross-entropy in-domain minus general
+    updates: Positive = 100
+    lr: Lr = 0.0005
+    # base_domain_xent: n-gram order of the in-domain and general language models (VariKN, through OpusFilter) and
+    # how many training pairs (evenly spaced) the general ones are trained on
+    ngram_order: Annotated[Int, _at_least(2)] = 3
+    ngram_sample: Annotated[Int, _at_least(100)] = 100_000
+
+    @field_validator("split")
+    @classmethod
+    def _files_or_split(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("files"):
+            _fail(["give score.target.files or score.target.split, not both"])
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.files) or self.split is not None
+
+
 class ScoreConfig(_Recorded):
     device: Annotated[Str, _one_of("auto", "cpu", "cuda")] = "auto"
     # auto (fp16 on cuda: NLL within 1e-3 of fp32, bf16 is not; fp32 on cpu) | fp32 | fp16 | bf16
@@ -492,6 +568,8 @@ class ScoreConfig(_Recorded):
     # base_* columns from OpusFilter's filters (length ratios, language id, similarity, punctuation, numerals,
     # repetition, word alignment), their rank max base_all and combined_all (with the combine columns)
     baselines: Bool = True
+    # in-domain text: the domain_* columns (mtprune/scoring/domain.py), high = unlike it
+    target: TargetConfig = Field(default_factory=lambda: TargetConfig())
 
 
 def _sparsity_problems(v: tuple[float, ...]) -> list[str]:
@@ -506,9 +584,12 @@ class PruneConfig(_Recorded):
     sparsities: Annotated[tuple[Float, ...], _check(_sparsity_problems)] = (0.1, 0.3, 0.5)
     strategies: Annotated[tuple[Str, ...], _entries(
         "strategy", "strategies", known=lambda s: bool(_STRATEGY.match(s)) and s != "full",
-        hint="random, random-length, group, opusfilter or <score>-high / <score>-low")] = ("el2n-high", "random")
+        hint="random, random-length, group, opusfilter, <score>-high / <score>-low or <score>-high+<score>-high")] = ("el2n-high", "random")
     scope: Annotated[Str, _one_of("global", "per-pair")] = "global"
     seed: Int = 1
+    # a two-column strategy <first>+<second> (e.g. base_all-high+domain_combined-high: noise first, then domain):
+    # the first column drops this share of the corpus, the second the rest of the sparsity
+    first_share: Fraction = 0.1
     # random-length: a random subset that drops as many pairs of each target length as this strategy drops
     # at the same sparsity, so that its BLEU separates the strategy's choice of pairs from its length effect
     length_match: Annotated[Str, _check(lambda v: [] if _SCORE_STRATEGY.match(v) else [
@@ -542,7 +623,16 @@ class TrainConfig(_Recorded):
     order: Annotated[tuple[Str, ...], _entries("order", known=lambda v: v in ORDERS,
                                                hint="known: " + ", ".join(ORDERS))] = ("shuffled",)
     order_by: Str = "el2n"
+    # the corpora the orders other than shuffled train (names as prune writes them: full, random-0.5, ...); empty:
+    # every corpus
+    order_corpora: Annotated[tuple[Str, ...], _check(lambda v: "duplicate corpora" if len(set(v)) != len(v)
+                                                      else None)] = ()
     competence_c0: Annotated[Float, _check(lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")] = 0.01
+    # general-to-domain (Zhang et al. 2019): domain_phases equal stretches of the updates, the first over the whole
+    # corpus, each later one over a smaller share of the pairs order_by ranks most in-domain (lowest), down to
+    # domain_final_share in the last (shares shrink geometrically); order_by: domain_combined, say
+    domain_phases: Annotated[Int, _at_least(2)] = 4
+    domain_final_share: Annotated[Float, _check(lambda v: None if 0 < v <= 1 else f"must be in (0, 1], got {v}")] = 0.3
     # the update at which competence reaches the whole corpus (null: half of each model's updates)
     competence_updates: Annotated[Int | None, _at_least(1, or_null=True)] = None
     # self-paced: competence's window over the trained model's own ranking, by rescore_by (el2n or nll), scored
@@ -710,9 +800,15 @@ _EXPECTED = {
 }
 
 
+# the tags of download.files.<pair>.train's two forms, which pydantic puts in an error's location after "train"
+_UNION_TAGS = {("train", "files"), ("train", "parts")}
+
+
 def _key(prefix: str, loc: tuple[Any, ...]) -> str:
     key = prefix
-    for part in loc:
+    for before, part in zip((None, *loc), loc):
+        if (before, part) in _UNION_TAGS:
+            continue
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     return key or "config"
 
@@ -720,8 +816,8 @@ def _key(prefix: str, loc: tuple[Any, ...]) -> str:
 def _section_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
     """The model class found at ``loc`` (list positions skipped) below ``root``."""
     cls = root
-    for part in loc:
-        if isinstance(part, str):
+    for part in loc:  # a dict's key (download.files.<pair>) or a union's tag is no field: skipped
+        if isinstance(part, str) and part in cls.__pydantic_fields__:
             cls = _model_in(cls.__pydantic_fields__[part].annotation)
     return cls
 

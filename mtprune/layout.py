@@ -95,6 +95,12 @@ class RunLayout:
         """Labelled corrupted pairs, one `<sentence id> TAB <kind>` line each (synthetic corpus or download.noise)."""
         return self.stage_dir("download") / "noise.ids"
 
+    @property
+    def domain_ids(self) -> Path:
+        """With a training pool of parts one of which is ``in_domain``: every training pair, `<sentence id> TAB
+        IN_DOMAIN` or `general`, what the domain columns are judged on (04_score/domain.md)."""
+        return self.stage_dir("download") / "domain.ids"
+
     # 02_prepare
     @property
     def spm_model(self) -> Path:
@@ -162,6 +168,11 @@ class RunLayout:
     @property
     def token_scores(self) -> Path:
         return self.stage_dir("score") / "tokens.parquet"
+
+    @property
+    def score_domain(self) -> Path:
+        """domain.md: how well each domain column tells the download's in-domain part from the rest (score.py)."""
+        return self.stage_dir("score") / "domain.md"
 
     @property
     def score_noise(self) -> tuple[Path, Path]:

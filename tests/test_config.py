@@ -42,7 +42,7 @@ def problems(path: Path | None = None, overrides: list[str] | None = None) -> se
     return set(e.value.problems)
 
 
-PRUNE_KEYS = "known: length_match, scope, seed, sparsities, strategies"
+PRUNE_KEYS = "known: first_share, length_match, scope, seed, sparsities, strategies"
 
 
 def test_every_problem_is_listed_with_its_dotted_key(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_range_problems_are_all_reported() -> None:
                            "download.pairs=[xx-en]"]) == {
         "prune.sparsities: 1.0 is outside [0, 1)",
         "prune.sparsities: duplicate sparsities",
-        "prune.strategies: unknown strategy 'el2n-sideways' (random, random-length, group, opusfilter or <score>-high / <score>-low)",
+        "prune.strategies: unknown strategy 'el2n-sideways' (random, random-length, group, opusfilter, <score>-high / <score>-low or <score>-high+<score>-high)",
         "download.pairs: unknown pair 'xx-en': OPUS-100 pairs English with one of its 99 languages, named in "
         f"alphabetical order (de-en, en-nl; {', '.join(OPUS100_LANGS)})",
     }

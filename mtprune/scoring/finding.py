@@ -38,7 +38,7 @@ def precision_at(scores: np.ndarray, labels: np.ndarray, fraction: float) -> flo
 
 
 UNKNOWN_KIND = "noise"  # the kind of a label given without one (a one-column report.noise_ids file)
-CLEAN_LABELS = ("OK", "CLEAN")  # a pair a reader found clean (case-insensitive)
+CLEAN_LABELS = ("OK", "CLEAN", "IN_DOMAIN")  # a pair a reader found clean (case-insensitive)
 
 
 class Labels(dict):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import noise as noise_mod
-from ..config import OPUS_PAIRS, Config
+from ..config import OPUS_PAIRS, Config, TrainPart
 from ..errors import InputError
 from ..faults import crash_point
 from ..layout import RunLayout
@@ -55,7 +55,7 @@ def _listed_files(cfg: Config) -> list[Path]:
     """Every file of download.files for the configured pairs (source: files)."""
     files = cfg.download.files
     return [Path(f).expanduser() for pair in cfg.download.pairs if pair in files
-            for split in SPLITS for f in getattr(files[pair], split)]
+            for split in SPLITS for given in files[pair].split_files(split) for f in given]
 
 
 def preflight(cfg: Config, layout: RunLayout) -> None:
@@ -66,27 +66,33 @@ def preflight(cfg: Config, layout: RunLayout) -> None:
     files = cfg.download.files
     for pair in cfg.download.pairs:
         for split in SPLITS:
-            given = getattr(files[pair], split)
-            for i, f in enumerate(given):
-                if not Path(f).expanduser().is_file():
-                    what = "not a file" if Path(f).expanduser().exists() else "file not found"
-                    raise InputError(f"download.files.{pair}.{split}[{i}]: {f}: {what}")
-            a, b = given
-            if os.path.samefile(Path(a).expanduser(), Path(b).expanduser()):  # also through a link or ./
-                what = f"{a} is given for both sides" if a == b else f"{a} and {b} are the same file"
-                l1, l2 = langs(pair)
-                raise InputError(f"download.files.{pair}.{split}: {what}; give the {l1} file, then the {l2} file")
+            lists = files[pair].split_files(split)
+            for part, given in enumerate(lists):
+                parts = split == "train" and isinstance(files[pair].train[0], TrainPart)
+                key = f"download.files.{pair}.{split}" + (f"[{part}].files" if parts else "")
+                for i, f in enumerate(given):
+                    if not Path(f).expanduser().is_file():
+                        what = "not a file" if Path(f).expanduser().exists() else "file not found"
+                        raise InputError(f"{key}[{i}]: {f}: {what}")
+                a, b = given
+                if os.path.samefile(Path(a).expanduser(), Path(b).expanduser()):  # also through a link or ./
+                    what = f"{a} is given for both sides" if a == b else f"{a} and {b} are the same file"
+                    l1, l2 = langs(pair)
+                    raise InputError(f"{key}: {what}; give the {l1} file, then the {l2} file")
 
 
-def _split_reader(cfg: Config, pair: str) -> tuple[Callable[[str], Iterable[tuple[str, str]]], dict[int, str]]:
-    """A function split -> rows, and the known noise labels (train line -> kind; synthetic only)."""
+def _split_reader(cfg: Config, pair: str, bounds: list[tuple[int, int, bool]] | None = None
+                  ) -> tuple[Callable[[str], Iterable[tuple[str, str]]], dict[int, str]]:
+    """A function split -> rows, and the known noise labels (train line -> kind; synthetic only); ``bounds``
+    receives the training pool's parts (``_read_parts``)."""
     src = cfg.download.source
     if src == "hub":
         cache_dir = cfg.download.cache_dir
         return (lambda split: read_hub(pair, split, cache_dir)), {}
     if src == "files":
         files = cfg.download.files[pair]
-        return (lambda split: read_files(getattr(files, split))), {}
+        return (lambda split: _read_parts(cfg, pair, files.train_parts(), bounds) if split == "train"
+                else read_files(getattr(files, split))), {}
     if src.startswith("local:"):
         root = local_root(src)
         return (lambda split: read_local(root, pair, split)), {}
@@ -94,6 +100,30 @@ def _split_reader(cfg: Config, pair: str) -> tuple[Callable[[str], Iterable[tupl
     data = make_pair(pair, d.synthetic_train_per_pair, SYNTHETIC_EVAL_SIZE, SYNTHETIC_EVAL_SIZE,
                      d.synthetic_noise, d.seed)
     return (lambda split: getattr(data, split)), data.noise
+
+
+def _read_parts(cfg: Config, pair: str, parts: tuple[TrainPart, ...],
+                bounds: list[tuple[int, int, bool]] | None = None) -> Iterator[tuple[str, str]]:
+    """A training pool of parts, one after the other: a part with ``max_pairs`` gives a seeded draw of that many
+    of its pairs (in file order). ``bounds`` receives each part's (first row, end row, in_domain) as it is read."""
+    start = 0
+    for k, part in enumerate(parts):
+        rows: Iterable[tuple[str, str]] = read_files(part.files)
+        if part.max_pairs is not None:
+            whole = list(rows)
+            rows = _subsample(whole, part.max_pairs, f"{cfg.download.seed}-{pair}-part{k}")
+        n = 0
+        for row in rows:
+            n += 1
+            yield row
+        if bounds is not None:
+            bounds.append((start, start + n, part.in_domain))
+        start += n
+
+
+def _in_part(n: int, bounds: list[tuple[int, int, bool]]) -> bool:
+    """Whether row ``n`` of a training pool was read from an ``in_domain`` part."""
+    return any(start <= n < end and inside for start, end, inside in bounds)
 
 
 def _cleaned(rows: Iterable[tuple[str, str]], cfg: Config, counts: Counter,
@@ -235,10 +265,12 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
     # wrong_language needs a third language: the download's other pairs, or the source's (checked first)
     outside = _outside_pools(cfg) if _wants_wrong_language(cfg) and len(d.pairs) == 1 else []
     pools: dict[str, list[str]] = {}
+    domain_rows: dict[str, list[tuple[str, bool]]] = {}  # training pools of parts, one in_domain
     labelled: dict[str, dict[int, str]] = {}
     for pair in d.pairs:
         l1, l2 = langs(pair)
-        reader, noise = _split_reader(cfg, pair)
+        bounds: list[tuple[int, int, bool]] = []
+        reader, noise = _split_reader(cfg, pair, bounds)
         # the hub can take minutes: say what is being fetched; a copy on disk is read in seconds
         log.log(logging.INFO if d.source == "hub" else logging.DEBUG, "download: %s from %s", pair, d.source)
         per_split: dict[str, Any] = {}
@@ -269,6 +301,9 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         per_split["train"] = {**dict(train_counts), "written": n_train}
         outputs += [layout.split_file(pair, "train", l1), layout.split_file(pair, "train", l2),
                     layout.download_ids(pair)]
+        if any(inside for _, _, inside in bounds):
+            domain_rows[pair] = [(sid, _in_part(int(sid.rsplit("/", 1)[1]), bounds))
+                                 for sid in text_lines(layout.download_ids(pair))]
         train_ids = [int(sid.rsplit("/", 1)[1]) for sid in text_lines(layout.download_ids(pair))] if noise else []
         labelled[pair] = {n: noise[n] for n in train_ids if n in noise}
         if _wants_wrong_language(cfg) and len(d.pairs) > 1:
@@ -287,6 +322,13 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         per_pair = _add_noise(cfg, layout, pools, outside, labelled)
         stats["noise"] = {"rate": d.noise.rate, "seed": d.noise.seed, "pairs": per_pair,
                           "kinds": {k: sum(c[k] for c in per_pair.values()) for k in d.noise.kinds}}
+    if domain_rows:  # which training pairs are of the target domain: what the domain columns are judged on
+        write_lines(layout.domain_ids, (f"{sid}\t{'IN_DOMAIN' if inside else 'general'}"
+                                        for rows in domain_rows.values() for sid, inside in rows))
+        outputs.append(layout.domain_ids)
+        stats["in_domain_pairs"] = sum(inside for rows in domain_rows.values() for _, inside in rows)
+    else:
+        layout.domain_ids.unlink(missing_ok=True)
     if d.source == "synthetic" or add_noise:
         write_lines(layout.noise_ids, (f"{pair}/{n}\t{kind}" for pair in d.pairs
                                        for n, kind in sorted(labelled[pair].items())))
