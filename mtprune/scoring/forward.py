@@ -417,4 +417,11 @@ def score_columns(cfg: Config) -> list[str]:
         out.append("combined")
         if cfg.score.baselines:
             out.append("combined_all")
+    if cfg.score.target.enabled:  # a side given as null: no pairs, so no proxy domain column
+        one_sided = any(None in sides for sides in cfg.score.target.files.values())
+        out += [c for c in DOMAIN_COLUMNS if not (one_sided and c in DOMAIN_COLUMNS[:3])]
     return out
+
+
+# with score.target (mtprune/scoring/domain.py), all higher = unlike the target set
+DOMAIN_COLUMNS = ("domain_xent_diff", "domain_grad", "domain_sim", "base_domain_xent", "domain_combined")

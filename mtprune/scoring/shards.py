@@ -34,13 +34,14 @@ log = logging.getLogger("mtprune")
 
 
 # read only when the finished pass is merged into scores.parquet: changing one re-merges, it does not rescore
-MERGE_ONLY = ("combine", "combine_how", "combine_all_how", "baselines", "proto_clusters")
+# (score.target: the domain columns, computed at the merge from the finished pass and cached on their own key)
+MERGE_ONLY = ("combine", "combine_how", "combine_all_how", "baselines", "proto_clusters", "target")
 
 
 def shard_key(stage_config: dict[str, Any], inputs: dict[str, str | None]) -> str:
     """The key a shard is finished with: the score stage's settings (``pipeline.stage_config``) less the merge-only
     ones, and its upstream digests. A changed merge-only setting re-merges the kept pass instead of scoring again."""
-    conf = dict(stage_config)
+    conf = {k: v for k, v in stage_config.items() if k != "external"}  # the score stage's: score.target's files
     conf["score"] = {k: v for k, v in conf["score"].items() if k not in MERGE_ONLY}
     return json_hash({"config": conf, "inputs": inputs})
 

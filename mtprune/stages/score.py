@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, count_lines, temp_path
 from ..pipeline import StageResult, require_fresh_upstream, stage_config, upstream_digests
+from ..scoring import domain
 from ..scoring.derived import add_columns_table
 from ..scoring.disktable import DiskTable
 from ..scoring.dual import add_columns as add_dual_columns
@@ -54,12 +55,17 @@ UPSTREAM = ("prepare", "proxy")
 KEEPS_UNITS = True  # shards in 04_score/shards carry their own key
 # the base_* columns (whole, or per slice from `score --baselines I/N`) and the word-alignment models, keyed by the
 # text they were computed from: --overwrite and a changed config keep them (computing them again gives the same bytes,
-# in minutes at millions of pairs)
+# in minutes at millions of pairs); the domain columns, keyed by the pass, the target text and score.target
 KEPT_CACHES = ("shards/baselines.parquet", "shards/baselines-*-of-*.parquet", "shards/wordalign/*.npz",
-               "shards/wordalign/*.json")
+               "shards/wordalign/*.json", "shards/domain.parquet", "shards/domain.json")
 
 
 log = logging.getLogger("mtprune")
+
+
+def external_inputs(cfg: Config) -> list[str]:
+    """score.target's files (fingerprinted: an edited target file redoes the domain columns, not the pass)."""
+    return domain.external_inputs(cfg)
 
 
 def current_shard_key(cfg: Config, layout: RunLayout) -> str:
@@ -182,6 +188,13 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         stats["proto_seconds"] = round(time.time() - t0, 2)
         if np.load(tmp_sketch, mmap_mode="r").shape[0] != table.num_rows:
             raise UsageError("score: gradient sketches do not match the scored rows; delete 04_score/shards and score again")
+        if cfg.score.target.enabled:  # from the finished pass's pooled states and sketch (domain.py)
+            seconds = stats.setdefault("domain_seconds", {})
+            t0 = time.time()
+            domain_cols = domain.columns(cfg, layout, table, np.load(tmp_pooled, mmap_mode="r"),
+                                         np.load(tmp_sketch, mmap_mode="r"), ckpts, key, seconds)
+            log.info("score: domain columns in %.1fs (%s)", time.time() - t0,
+                     ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) or "kept")
         os.replace(tmp_sketch, layout.grad_sketch)
     finally:
         tmp_sketch.unlink(missing_ok=True)
@@ -191,6 +204,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
         raise UsageError("score: shards overlap; delete 04_score/shards and score again")
     # last, after the merge: combined may rank any column above
     table = add_columns_table(table, cfg, layout, stats.setdefault("derived_seconds", {}))
+    if cfg.score.target.enabled:
+        for name in domain.COLUMNS:
+            if name in domain_cols:
+                table = table.append_column(name, pa.array(domain_cols[name]))
     table.write(layout.scores)
     table = DiskTable([layout.scores])
     stats["rows"] = n_rows
@@ -202,6 +219,7 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
              ", ".join(f"{k} {v:.2f}" for k, v in stats["el2n_spearman_between_seeds"].items()) or "n/a")
     outputs = [layout.scores, layout.grad_sketch] + ([layout.token_scores] if cfg.score.dump_tokens else [])
     outputs += _noise_files(table, layout, stats)
+    outputs += _domain_files(table, layout, stats)
     return StageResult(outputs, stats)
 
 
@@ -227,10 +245,35 @@ def _noise_files(table: Any, layout: RunLayout, stats: dict[str, Any]) -> list[P
     return [md_path, csv_path]
 
 
+def _domain_files(table: Any, layout: RunLayout, stats: dict[str, Any]) -> list[Path]:
+    """With a training pool whose in-domain part the download marked (``01_download/domain.ids``) and domain columns:
+    ``04_score/domain.md``, how well each column tells the in-domain pairs from the others. Removed otherwise."""
+    path = layout.score_domain
+    have = [c for c in domain.COLUMNS if c in table.column_names]
+    if not layout.domain_ids.is_file() or not have:
+        path.unlink(missing_ok=True)
+        return []
+    labels = read_noise_ids(layout.domain_ids)
+    md, summary = domain.finding_table(table.to_pandas(["sentence_id", "n_tokens", *have, *[
+        c for c in ("el2n", "combined_all", "base_all") if c in table.column_names]]), labels)
+    atomic_write_text(path, md)
+    stats["domain"] = summary
+    log.info("score: telling the %d in-domain pairs apart, AUROC: %s (table: %s)", summary["in_domain"],
+             ", ".join(f"{k} {v:.3f}" for k, v in summary["auroc"].items()), path)
+    return [path]
+
+
+def preflight(cfg: Config, layout: RunLayout) -> None:
+    """Bad target text (score.target) is named before the scoring pass, not after it."""
+    if cfg.score.target.enabled:
+        domain.target_text(cfg, layout)
+
+
 def check(cfg: Config, layout: RunLayout) -> None:
     """Problems the stage would meet, from the config alone (also before a sweep's first stage): a device or
     precision this machine lacks, a ``score.combine`` entry naming a column the stage does not write."""
     pick_device(cfg)
+    domain.check_files(cfg)
     known = [c for c in score_columns(cfg) if c != "combined"]
     missing = [e for e in cfg.score.combine if e.lstrip("-") not in known]
     if missing:

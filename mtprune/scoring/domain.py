@@ -1,0 +1,437 @@
+"""Domain columns: how unlike the text the user will translate (``score.target``) each training pair is.
+
+With ``score.target.files`` (the in-domain text of every pair, either side may be null) or ``score.target.split:
+valid`` (the run's own valid split), the score stage adds, after the merge, five columns, every one oriented like the
+noise columns, **higher = unlike the target set**, so that ``<column>-high`` at sparsity s keeps the (1 − s) most
+in-domain pairs:
+
+- ``domain_xent_diff``: the bilingual cross-entropy difference (Moore & Lewis 2010; Axelrod et al. 2011) with the
+  proxy as the language model: each seed's last proxy checkpoint is fine-tuned on the target pairs (all directions,
+  ``score.target.updates`` Adam updates at ``score.target.lr``, batches of ``proxy.max_tokens``, seeded with the
+  seed), and a pair's value is its token-mean NLL under the fine-tuned model minus that under the general one
+  (the ``nll@`` column of the same checkpoint), averaged over the seeds. Low = the in-domain model explains the
+  pair better than the general one.
+- ``domain_grad``: minus the cosine of the pair's output-layer gradient with the target set's mean gradient (what
+  ``tracin`` does for the valid split, for the target set), through the gradient sketch of the scoring pass
+  (``04_score/grad_sketch.npy``: a Johnson–Lindenstrauss projection to 256 numbers, the mean over checkpoints),
+  so no second pass over the corpus runs. Low = a step on the pair is a step on the target set.
+- ``domain_sim``: 1 − the cosine of the pair's mean-pooled encoder state with the mean of the target pairs'
+  (Zhang et al. 2019's similarity, with the proxy's own representation), per checkpoint (the stored pooled states
+  of the pass, projected as they are), then averaged; per translation direction (the source's language tag is in
+  the state).
+- ``base_domain_xent``: no proxy: OpusFilter's ``CrossEntropyDifferenceFilter`` with VariKN n-gram language models
+  on the target text and on a sample of the pool, summed over the sides given (``domain_ngram.py``).
+- ``domain_combined``: label-free: the mean percentile rank of the four (the columns measure one property, how
+  in-domain a pair looks, so no one column's extreme should decide, as it does for noise in ``combined_all``).
+
+A side given as null leaves the proxy columns out (they need pairs): ``domain_combined`` is then
+``base_domain_xent``'s rank alone. Every column is computed in the merge process, from the finished pass, and kept in
+``04_score/shards/domain.parquet`` under a key of the pass, the target text and the ``score.target`` settings: a
+changed target file redoes these columns and nothing else of the pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..errors import InputError, UsageError
+from ..layout import RunLayout
+from ..manifest import json_hash
+from ..sources import langs
+from ..textio import read_lines, text_lines
+
+log = logging.getLogger("mtprune")
+
+PROXY_COLUMNS = ("domain_xent_diff", "domain_grad", "domain_sim")
+COLUMNS = (*PROXY_COLUMNS, "base_domain_xent", "domain_combined")
+VERSION = 1  # of the cached columns' recipe
+
+
+# ---- the target text ------------------------------------------------------------------------------
+
+def _clean(line: str) -> str:
+    return " ".join(line.split())  # as the download folds whitespace
+
+
+def target_files(cfg: Config, layout: RunLayout) -> dict[str, tuple[Path | None, Path | None]]:
+    """Per pair of the run, its target text as (file of l1, file of l2), None for a side not given."""
+    t = cfg.score.target
+    pairs = cfg.download.pairs
+    if t.split is not None:
+        return {p: (layout.split_file(p, t.split, langs(p)[0]), layout.split_file(p, t.split, langs(p)[1]))
+                for p in pairs}
+    extra = [p for p in t.files if p not in pairs]
+    if extra:
+        raise InputError(f"score.target.files: {extra[0]!r} is not a pair of this run (download.pairs: "
+                         f"{', '.join(pairs)})")
+    missing = [p for p in pairs if p not in t.files]
+    if missing:
+        raise InputError(f"score.target.files: no target text for pair {missing[0]} (give [file of "
+                         f"{langs(missing[0])[0]}, file of {langs(missing[0])[1]}], null for a side you lack)")
+    return {p: tuple(None if f is None else Path(f).expanduser() for f in t.files[p]) for p in pairs}  # type: ignore[misc]
+
+
+def check_files(cfg: Config) -> None:
+    """InputError for a target file that is not there or a pair that is not the run's, from the config alone
+    (before a sweep's first stage; the text itself is read when the score stage starts)."""
+    t = cfg.score.target
+    extra = [p for p in t.files if p not in cfg.download.pairs]
+    if extra:
+        raise InputError(f"score.target.files: {extra[0]!r} is not a pair of this run (download.pairs: "
+                         f"{', '.join(cfg.download.pairs)})")
+    for pair, files in t.files.items():
+        for k, f in enumerate(files):
+            if f is not None and not Path(f).expanduser().is_file():
+                what = "not a file" if Path(f).expanduser().exists() else "file not found"
+                raise InputError(f"score.target.files.{pair}[{k}]: {f}: {what}")
+
+
+def external_inputs(cfg: Config) -> list[str]:
+    """The target files given by name (the score stage fingerprints them)."""
+    return [f for p in cfg.download.pairs for f in cfg.score.target.files.get(p, ()) if f is not None]
+
+
+def target_text(cfg: Config, layout: RunLayout) -> dict[str, dict[str, list[str] | None]]:
+    """Per pair, language -> the target sentences (whitespace folded; None for a side not given). With both sides
+    the files must be line-aligned; empty lines are dropped (of a pair: when either side is empty)."""
+    out: dict[str, dict[str, list[str] | None]] = {}
+    for pair, files in target_files(cfg, layout).items():
+        sides: list[list[str] | None] = []
+        for k, f in enumerate(files):
+            if f is None:
+                sides.append(None)
+                continue
+            where = (f"score.target.split {cfg.score.target.split}" if cfg.score.target.split
+                     else f"score.target.files.{pair}[{k}]")
+            if not f.is_file():
+                raise InputError(f"{where}: {f}: {'not a file' if f.exists() else 'file not found'}")
+            try:
+                sides.append([_clean(x) for x in text_lines(f)])
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        a, b = sides
+        if a is not None and b is not None:
+            if len(a) != len(b):
+                raise InputError(f"score.target.files.{pair}: the two files have {len(a)} and {len(b)} lines; "
+                                 "they must be line-aligned")
+            keep = [i for i in range(len(a)) if a[i] and b[i]]
+            a, b = [a[i] for i in keep], [b[i] for i in keep]
+        else:
+            a = None if a is None else [x for x in a if x]
+            b = None if b is None else [x for x in b if x]
+        l1, l2 = langs(pair)
+        for lang, side, k in ((l1, a, 0), (l2, b, 1)):
+            if side is not None and not side:
+                raise InputError(f"score.target: no {lang} sentences in the target text of {pair} "
+                                 f"({files[k]} has no non-empty line)")
+        out[pair] = {l1: a, l2: b}
+    return out
+
+
+def both_sides(text: dict[str, dict[str, list[str] | None]]) -> bool:
+    """Whether every pair's target text has both sides (what the proxy columns need)."""
+    return all(all(v is not None for v in sides.values()) for sides in text.values())
+
+
+def _digest(text: dict[str, dict[str, list[str] | None]]) -> str:
+    h = hashlib.sha256()
+    for pair in sorted(text):
+        for lang in sorted(text[pair]):
+            lines = text[pair][lang]
+            h.update(f"{pair}:{lang}:{'-' if lines is None else len(lines)}\n".encode())
+            for line in lines or ():
+                h.update(line.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+# ---- the target pairs as the proxy reads them --------------------------------------------------------
+
+class Sequences:
+    """In-memory token sequences with ``sizes``, indexable like fairseq's datasets (what ``collate`` reads)."""
+
+    def __init__(self, seqs: list[np.ndarray]) -> None:
+        import torch
+
+        self.seqs = [torch.as_tensor(s, dtype=torch.long) for s in seqs]
+        self.sizes = np.array([len(s) for s in seqs], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.seqs[i]
+
+
+def encode_target(cfg: Config, layout: RunLayout, text: dict[str, dict[str, list[str] | None]], eos: int
+                  ) -> tuple[Sequences, Sequences, list[str]]:
+    """The target pairs of every translation direction of the run, framed as prepare frames training rows (the
+    target language's tag first on the source, an end of sentence on each side, pairs over ``prepare.max_tokens``
+    pieces dropped): (sources, targets, direction of each row as ``<src>-<tgt>``)."""
+    import sentencepiece as spm
+
+    from ..stages.prepare import Vocabulary, tasks
+
+    sp = spm.SentencePieceProcessor(model_file=str(layout.spm_model))
+    vocab = Vocabulary.load(layout.spm_model)
+    srcs: list[np.ndarray] = []
+    tgts: list[np.ndarray] = []
+    dirs: list[str] = []
+    for pair, s, t in tasks(cfg.download.pairs, cfg.download.direction):
+        frame = vocab.frame(cfg, s, t)
+        a, b = text[pair][s], text[pair][t]
+        assert a is not None and b is not None
+        for x, y in zip(sp.encode(a, out_type=int), sp.encode(b, out_type=int), strict=True):
+            if len(x) + 1 > frame.limit or len(y) > frame.limit:
+                continue
+            srcs.append(np.concatenate([[frame.tag], vocab.lut[np.asarray(x, dtype=np.int64)], [eos]]))
+            tgts.append(np.concatenate([vocab.lut[np.asarray(y, dtype=np.int64)], [eos]]))
+            dirs.append(f"{s}-{t}")
+    if not srcs:
+        raise InputError(f"score.target: every target pair is longer than prepare.max_tokens "
+                         f"({cfg.prepare.max_tokens} pieces)")
+    return Sequences(srcs), Sequences(tgts), dirs
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------------
+
+def finetune(model: Any, src: Any, tgt: Any, dictionary: Any, updates: int, lr: float, max_tokens: int,
+             seed: int) -> Any:
+    """A copy of ``model`` trained on the pairs (src, tgt) for ``updates`` Adam updates (betas 0.9/0.98, gradient
+    norm clipped at 1, token-mean cross-entropy, dropout on), batches of ``max_tokens`` padded tokens in a seeded
+    order, epoch after epoch; returned in eval mode. The same inputs and seed give the same weights."""
+    import copy
+
+    import torch
+
+    from ..batching import length_batches
+    from .forward import collate
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tuned = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr, betas=(0.9, 0.98))
+    pad, eos = dictionary.pad(), dictionary.eos()
+    batches = length_batches(np.arange(len(tgt)), [tgt.sizes, src.sizes], max_tokens)
+    device = next(tuned.parameters()).device
+    done = 0
+    with torch.enable_grad():
+        while done < updates:
+            for k in rng.permutation(len(batches)):
+                b = collate(src, tgt, batches[k], pad, eos)
+                logits, _ = tuned(b["src_tokens"].to(device), b["src_lengths"].to(device), b["prev"].to(device))
+                target = b["target"].to(device)
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         target.reshape(-1), ignore_index=pad, reduction="sum")
+                loss = loss / target.ne(pad).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
+                opt.step()
+                done += 1
+                if done == updates:
+                    break
+    return tuned.eval()
+
+
+# ---- the columns ---------------------------------------------------------------------------------------
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def minus_cosine_to_mean(rows: np.ndarray, row_dirs: np.ndarray, target: np.ndarray, target_dirs: np.ndarray,
+                         one: bool = False) -> np.ndarray:
+    """Per row, 1 − cos (``one``) or − cos of its vector with the mean of the unit target vectors of its direction,
+    read in chunks (``rows`` may be a memory map)."""
+    out = np.empty(len(rows), dtype=np.float64)
+    centres = {d: _unit(_unit(target[target_dirs == d]).mean(axis=0)) for d in np.unique(target_dirs)}
+    for d in np.unique(row_dirs):
+        if d not in centres:
+            raise UsageError(f"score.target: no target pair in direction {d}")
+        where = np.flatnonzero(row_dirs == d)
+        for start in range(0, len(where), 100_000):
+            part = where[start:start + 100_000]
+            out[part] = -(_unit(np.asarray(rows[part], dtype=np.float64)) @ centres[d])
+    return out + 1.0 if one else out
+
+
+def cache_key(cfg: Config, pass_key: str, text: dict[str, dict[str, list[str] | None]]) -> str:
+    from .domain_ngram import VERSION as NGRAM_VERSION
+
+    t = cfg.score.target
+    return json_hash({"version": VERSION, "ngram": NGRAM_VERSION, "pass": pass_key, "text": _digest(text),
+                      "updates": t.updates, "lr": t.lr, "order": t.ngram_order, "sample": t.ngram_sample,
+                      "max_tokens": cfg.proxy.max_tokens})
+
+
+def columns(cfg: Config, layout: RunLayout, table: Any, pooled: np.ndarray, sketch: np.ndarray, ckpts: list[Any],
+            pass_key: str, seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    """The domain columns of the merged score table (rows of fairseq indices), from its ``nll@`` columns, the
+    pass's pooled states (rows, checkpoints, P) and gradient sketch (rows, k²); cached in
+    ``04_score/shards/domain.parquet`` under ``cache_key``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..manifest import atomic_write_text, temp_path
+    from .shards import stored_key
+
+    text = target_text(cfg, layout)
+    key = cache_key(cfg, pass_key, text)
+    cache = layout.stage_dir("score") / "shards" / "domain.parquet"
+    index = table.column("index").to_numpy().astype(np.int64)
+    if stored_key(cache.with_suffix(".json")) == key and cache.is_file():
+        cached = pq.read_table(cache)
+        if np.array_equal(cached.column("index").to_numpy(), index):
+            log.info("score: domain columns kept from %s (same pass, target text and settings)", cache)
+            return {c: cached.column(c).to_numpy() for c in COLUMNS if c in cached.column_names}
+    out: dict[str, np.ndarray] = {}
+    t0 = time.time()
+    out["base_domain_xent"] = _ngram_column(cfg, layout, table, text)
+    seconds["base_domain_xent"] = round(time.time() - t0, 2)
+    if both_sides(text):
+        out.update(_proxy_columns(cfg, layout, table, pooled, sketch, ckpts, text, index, seconds))
+    else:
+        log.info("score: the target text has one side only: domain_xent_diff, domain_grad and domain_sim need pairs "
+                 "and are left out; domain_combined is base_domain_xent's rank")
+    out["domain_combined"] = combined_rank(out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(cache)
+    try:
+        pq.write_table(pa.table({"index": pa.array(index), **{c: pa.array(v) for c, v in out.items()}}), tmp)
+        tmp.replace(cache)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(cache.with_suffix(".json"), json.dumps({"key": key}))
+    return out
+
+
+def combined_rank(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean percentile rank (ties averaged) of the domain columns present."""
+    import pandas as pd
+
+    present = [c for c in (*PROXY_COLUMNS, "base_domain_xent") if c in cols]
+    return np.mean([pd.Series(cols[c]).rank(method="average", pct=True).to_numpy() for c in present], axis=0)
+
+
+def _ngram_column(cfg: Config, layout: RunLayout, table: Any, text: dict[str, dict[str, list[str] | None]]
+                  ) -> np.ndarray:
+    """``base_domain_xent`` per row: computed per pair on the downloaded training text, read back by sentence id
+    (both directions of a pair share their value)."""
+    from .domain_ngram import base_domain_xent
+
+    sid = np.asarray(table.column("sentence_id").to_pylist(), dtype=object)
+    pairs = np.asarray(table.column("pair").to_pylist(), dtype=object)
+    out = np.full(len(sid), np.nan)
+    for pair in cfg.download.pairs:
+        l1, l2 = langs(pair)
+        ids = read_lines(layout.download_ids(pair))
+        pool = {l1: read_lines(layout.split_file(pair, "train", l1)), l2: read_lines(layout.split_file(pair, "train", l2))}
+        values = base_domain_xent(pool, text[pair], cfg.score.target.ngram_sample, cfg.score.target.ngram_order,
+                                  layout.stage_dir("score") / "shards" / "domain-lm" / pair)
+        pos = {s: i for i, s in enumerate(ids)}
+        rows = np.flatnonzero(pairs == pair)
+        out[rows] = values[[pos[s] for s in sid[rows]]]
+    return out
+
+
+def _proxy_columns(cfg: Config, layout: RunLayout, table: Any, pooled: np.ndarray, sketch: np.ndarray,
+                   ckpts: list[Any], text: dict[str, dict[str, list[str] | None]], index: np.ndarray,
+                   seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    import torch
+
+    from ..cpus import usable_cpus
+    from ..el2n import sketch_projections
+    from ..fairseq_backend import load_model, load_train_pairs
+    from .forward import dev_gradient, output_layer, pick_device, score_dataset
+    from .stored import POOLED_DIMS, pooled_basis
+
+    torch.set_num_threads(usable_cpus())
+    device, dtype = pick_device(cfg)
+    src_ds, tgt_ds, dictionary = load_train_pairs(layout.data_bin)
+    t_src, t_tgt, t_dirs = encode_target(cfg, layout, text, dictionary.eos())
+    t_dirs_a = np.asarray(t_dirs, dtype=object)
+    row_dirs = np.asarray([f"{d}" for d in table.column("direction").to_pylist()], dtype=object)
+    models = [load_model(c.path, layout.data_bin, device)[0] for c in ckpts]
+    t0 = time.time()
+    # the target pairs through every checkpoint: their gradient sketch and pooled states, projected as the pass's are
+    dim = int(models[0].encoder.embed_tokens.embedding_dim)
+    layers, bases = [], []
+    vsrc, vtgt, _ = load_train_pairs(layout.data_bin, "valid")
+    for m in models:
+        base = output_layer(m)
+        r_v, r_d = sketch_projections(base.vocab, base.weight.shape[1])
+        layers.append(output_layer(m, sketch=(r_v.to(device), r_d.to(device))))
+        if dim > POOLED_DIMS:
+            states: list[Any] = []
+            dev_gradient(m, vsrc, vtgt, dictionary, cfg.score.batch_tokens, cfg.score.chunk_tokens, device, dtype,
+                         pooled=states)
+            bases.append(pooled_basis(torch.cat(states)))
+    projected = pooled.shape[-1] != dim
+    if projected and (len(bases) != len(models) or any(b is None for b in bases)):
+        raise UsageError("score: the stored pooled states are projected but no basis could be made for the target set")
+    t_idx = np.arange(len(t_tgt))
+    t_sketch = np.zeros((len(t_idx), sketch.shape[1]), dtype=np.float32)
+    t_pooled = np.zeros((len(t_idx), len(models), pooled.shape[-1]), dtype=np.float32)
+    score_dataset(models, t_src, t_tgt, dictionary, t_idx, cfg.score.batch_tokens, cfg.score.chunk_tokens, device,
+                  dtype, desc="score target set", layers=layers, full=True, sketch_out=t_sketch, pooled_out=t_pooled,
+                  pooled_proj=[b.to(device) for b in bases] if projected else None)
+    out = {"domain_grad": minus_cosine_to_mean(sketch, row_dirs, t_sketch, t_dirs_a)}
+    sims = [minus_cosine_to_mean(pooled[:, k], row_dirs, t_pooled[:, k], t_dirs_a, one=True) for k in range(len(models))]
+    out["domain_sim"] = np.mean(sims, axis=0)
+    seconds["domain_grad_sim"] = round(time.time() - t0, 2)
+    # cross-entropy difference: each seed's last checkpoint, fine-tuned on the target pairs, against itself
+    t0 = time.time()
+    last = {}
+    for k, c in enumerate(ckpts):
+        if c.seed not in last or c.updates > ckpts[last[c.seed]].updates:
+            last[c.seed] = k
+    general = [models[k] for k in last.values()]
+    tuned = [finetune(m, t_src, t_tgt, dictionary, cfg.score.target.updates, cfg.score.target.lr,
+                      cfg.proxy.max_tokens, seed) for seed, m in zip(last, general, strict=True)]
+    seconds["domain_finetune"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    res = score_dataset(tuned, src_ds, tgt_ds, dictionary, index, cfg.score.batch_tokens, cfg.score.chunk_tokens,
+                        device, dtype, desc="score in-domain")
+    h_general = np.column_stack([table.column(f"nll@{ckpts[k].tag}").to_numpy() for k in last.values()])
+    out["domain_xent_diff"] = (np.asarray(res["nll"], dtype=np.float64) - h_general).mean(axis=1)
+    seconds["domain_xent_diff"] = round(time.time() - t0, 2)
+    return out
+
+
+def finding_table(df: Any, labels: Any) -> tuple[str, dict[str, Any]]:
+    """Markdown: each column's AUROC at telling the pairs of the download's other parts (``general``) from the
+    in-domain part (``IN_DOMAIN``), with ``-length`` and a few noise columns for scale, and the share of in-domain
+    pairs among the pairs a column keeps when it keeps as many as there are in-domain pairs."""
+    from .finding import auroc, md_table
+
+    inside = df["sentence_id"].isin(labels.clean).to_numpy()
+    general = df["sentence_id"].isin(labels.keys()).to_numpy()
+    df, inside = df[inside | general], inside[inside | general]
+    n_in = int(inside.sum())
+    cands = {c: df[c].to_numpy(dtype=np.float64) for c in df.columns if c not in ("sentence_id", "n_tokens")}
+    cands["-length"] = -df["n_tokens"].to_numpy(dtype=np.float64)
+    rows, summary = [], {}
+    for name, v in cands.items():
+        a = auroc(v, ~inside)
+        kept = np.argsort(v, kind="stable")[:n_in]
+        rows.append([name, a, float(inside[kept].mean()) if n_in else float("nan")])
+        if name in COLUMNS:
+            summary[name] = round(a, 4)
+    rows.sort(key=lambda r: -r[1] if r[1] == r[1] else 1.0)
+    md = (f"# Telling the target domain apart\n\n{n_in} of {len(df)} training pairs come from the pool's in-domain part "
+          "(01_download/domain.ids). AUROC of each column at ranking the other pairs above them (domain columns: high "
+          "= unlike the target set; 0.5 is chance; `-length`: shorter target first), and the share of in-domain pairs "
+          f"among the {n_in} pairs each column ranks lowest (what `<column>-high` keeps at that size; random: "
+          f"{n_in / max(len(df), 1):.2f}).\n\n"
+          + md_table(["score", "AUROC", "in-domain share kept"], rows))
+    return md, {"in_domain": n_in, "auroc": summary}
