@@ -10,6 +10,12 @@ fairseq-train's own iterator (a task registered from ``mtprune_user_dir`` with `
 - ``competence`` (Platanios et al. 2019): the batch for update t is drawn at random from the easiest
   ``c(t)`` share of the corpus, ``c(t) = min(1, sqrt(t (1 − c0²) / T + c0²))``; from update T on it is the
   whole corpus. An epoch is as many batches as fairseq's own batching makes of the corpus.
+- ``general-to-domain`` (Zhang et al. 2019, gradual fine-tuning): the run's ``T`` updates are split into
+  ``domain_phases`` equal stretches; phase 0 draws its batches from the whole corpus, phase k from the share
+  ``s_k = final_share ** (k / (phases − 1))`` of the corpus ranked most in-domain (lowest ``order_by``: a
+  column such as ``domain_combined`` whose high values are unlike the target domain), down to
+  ``domain_final_share`` in the last phase. Batches are drawn at random from the open share as
+  ``competence`` draws them; an epoch is as many batches as fairseq's own batching makes of the corpus.
 - ``self-paced``: competence's window over the ranking of the model being trained. Every ``rescore_every``
   updates (an "epoch" of this task is that many updates) the model scores the training pairs (EL2N or
   NLL, with mtprune's scoring pass; a random sample of them when asked) and the next updates draw from
@@ -24,6 +30,7 @@ uninterrupted run would have seen.
 
 # no `from __future__ import annotations`: fairseq reads the task config's field types as types, not strings
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,27 @@ def competence(update: int, c0: float, updates: int) -> float:
     return min(1.0, math.sqrt(update * (1 - c0 * c0) / updates + c0 * c0))
 
 
+def domain_phase(update: int, phases: int, updates: int) -> int:
+    """The phase (0 .. ``phases`` − 1) of ``update`` in general-to-domain: ``updates`` split into ``phases`` equal
+    stretches (phase ``update * phases // updates``); from ``updates`` on, the last phase. No schedule at all
+    (updates 0): phase 0, the whole corpus."""
+    if updates <= 0:
+        return 0
+    return min(phases - 1, update * phases // updates)
+
+
+def domain_share(update: int, phases: int, final_share: float, updates: int) -> float:
+    """The share of the corpus (most in-domain first) open at ``update`` in general-to-domain:
+    ``final_share ** (k / (phases − 1))`` in phase k, 1 in phase 0, ``final_share`` in the last."""
+    return final_share ** (domain_phase(update, phases, updates) / (phases - 1))
+
+
+def share_size(share: float, n: int) -> int:
+    """Pairs in the first ``share`` of ``n`` ranked pairs: rounded up (float noise aside: 0.3 of 10 is 3), at
+    least one."""
+    return max(1, min(n, math.ceil(round(share * n, 9))))
+
+
 def difficulty(values: np.ndarray, column: str) -> np.ndarray:
     """Higher = harder, float64: ``values`` of ``column`` as they are, negated for ``-name``. Missing values
     (NaN) count as the hardest."""
@@ -54,12 +82,12 @@ def easiest_first(hardness: np.ndarray, indices: np.ndarray | None = None) -> np
     return idx[np.argsort(hardness[idx], kind="stable")]
 
 
-def competence_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: int, first_batch: int,
-                       batches_per_update: int, c0: float, updates: int, max_tokens: int | None,
-                       max_sentences: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+def window_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: int, first_batch: int,
+                   batches_per_update: int, pool: Callable[[int], int], max_tokens: int | None,
+                   max_sentences: int | None, rng: np.random.Generator) -> list[np.ndarray]:
     """``n_batches`` batches drawn in turn; batch b (``first_batch + b`` counted over the whole run) belongs to
-    update ``(first_batch + b) // batches_per_update`` and holds distinct pairs drawn uniformly from the easiest
-    ``competence`` share of ``ranked`` (indices easiest first), as many as fit fairseq's rule (pairs × longest
+    update ``u = (first_batch + b) // batches_per_update`` and holds distinct pairs drawn uniformly from the first
+    ``pool(u)`` of ``ranked`` (indices easiest first), as many as fit fairseq's rule (pairs × longest
     ≤ max_tokens, at most max_sentences)."""
     n = len(ranked)
     cap_sent = max_sentences or n
@@ -67,9 +95,8 @@ def competence_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: in
     draws = min(cap_sent, (max_tokens // smallest) if max_tokens else cap_sent) + 1
     out = []
     for b in range(n_batches):
-        c = competence((first_batch + b) // batches_per_update, c0, updates)
-        pool = max(1, min(n, math.ceil(c * n)))
-        pick = rng.integers(0, pool, size=min(draws, 4 * pool))
+        size = pool((first_batch + b) // batches_per_update)
+        pick = rng.integers(0, size, size=min(draws, 4 * size))
         _, first = np.unique(pick, return_index=True)
         cand = ranked[pick[np.sort(first)]]  # distinct, in drawing order
         count = np.arange(1, len(cand) + 1)
@@ -79,6 +106,27 @@ def competence_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: in
         k = max(1, int(np.argmin(fits)) if not fits.all() else len(cand))
         out.append(cand[:k].astype(np.int64))
     return out
+
+
+def competence_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: int, first_batch: int,
+                       batches_per_update: int, c0: float, updates: int, max_tokens: int | None,
+                       max_sentences: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """``window_batches`` from the easiest ``competence`` share of ``ranked`` at each update."""
+    n = len(ranked)
+    return window_batches(ranked, num_tokens, n_batches, first_batch, batches_per_update,
+                          lambda u: max(1, min(n, math.ceil(competence(u, c0, updates) * n))),
+                          max_tokens, max_sentences, rng)
+
+
+def domain_batches(ranked: np.ndarray, num_tokens: np.ndarray, n_batches: int, first_batch: int,
+                   batches_per_update: int, phases: int, final_share: float, updates: int,
+                   max_tokens: int | None, max_sentences: int | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """``window_batches`` from the most in-domain ``domain_share`` of ``ranked`` (indices, lowest ``order_by``
+    first) at each update: general-to-domain's batches."""
+    n = len(ranked)
+    return window_batches(ranked, num_tokens, n_batches, first_batch, batches_per_update,
+                          lambda u: share_size(domain_share(u, phases, final_share, updates), n),
+                          max_tokens, max_sentences, rng)
 
 
 def rescore(model: Any, dataset: Any, dictionary: Any, indices: np.ndarray, metric: str,
@@ -115,6 +163,10 @@ def register() -> None:
         order_file: str = field(default="", metadata={"help": ".npy: one hardness per training pair, higher = harder"})
         competence_c0: float = field(default=0.01, metadata={"help": "competence at update 0"})
         competence_updates: int = field(default=0, metadata={"help": "update at which competence reaches 1"})
+        domain_phases: int = field(default=4, metadata={"help": "general-to-domain: equal stretches of the updates"})
+        domain_final_share: float = field(default=0.3, metadata={
+            "help": "general-to-domain: share of the corpus (most in-domain) open in the last phase"})
+        domain_updates: int = field(default=0, metadata={"help": "general-to-domain: the updates the phases split"})
         batches_per_update: int = field(default=1, metadata={"help": "update_freq x GPUs"})
         record_batches: str = field(default="", metadata={"help": "append 'update<TAB>ids' per training batch"})
         rescore_every: int = field(default=0, metadata={"help": "self-paced: updates between rescorings"})
@@ -211,6 +263,17 @@ def register() -> None:
                     return competence_batches(order, tokens, per_epoch, (ep - 1) * per_epoch,
                                               cfg.batches_per_update, cfg.competence_c0, cfg.competence_updates,
                                               max_tokens, max_sentences, np.random.default_rng([seed, ep]))
+            elif self.cfg.train_order == "general-to-domain":
+                if cfg.domain_phases < 2 or not 0 < cfg.domain_final_share <= 1:
+                    raise ValueError("--train-order general-to-domain needs --domain-phases >= 2 and "
+                                     "--domain-final-share in (0, 1]")
+                n_batches = len(by_rank(valid[np.argsort(dataset.num_tokens_vec(valid), kind="stable")]))
+
+                def sampler(ds: Any, ep: int) -> list[np.ndarray]:
+                    rng = np.random.default_rng([seed, ep])
+                    return domain_batches(ranked, tokens, n_batches, (ep - 1) * n_batches, cfg.batches_per_update,
+                                          cfg.domain_phases, cfg.domain_final_share, cfg.domain_updates,
+                                          max_tokens, max_sentences, rng)
             else:
                 # an epoch: as many batches as fairseq's length-bucketed batching makes of the corpus
                 n_batches = len(by_rank(valid[np.argsort(dataset.num_tokens_vec(valid), kind="stable")]))

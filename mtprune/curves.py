@@ -64,11 +64,18 @@ def run_logs(layout: RunLayout, units: dict[str, set[str]] | None = None) -> dic
 def parse_run_name(name: str) -> tuple[str, float | None, int]:
     """(strategy, sparsity, seed) of a final model's folder, the inverse of ``layout.run_name`` and
     ``seed_run_name``: ``el2n-high-0.2-seed2`` -> ("el2n-high", 0.2, 2), ``full`` -> ("full", 0.0, 1),
-    ``full+competence`` -> ("full+competence", 0.0, 1) (a model trained in another order, ``train.order``); a
-    name that is none of these gives (name, None, 1)."""
+    ``full+competence`` -> ("full+competence", 0.0, 1) (a model trained in another order, ``train.order``),
+    ``a-high+b-high-0.5`` -> ("a-high+b-high", 0.5, 1) (a two-column strategy); a name that is none of these gives
+    (name, None, 1)."""
+    from .config import ORDERS
+
     m = _SEED.fullmatch(name)
     system, seed = (m.group(1), int(m.group(2))) if m else (name, 1)
-    corpus, plus, order = system.partition("+")
+    # the order is what follows the last "+" when it names one: a two-column strategy has a "+" of its own
+    # (base_all-high+domain_combined-high-0.5+competence)
+    corpus, plus, order = system.rpartition("+")
+    if order not in ORDERS:
+        corpus, plus, order = system, "", ""
     if corpus == "full":
         return "full" + plus + order, 0.0, seed
     strategy, _, sparsity = corpus.rpartition("-")

@@ -238,6 +238,9 @@ class Schedule:
     order_file: str | None = None  # .npy, one hardness per training pair (higher = harder)
     competence_c0: float = 0.01
     competence_updates: int = 0
+    domain_phases: int = 4  # general-to-domain: equal stretches of domain_updates, the last on domain_final_share
+    domain_final_share: float = 0.3
+    domain_updates: int = 0  # the updates general-to-domain's phases split (0: max_update)
     record_batches: str | None = None  # append "update<TAB>ids" per batch to this file (tests, audits)
     rescore_every: int = 0  # self-paced: updates between rescorings by the model being trained
     rescore_by: str = "el2n"
@@ -358,6 +361,9 @@ def train_argv(data_bin: Path, save_dir: Path, model: ModelConfig, s: Schedule, 
                 raise UsageError(f"train.order {s.order}: no order file")
             argv += ["--order-file", s.order_file, "--competence-c0", str(s.competence_c0),
                      "--competence-updates", str(s.competence_updates)]
+        if s.order == "general-to-domain":  # the phases split this run's updates
+            argv += ["--domain-phases", str(s.domain_phases), "--domain-final-share", str(s.domain_final_share),
+                     "--domain-updates", str(s.domain_updates or s.max_update)]
         if s.order == "self-paced":
             argv += ["--rescore-every", str(s.rescore_every), "--rescore-by", s.rescore_by,
                      "--rescore-sample", str(s.rescore_sample), "--order-state-dir", str(save_dir)]

@@ -10,7 +10,16 @@ import pytest
 
 from conftest import TINY
 from mtprune.config import load_config
-from mtprune.curriculum import competence, competence_batches, difficulty, easiest_first
+from mtprune.curriculum import (
+    competence,
+    competence_batches,
+    difficulty,
+    domain_batches,
+    domain_phase,
+    domain_share,
+    easiest_first,
+    share_size,
+)
 from mtprune.fairseq_backend import Schedule, load_train_pairs, parse_train_argv, train, train_argv
 from mtprune.layout import RunLayout
 
@@ -47,9 +56,50 @@ def test_competence_batches_stay_in_the_open_window_and_fit_fairseqs_token_rule(
     assert widest[0] < 0.05 * n < max(widest[-10:])  # the window opens up to the whole corpus
 
 
+def test_general_to_domain_splits_the_updates_into_phases_of_shrinking_geometric_shares() -> None:
+    # 12 updates in 4 phases: 0-2 the whole corpus, 3-5, 6-8, then 9-11 on the final share
+    assert [domain_phase(u, 4, 12) for u in range(14)] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 5
+    assert [domain_phase(u, 4, 10) for u in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]  # 2.5 updates each
+    shares = [domain_share(u, 4, 0.3, 12) for u in (0, 2, 3, 6, 9, 11, 40)]
+    assert shares[:2] == [1.0, 1.0] and shares[-3:] == [0.3, 0.3, 0.3]
+    assert shares[2] == pytest.approx(0.3 ** (1 / 3)) and shares[3] == pytest.approx(0.3 ** (2 / 3))
+    assert [domain_share(u, 2, 0.5, 10) for u in (0, 4, 5, 9)] == [1.0, 1.0, 0.5, 0.5]  # two phases: all, then half
+    assert domain_share(7, 4, 0.3, 0) == 1.0  # no schedule: the whole corpus
+    assert (share_size(0.3, 10), share_size(0.3, 300), share_size(0.001, 10), share_size(1.0, 7)) == (3, 90, 1, 7)
+
+
+def test_general_to_domain_batches_come_from_the_phases_most_in_domain_share() -> None:
+    rng = np.random.default_rng(0)
+    n = 1000
+    ranked = rng.permutation(n)  # most in-domain (lowest order_by) first
+    tokens = rng.integers(3, 30, size=n)
+
+    def draw(first_batch: int, n_batches: int) -> list[np.ndarray]:
+        return domain_batches(ranked, tokens, n_batches=n_batches, first_batch=first_batch, batches_per_update=2,
+                              phases=4, final_share=0.2, updates=40, max_tokens=200, max_sentences=None,
+                              rng=np.random.default_rng([1, first_batch]))
+
+    batches = draw(0, 80)
+    rank = np.empty(n, dtype=np.int64)
+    rank[ranked] = np.arange(n)
+    widest = {k: 0 for k in range(4)}
+    for b, batch in enumerate(batches):
+        u = b // 2
+        k = u * 4 // 40
+        assert rank[batch].max() < share_size(0.2 ** (k / 3), n), b
+        assert len(set(batch.tolist())) == len(batch) and len(batch) * tokens[batch].max() <= 200
+        widest[k] = max(widest[k], rank[batch].max())
+    assert widest[0] > 0.9 * n  # phase 0: the whole corpus
+    assert share_size(0.2 ** (1 / 3), n) * 0.8 < widest[1] and widest[3] < 0.2 * n <= widest[2]
+    # seeded: the same rng gives the same batches, and so does a second call for a later stretch of the run
+    assert all((a == b).all() for a, b in zip(batches, draw(0, 80), strict=True))
+    assert all((a == b).all() for a, b in zip(draw(50, 10), draw(50, 10), strict=True))
+
+
 def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | None, max_update: int,
            c0: float = 0.01, t: int = 0, rescore_every: int = 0, save_every: int = 3,
-           rescore_sample: int = 0) -> list[tuple[int, list[int]]]:
+           rescore_sample: int = 0, phases: int = 4, final_share: float = 0.3,
+           domain_updates: int = 0) -> list[tuple[int, list[int]]]:
     cfg = load_config(TINY, [])
     order_file = None
     if hardness is not None:
@@ -59,7 +109,8 @@ def _train(data_bin: Path, save_dir: Path, order: str, hardness: np.ndarray | No
     s = Schedule(max_update=max_update, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=1,
                  label_smoothing=0.1, precision="fp32", seed=1, save_interval_updates=save_every, order=order,
                  order_file=order_file, competence_c0=c0, competence_updates=t, record_batches=str(record),
-                 rescore_every=rescore_every, rescore_sample=rescore_sample)
+                 rescore_every=rescore_every, rescore_sample=rescore_sample, domain_phases=phases,
+                 domain_final_share=final_share, domain_updates=domain_updates)
     train(data_bin, save_dir, cfg.model, s, threads=1, use_cuda=False, prefix="")
     out = []
     for line in record.read_text().splitlines():
@@ -109,6 +160,26 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(tiny_run: Path, 
         assert resumed == straight, order
 
 
+def test_general_to_domain_narrows_fairseqs_batches_phase_by_phase_and_resumes_alike(tiny_run: Path,
+                                                                                     tmp_path: Path) -> None:
+    L = RunLayout(tiny_run)
+    _, tgt, _ = load_train_pairs(L.data_bin)
+    n = len(tgt)
+    hardness = np.random.default_rng(8).permutation(n).astype(np.float64)  # rank r: r-th most in-domain
+    straight = dict(_train(L.data_bin, tmp_path / "a", "general-to-domain", hardness, max_update=12,
+                           phases=4, final_share=0.25))
+    assert sorted(straight) == list(range(12))
+    for u, ids in straight.items():  # 3 updates a phase: shares 1, 0.63, 0.40, 0.25
+        assert hardness[ids].max() < share_size(0.25 ** ((u // 3) / 3), n), u
+    assert max(hardness[straight[u]].max() for u in range(3)) >= 0.63 * n  # phase 0 draws from the whole corpus
+    # a 12-update run stopped at update 5, mid-phase, and resumed: the batches of the uninterrupted run
+    _train(L.data_bin, tmp_path / "b", "general-to-domain", hardness, max_update=5, phases=4, final_share=0.25,
+           domain_updates=12)
+    resumed = dict(_train(L.data_bin, tmp_path / "b", "general-to-domain", hardness, max_update=12, phases=4,
+                          final_share=0.25))
+    assert resumed == straight
+
+
 def test_fairseqs_own_parser_reads_the_ordered_task_and_its_settings(tmp_path: Path) -> None:
     cfg = load_config(TINY, [])
     s = Schedule(max_update=40, lr=0.002, warmup_updates=2, max_tokens=256, update_freq=2, label_smoothing=0.1,
@@ -122,6 +193,43 @@ def test_fairseqs_own_parser_reads_the_ordered_task_and_its_settings(tmp_path: P
                                         Schedule(**{**s.__dict__, "order": "shuffled", "order_file": None}),
                                         use_cuda=False))
     assert plain.task == "translation"  # shuffled is fairseq's own task, as before train.order existed
+    g2d = parse_train_argv(train_argv(tmp_path, tmp_path / "ckpt", cfg.model,
+                                      Schedule(**{**s.__dict__, "order": "general-to-domain", "domain_phases": 5,
+                                                  "domain_final_share": 0.25}), use_cuda=False))
+    assert (g2d.task, g2d.train_order, g2d.order_file, g2d.domain_phases, g2d.domain_final_share, g2d.domain_updates,
+            g2d.batches_per_update) == ("mtprune_ordered", "general-to-domain", str(tmp_path / "o.npy"), 5, 0.25, 40, 2)
+    def domain_updates(sched: Schedule) -> int:
+        return parse_train_argv(train_argv(tmp_path, tmp_path / "ckpt", cfg.model, sched, use_cuda=False)).domain_updates
+
+    assert domain_updates(s) == 0  # competence: no phases
+    # a run asked to stop early keeps the phases of the whole run when told its length
+    assert domain_updates(Schedule(**{**s.__dict__, "order": "general-to-domain", "max_update": 10,
+                                      "domain_updates": 40})) == 40
+
+
+def test_order_corpora_plans_the_other_orders_for_those_corpora_only(tmp_path: Path) -> None:
+    from mtprune.stages.train import schedule, seed_models, used_order_settings
+
+    sets = ["prune.strategies=[random,el2n-high]", "train.order=[shuffled,competence]", "train.seeds=[1,2]"]
+    cfg = load_config(TINY, [*sets, "train.order_corpora=[full]"])
+    planned = [(m.run, m.order) for m in seed_models(cfg, RunLayout(tmp_path))]
+    assert planned == [("full", "shuffled"), ("full-seed2", "shuffled"), ("full+competence", "competence"),
+                       ("full+competence-seed2", "competence"), ("random-0.2", "shuffled"),
+                       ("random-0.2-seed2", "shuffled"), ("el2n-high-0.2", "shuffled"),
+                       ("el2n-high-0.2-seed2", "shuffled")]
+    every = [m.run for m in seed_models(load_config(TINY, sets), RunLayout(tmp_path))]
+    assert len(every) == 12 and "random-0.2+competence-seed2" in every
+    cfg = load_config(TINY, [*sets, "train.order_corpora=[random-0.2]"])
+    assert [m.run for m in seed_models(cfg, RunLayout(tmp_path)) if m.order == "competence"] == [
+        "random-0.2+competence", "random-0.2+competence-seed2"]
+    # general-to-domain's settings reach fairseq through the schedule, and its key holds them (not competence's)
+    cfg = load_config(TINY, ["train.order=general-to-domain", "train.domain_phases=3", "train.domain_final_share=0.5"])
+    s = schedule(cfg, order="general-to-domain", order_file=tmp_path / "o.npy")
+    assert (s.domain_phases, s.domain_final_share, s.domain_updates, s.max_update) == (3, 0.5, 20, 20)
+    settings = {"order_by": "domain_combined", "competence_c0": 0.01, "domain_phases": 3, "domain_final_share": 0.5}
+    assert used_order_settings("general-to-domain", settings) == {
+        "order": "general-to-domain", "order_by": "domain_combined", "domain_phases": 3, "domain_final_share": 0.5}
+    assert "domain_phases" not in used_order_settings("competence", settings)
 
 
 def test_each_order_is_a_model_of_its_own_with_the_order_in_its_key_and_its_report_rows(tiny_copy: Path) -> None:
@@ -153,6 +261,16 @@ def test_each_order_is_a_model_of_its_own_with_the_order_in_its_key_and_its_repo
     comp = keys("train.order=competence")
     assert set(comp) == {"train full+competence", "train random-0.2+competence"}
     assert keys("train.order=competence", "train.competence_c0=0.5") != comp
+    # the general-to-domain settings and order_corpora leave the other models' keys alone
+    assert keys("train.domain_phases=3", "train.domain_final_share=0.5", "train.order_corpora=[full]") == shuffled
+    assert keys("train.order=competence", "train.domain_phases=3") == comp
+    g2d = keys("train.order=general-to-domain")
+    assert set(g2d) == {"train full+general-to-domain", "train random-0.2+general-to-domain"}
+    assert g2d["train full+general-to-domain"]["train"]["domain_phases"] == 4
+    assert keys("train.order=general-to-domain", "train.domain_final_share=0.5") != g2d
+    assert keys("train.order=general-to-domain", "train.competence_c0=0.5") == g2d
+    assert set(keys("train.order=[shuffled,general-to-domain]", "train.order_corpora=[full]")) == {
+        "train full", "train random-0.2", "train full+general-to-domain"}
 
     both_args = [*args, "--set", "train.order=[shuffled,easy-first]"]
     for stage in ("train", "evaluate", "report"):  # ordered checkpoints name mtprune_ordered: evaluate loads them

@@ -330,3 +330,97 @@ def test_opusfilter_drops_what_the_filters_reject_in_one_corpus_whatever_the_spa
     assert runs(cfg) == [("opusfilter", "opusfilter", None), ("random-0.1", "random", 0.1), ("random-0.3", "random", 0.3)]
     with pytest.raises(UsageError, match="opusfilter needs the base_opusfilter column"):
         drop_mask(table(), "opusfilter", 0.1, "global", 1)
+
+
+# ---- two-column strategies: <first>-high+<second>-high --------------------------------------------
+
+def two(strategy: str, sparsity: float, first_share: float, scope: str = "global", df: pd.DataFrame | None = None
+        ) -> list[str]:
+    df = table() if df is None else df
+    return sorted(df["sentence_id"][drop_mask(df, strategy, sparsity, scope, 1, first_share=first_share)])
+
+
+def test_two_columns_drop_the_first_columns_share_then_the_seconds_pick_of_the_rest() -> None:
+    # el2n (high): en-fr/2 .95, de-en/0 .9, en-fr/0 .8, ...; nll (high): de-en/1 9, en-fr/3 8, en-fr/2 7, en-fr/1 6
+    # 0.4 of 10: el2n drops 0.2 of 10 (en-fr/2, de-en/0), then nll the two highest of the rest
+    assert two("el2n-high+nll-high", 0.4, 0.2) == ["de-en/0", "de-en/1", "en-fr/2", "en-fr/3"]
+    assert two("el2n-high+nll-high", 0.4, 0.2) not in (dropped("el2n-high", 0.4), dropped("nll-high", 0.4))
+    # below the first share the first column drops it all; a first share of 0 leaves it all to the second
+    assert two("el2n-high+nll-high", 0.1, 0.2) == dropped("el2n-high", 0.1) == ["en-fr/2"]
+    assert two("el2n-high+nll-high", 0.4, 0.0) == dropped("nll-high", 0.4)
+    # either half -low; the second column's tie at el2n .5 goes by sentence id (de-en/1 before de-en/3)
+    assert two("nll-low+el2n-high", 0.3, 0.1) == ["de-en/0", "en-fr/2", "en-fr/4"]  # nll .5, then el2n .95, .9
+    assert two("nll-low+el2n-high", 0.5, 0.1) == ["de-en/0", "de-en/1", "en-fr/0", "en-fr/2", "en-fr/4"]
+    shuffled = table().sample(frac=1.0, random_state=3).reset_index(drop=True)
+    assert two("nll-low+el2n-high", 0.5, 0.1, df=shuffled) == two("nll-low+el2n-high", 0.5, 0.1)
+
+
+def test_two_columns_per_pair_take_both_steps_in_each_pair() -> None:
+    # 0.6 of each pair's five = 3, the first 0.2 of five = 1: de-en el2n .9 then nll 9, 4; en-fr el2n .95 then 8, 6
+    assert two("el2n-high+nll-high", 0.6, 0.2, "per-pair") == ["de-en/0", "de-en/1", "de-en/4",
+                                                                "en-fr/1", "en-fr/2", "en-fr/3"]
+    # globally: el2n's two (en-fr/2, de-en/0), then nll's four highest of the rest
+    assert two("el2n-high+nll-high", 0.6, 0.2) == ["de-en/0", "de-en/1", "en-fr/0", "en-fr/1", "en-fr/2", "en-fr/3"]
+
+
+def test_two_columns_drop_prunes_count_and_nest_across_sparsities() -> None:
+    df = lengths_table(400, seed=3)
+    last = np.zeros(len(df), dtype=bool)
+    for s in (0.05, 0.1, 0.3, 0.5, 0.75):
+        got = drop_mask(df, "nll-high+el2n-low", s, "global", 1, first_share=0.1)
+        assert got.sum() == round(s * 400), s
+        first = drop_mask(df, "nll-high", min(0.1, s), "global", 1)
+        assert not (first & ~got).any(), s  # the first column's share is dropped whole
+        assert not (last & ~got).any(), s  # a larger sparsity drops a superset
+        last = got
+
+
+def test_a_typo_in_either_half_names_the_strategy_and_the_column() -> None:
+    from mtprune.config import load_config
+    from mtprune.layout import RunLayout
+    from mtprune.stages.prune import check, ranked_columns
+
+    cfg = load_config(None, ["prune.strategies=[el2n-high+nll-low,random]"])
+    assert ranked_columns(cfg) == [("prune.strategies", "el2n-high+nll-low", "el2n"),
+                                   ("prune.strategies", "el2n-high+nll-low", "nll")]
+    check(cfg, RunLayout(Path("unused")))
+    for strategy, column in (("el2n-high+nlll-high", "nlll"), ("el2nn-high+nll-high", "el2nn")):
+        cfg = load_config(None, [f"prune.strategies=[{strategy}]"])
+        with pytest.raises(UsageError) as e:
+            check(cfg, RunLayout(Path("unused")))
+        msg = str(e.value)
+        assert msg.startswith(f"prune.strategies: {strategy!r} ranks by {column!r}, which is no score column: "
+                              f"did you mean {column[:-1]}"), msg
+        assert "\n" not in msg
+    with pytest.raises(UsageError, match="'el2n-high\\+bleu-high' ranks by 'bleu', which is no score column"):
+        dropped("el2n-high+bleu-high", 0.1)
+
+
+def test_two_column_names_parse_in_the_reports_run_names() -> None:
+    from mtprune.curves import parse_run_name
+
+    assert parse_run_name("base_all-high+domain_combined-high-0.75") == ("base_all-high+domain_combined-high", 0.75, 1)
+    assert parse_run_name("a-high+b-low-0.5+competence-seed2") == ("a-high+b-low+competence", 0.5, 2)
+    assert parse_run_name("el2n-high-0.2+self-paced") == ("el2n-high+self-paced", 0.2, 1)
+    assert parse_run_name("full+general-to-domain") == ("full+general-to-domain", 0.0, 1)
+
+
+@pytest.mark.slow
+def test_prune_writes_a_two_column_corpus(tiny_copy) -> None:
+    from conftest import TINY, cli, read
+    from mtprune.layout import RunLayout
+
+    layout = RunLayout(tiny_copy)
+    args = ["-c", str(TINY), "--run-dir", str(tiny_copy), "-q"]
+    code, out = cli("prune", *args, "--set", "prune.strategies=[el2n-high+nlll-low]")
+    assert code == 2 and "'el2n-high+nlll-low' ranks by 'nlll', which is no score column" in out, out
+    code, out = cli("prune", *args, "--set", "prune.strategies=[el2n-high+nll-low]", "--set",
+                    "prune.sparsities=[0.5]", "--set", "prune.first_share=0.1")
+    assert code == 0, out
+    scores = pd.read_parquet(layout.scores)
+    n = len(scores)
+    want = set(scores["sentence_id"][~drop_mask(scores, "el2n-high+nll-low", 0.5, "global", 1, first_share=0.1)])
+    assert set(read(layout.kept_ids("el2n-high+nll-low-0.5"))) == want and len(want) == n - round(0.5 * n)
+    stats = json.loads(layout.manifest("prune").read_text())["stats"]["runs"]["el2n-high+nll-low-0.5"]
+    assert stats["strategy"] == "el2n-high+nll-low" and stats["first_dropped"] == round(0.1 * n)
+    assert (layout.pruned_data_bin("el2n-high+nll-low-0.5") / "train.src-tgt.tgt.bin").is_file()

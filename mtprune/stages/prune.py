@@ -7,6 +7,10 @@ a seeded random subset (nested: a larger sparsity drops a superset). Ties are br
 as its sparsity downstream. ``random-length`` is a seeded random subset with the same number of pairs of each
 target length as ``prune.length_match`` (a ``<score>-high/low`` strategy) drops at that sparsity: the control
 that tells a score's choice of pairs from its length effect.
+``<a>-high+<b>-high`` (either half ``-low`` too) drops in two steps: at sparsity s, the first column drops
+``min(prune.first_share, s)`` of the pairs, then the second column drops, among the pairs left, as many more as
+reach s (``base_all-high+domain_combined-high``: the noisiest pairs first, then the least in-domain); both with
+the tie-break and the scope of a one-column strategy.
 ``group`` drops the set whose summed output-layer gradient sketch (``04_score/grad_sketch.npy``) has
 the smallest norm, the set whose removal changes the summed gradient least (``mtprune/scoring/group.py``).
 The kept pairs are copied token for token out of the full data-bin, so every pruned corpus shares
@@ -92,17 +96,31 @@ def check_something_left(cfg: Config, pairs: Any) -> None:
 IDENTIFIERS = ("sentence_id", "pair", "direction", "index")
 
 
+def score_halves(strategy: str) -> list[tuple[str, str]]:
+    """(score column, ``high`` or ``low``) of each column a score strategy ranks by, in the order it drops by them:
+    one for ``el2n-high``, two for ``base_all-high+domain_combined-high``; none for random, group and the like."""
+    if strategy in ("random", "random-length", "group", "opusfilter", "full"):
+        return []
+    out = []
+    for half in strategy.split("+"):
+        column, _, side = half.rpartition("-")
+        if not column or side not in ("high", "low"):
+            return []
+        out.append((column, side))
+    return out
+
+
 def ranked_columns(cfg: Config) -> list[tuple[str, str, str]]:
-    """(setting, what it names, score column) of every column the strategies rank by: ``prune.strategies`` entries,
-    and ``prune.length_match`` when random-length is among them."""
+    """(setting, what it names, score column) of every column the strategies rank by: ``prune.strategies`` entries
+    (both columns of a two-column strategy), and ``prune.length_match`` when random-length is among them."""
     out = []
     for strategy in cfg.prune.strategies:
         if strategy == "opusfilter":
             out.append(("prune.strategies", strategy, "base_opusfilter"))
         elif strategy == "random-length":
             out.append(("prune.length_match", cfg.prune.length_match, cfg.prune.length_match.rsplit("-", 1)[0]))
-        elif strategy not in ("random", "group"):
-            out.append(("prune.strategies", strategy, strategy.rsplit("-", 1)[0]))
+        else:
+            out += [("prune.strategies", strategy, column) for column, _ in score_halves(strategy)]
     return out
 
 
@@ -183,10 +201,11 @@ def length_matched_mask(df: Any, reference: np.ndarray, scope: str, seed: int) -
 
 
 def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
-              sketch: Any = None, length_match: str = "el2n-high") -> np.ndarray:
+              sketch: Any = None, length_match: str = "el2n-high", first_share: float = 0.1) -> np.ndarray:
     """Boolean mask over the rows of a score table: True where the pair is dropped. ``group`` needs
     ``sketch``, the gradient sketch row-aligned with ``df``; ``random-length`` matches the target lengths
-    that ``length_match`` drops at the same sparsity."""
+    that ``length_match`` drops at the same sparsity; a two-column strategy's first column drops
+    ``min(first_share, sparsity)`` (``prune.first_share``)."""
     if strategy == "random-length":
         reference = drop_mask(df, length_match, sparsity, scope, seed, sketch)
         return length_matched_mask(df, reference, scope, seed)
@@ -201,14 +220,26 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
     pairs, nums, dirs = _id_order_key(df)
     if strategy == "group" and sketch is None:
         raise UsageError("prune.strategies: group needs the gradient sketch 04_score/grad_sketch.npy")
+    halves = []  # (values, side) of each column ranked by, in the order they drop
     if strategy not in ("random", "group"):
-        column, side = strategy.rsplit("-", 1)
-        if column not in df.columns or column in IDENTIFIERS:  # (the stage checks every strategy before this)
-            raise UsageError(f"prune.strategies: {strategy!r} ranks by {column!r}, which is no score column")
-        values = df[column].to_numpy(dtype=np.float64)
-        if np.isnan(values).any():
-            raise UsageError(f"prune: score column {column!r} has missing values "
-                             f"({int(np.isnan(values).sum())} of {n} rows)")
+        ranked = score_halves(strategy)
+        if not ranked:
+            raise UsageError(f"prune.strategies: {strategy!r} is no strategy")
+        for column, side in ranked:
+            if column not in df.columns or column in IDENTIFIERS:  # (the stage checks every strategy before this)
+                raise UsageError(f"prune.strategies: {strategy!r} ranks by {column!r}, which is no score column")
+            values = df[column].to_numpy(dtype=np.float64)
+            if np.isnan(values).any():
+                raise UsageError(f"prune: score column {column!r} has missing values "
+                                 f"({int(np.isnan(values).sum())} of {n} rows)")
+            halves.append((values, side))
+
+    def by_score(rows: np.ndarray, values: np.ndarray, side: str) -> np.ndarray:
+        """``rows`` from the first to drop to the last: by score, ties by sentence id (pair, n, direction)."""
+        primary = -values[rows] if side == "high" else values[rows]
+        # np.lexsort sorts by the last key first
+        return rows[np.lexsort((dirs[rows], nums[rows], pairs[rows], primary))]
+
     mask = np.zeros(n, dtype=bool)
     rng = np.random.default_rng(seed)
     for g in groups:
@@ -226,10 +257,15 @@ def drop_mask(df: Any, strategy: str, sparsity: float, scope: str, seed: int,
             from ..scoring.group import RowView, group_select
 
             order = g[group_select(RowView(sketch, g), k, seed, progress=f"group {sparsity:g}")]
+        elif len(halves) == 2:
+            # the first column's share of the group, then the second column's pick of the rest up to k
+            first = by_score(g, *halves[0])[:n_dropped(min(first_share, sparsity), len(g))]
+            mask[first] = True
+            rest = g[~mask[g]]
+            mask[by_score(rest, *halves[1])[:k - len(first)]] = True
+            continue
         else:
-            primary = -values[g] if side == "high" else values[g]
-            # np.lexsort sorts by the last key first: score, then sentence id (pair, n, direction)
-            order = g[np.lexsort((dirs[g], nums[g], pairs[g], primary))]
+            order = by_score(g, *halves[0])
         mask[order[:k]] = True
     return mask
 
@@ -316,7 +352,8 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
             ref = drop_mask(df, cfg.prune.length_match, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
             mask = length_matched_mask(df, ref, cfg.prune.scope, cfg.prune.seed)
         else:
-            mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch)
+            mask = drop_mask(df, strategy, sparsity, cfg.prune.scope, cfg.prune.seed, sketch,
+                             first_share=cfg.prune.first_share)
         kept = df[~mask]
         if not len(kept):
             raise UsageError(f"prune: {name} would leave none of the {len(df)} training pairs")
@@ -333,6 +370,10 @@ def run(cfg: Config, layout: RunLayout, **_: Any) -> StageResult:
                                "kept": int(len(kept)),
                                "dropped": int(mask.sum()), "per_pair": per_pair,
                                "select_seconds": round(time.time() - t0, 2)}
+        if "+" in strategy:  # how many the first column dropped: its step alone
+            stats["runs"][name]["first_dropped"] = int(drop_mask(
+                df, strategy.split("+")[0], min(cfg.prune.first_share, sparsity), cfg.prune.scope,
+                cfg.prune.seed).sum())
         if strategy == "random-length":
             stats["runs"][name].update(length_match=cfg.prune.length_match,
                                        overlap_with_length_match=int((mask & ref).sum()))

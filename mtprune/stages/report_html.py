@@ -25,6 +25,7 @@ from ..manifest import atomic_write_text
 from ..sources import langs
 from ..textio import text_lines
 from .prune import runs as pruned_runs
+from .prune import score_halves
 
 SAMPLE = 40  # dropped and kept pairs shown per pruned corpus
 # the score columns shown beside each pair, where the table has them (and the column the strategy ranks by)
@@ -56,8 +57,8 @@ def browser_data(cfg: Config, layout: RunLayout, df: Any, labels: dict[str, str]
         is_kept, is_dropped = member & first, ~member & first
         dropped_rows, kept_rows = np.flatnonzero(is_dropped), np.flatnonzero(is_kept)
         d, k = sample_rows(len(dropped_rows), len(kept_rows), cfg.prune.seed)
-        ranked = strategy.rsplit("-", 1)[0] if strategy.endswith(("-high", "-low")) else None
-        cols = [c for c in ((ranked,) if ranked else ()) + SHOWN if c in df.columns]
+        ranked = tuple(column for column, _ in score_halves(strategy))  # both columns of a two-column strategy
+        cols = [c for c in ranked + SHOWN if c in df.columns]
         columns_of[name] = list(dict.fromkeys(cols))
         corpora.append({"name": name, "strategy": strategy, "dropped": int(len(dropped_rows)),
                         "kept": int(len(kept_rows)), "columns": columns_of[name], "rows": []})

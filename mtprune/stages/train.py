@@ -79,10 +79,13 @@ def models(cfg: Config, layout: RunLayout) -> list[tuple[str, str, float | None,
 
 
 def seed_models(cfg: Config, layout: RunLayout) -> list[Model]:
-    """Every model: each corpus of ``models`` once per ``train.order`` and ``train.seeds``, corpus after corpus."""
+    """Every model: each corpus of ``models`` once per ``train.order`` and ``train.seeds``, corpus after corpus; the
+    orders other than shuffled only for the corpora of ``train.order_corpora`` when it names any."""
     out = []
     for n, st, sp, b in models(cfg, layout):
         for order in cfg.train.order:
+            if order != "shuffled" and cfg.train.order_corpora and n not in cfg.train.order_corpora:
+                continue
             name, strategy = (n, st) if order == "shuffled" else (f"{n}+{order}", f"{st}+{order}")
             out += [Model(seed_run_name(name, s), name, strategy, sp, s, b, n, order, st) for s in cfg.train.seeds]
     return out
@@ -138,6 +141,7 @@ def schedule(cfg: Config, seed: int | None = None, max_update: int | None = None
                     seed=seed, save_interval_updates=max(1, max_update // 4), wandb_project=cfg.launch.wandb_project,
                     order=order, order_file=None if order_file is None else str(order_file),
                     competence_c0=t.competence_c0, competence_updates=competence_updates(cfg, max_update),
+                    domain_phases=t.domain_phases, domain_final_share=t.domain_final_share, domain_updates=max_update,
                     rescore_every=t.rescore_every, rescore_by=t.rescore_by, rescore_sample=t.rescore_sample or 0,
                     valid_bleu=t.valid_bleu)
 
@@ -233,7 +237,7 @@ def plan_note(cfg: Config, layout: RunLayout, upstream_runs: list[str]) -> str:
 
 
 ORDER_SETTINGS = ("order", "order_by", "competence_c0", "competence_updates", "rescore_every", "rescore_by",
-                  "rescore_sample")
+                  "rescore_sample", "domain_phases", "domain_final_share")
 
 
 def used_order_settings(order: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -245,6 +249,8 @@ def used_order_settings(order: str, settings: dict[str, Any]) -> dict[str, Any]:
         names += ["competence_c0", "competence_updates"]
     if order == "self-paced":
         names += ["rescore_every", "rescore_by", "rescore_sample"]
+    if order == "general-to-domain":
+        names += ["domain_phases", "domain_final_share"]
     return {"order": order, **{k: settings[k] for k in names if settings.get(k) is not None}}
 
 
@@ -252,7 +258,9 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
     """One work unit per model and seed (``full``, ``el2n-high-0.3-seed2``, ...); a cluster runs them as one
     job array. The key holds ``train.seed`` as a single-seed key did, so finished seed-1 models stay done."""
     unused = "train.max_epoch" if cfg.train.budget == "updates" else "train.max_update"
-    settings = unit_settings(cfg, "model", "train", exclude=("train.include_full", "train.seeds", unused))
+    # train.order_corpora selects which models train (seed_models), like train.seeds: no model's setting
+    settings = unit_settings(cfg, "model", "train",
+                             exclude=("train.include_full", "train.seeds", "train.order_corpora", unused))
     settings["train"].pop("seed", None)
     if cfg.train.budget == "updates":  # the key of a model trained before train.budget existed
         settings["train"].pop("budget", None)
@@ -279,6 +287,9 @@ def units(cfg: Config, layout: RunLayout, use_cuda: bool) -> list[Unit]:
             extra = {} if m.order == "shuffled" else {"order": m.order, "order_by": cfg.train.order_by}
             if m.order in ("competence", "self-paced"):
                 extra["competence_updates"] = s.competence_updates
+            if m.order == "general-to-domain":
+                extra.update(domain_phases=s.domain_phases, domain_final_share=s.domain_final_share,
+                             domain_updates=s.domain_updates)
             if m.order == "self-paced":  # what rescoring cost, from fairseq-train's log
                 spent = [float(x) for x in re.findall(r"self-paced: rescored \d+ pairs .* in ([\d.]+)s",
                                                        (folder / "train.log").read_text(encoding="utf-8"))]
