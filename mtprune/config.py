@@ -529,8 +529,8 @@ class TargetConfig(_Recorded):
                                         f"must be valid or null, got {v!r}")] = Field(None, validate_default=True)
     # domain_xent_diff: each seed's last proxy checkpoint fine-tuned on the target set for this many updates
     # (Adam at lr, batches of proxy.max_tokens target tokens, seeded), then cross-entropy in-domain minus general
-    updates: Positive = 100
-    lr: Lr = 0.0005
+    updates: Positive = 300
+    lr: Lr = 0.005
     # base_domain_xent: n-gram order of the in-domain and general language models (VariKN, through OpusFilter) and
     # how many training pairs (evenly spaced) the general ones are trained on
     ngram_order: Annotated[Int, _at_least(2)] = 3

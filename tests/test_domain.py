@@ -14,6 +14,8 @@ import yaml
 from conftest import SHARED_DATA, TINY, cli, error_lines, read
 from mtprune.layout import RunLayout
 
+# the tiny runs' target set: their valid split, a short fine-tuning (the default 300 updates cost seconds each time)
+TARGET = ("score.target.split=valid", "score.target.updates=40")
 DOMAIN = ("domain_xent_diff", "domain_grad", "domain_sim", "base_domain_xent", "domain_combined")
 
 
@@ -31,7 +33,7 @@ def shard_json(run: Path) -> str:
 
 def test_target_split_adds_every_domain_column_and_a_changed_target_redoes_only_them(tiny_copy: Path) -> None:
     before = shard_json(tiny_copy)
-    code, out = score(tiny_copy, "score.target.split=valid")
+    code, out = score(tiny_copy, *TARGET)
     assert code == 0, out
     table = pq.read_table(RunLayout(tiny_copy).scores)
     for c in DOMAIN:
@@ -42,12 +44,12 @@ def test_target_split_adds_every_domain_column_and_a_changed_target_redoes_only_
     el2n = table.column("el2n").to_numpy()
     assert shard_json(tiny_copy) == before  # the pass was kept: score.target is merge-only
     # the same settings again: the cached columns are read back
-    code, out = score(tiny_copy, "score.target.split=valid", "--overwrite")
+    code, out = score(tiny_copy, *TARGET, "--overwrite")
     assert code == 0, out
     assert "domain columns kept" in out
     before = shard_json(tiny_copy)  # --overwrite scores the pass again (same bytes), the domain cache is kept
     # fewer fine-tuning updates: domain_xent_diff changes, the pass and the other columns do not
-    code, out = score(tiny_copy, "score.target.split=valid", "score.target.updates=20")
+    code, out = score(tiny_copy, *TARGET, "score.target.updates=20", "score.target.lr=0.002")
     assert code == 0, out
     assert "domain columns kept" not in out
     table = pq.read_table(RunLayout(tiny_copy).scores)
@@ -59,12 +61,12 @@ def test_target_split_adds_every_domain_column_and_a_changed_target_redoes_only_
 
 
 def test_domain_columns_are_the_same_bytes_when_computed_again(tiny_copy: Path) -> None:
-    code, out = score(tiny_copy, "score.target.split=valid")
+    code, out = score(tiny_copy, *TARGET)
     assert code == 0, out
     first = pq.read_table(RunLayout(tiny_copy).scores).select(list(DOMAIN))
     for f in (tiny_copy / "04_score" / "shards").glob("domain*"):
         f.unlink() if f.is_file() else None
-    code, out = score(tiny_copy, "score.target.split=valid", "--overwrite")
+    code, out = score(tiny_copy, *TARGET, "--overwrite")
     assert code == 0, out
     assert "domain columns kept" not in out
     assert pq.read_table(RunLayout(tiny_copy).scores).select(list(DOMAIN)).equals(first)
@@ -256,16 +258,16 @@ def test_bad_parts_get_one_line_naming_the_part(tmp_path: Path) -> None:
 
 def test_domain_columns_from_score_shards_equal_the_one_pass(tiny_copy: Path, tiny_run: Path) -> None:
     """Scored as 2 `score --shard` jobs and merged, the domain columns are the one-process pass's."""
-    code, out = score(tiny_copy, "score.target.split=valid")
+    code, out = score(tiny_copy, *TARGET)
     assert code == 0, out
     whole = pq.read_table(RunLayout(tiny_copy).scores).select(list(DOMAIN))
     for f in (tiny_copy / "04_score" / "shards").iterdir():
         f.unlink() if f.is_file() else None
     RunLayout(tiny_copy).manifest("score").unlink()
     for i in range(2):
-        code, out = score(tiny_copy, "score.target.split=valid", "--shard", f"{i}/2")
+        code, out = score(tiny_copy, *TARGET, "--shard", f"{i}/2")
         assert code == 0, out
-    code, out = score(tiny_copy, "score.target.split=valid")
+    code, out = score(tiny_copy, *TARGET)
     assert code == 0, out
     assert "merging 2 finished shards" in out
     merged = pq.read_table(RunLayout(tiny_copy).scores).select(list(DOMAIN)).to_pandas()
