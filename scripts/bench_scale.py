@@ -15,6 +15,7 @@ below 1 since their updates are fixed). ``peak_rss_gb``: the largest tree RSS of
 
     .venv/bin/python scripts/bench_scale.py --pairs 20000,200000
     .venv/bin/python scripts/bench_scale.py --pairs 50000,1000000 --workdir /scratch/bench
+    .venv/bin/python scripts/bench_scale.py --pairs 20000,200000 --target   # with the domain columns
 
 Run it alone on the machine: a second job on the same cores changes every time it reports. Linux only (/proc).
 """
@@ -39,9 +40,10 @@ PAIRS = ("de-en", "en-es", "en-fr", "en-it")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def config(pairs: int) -> dict:
-    """The benchmark's config: the corpus grows, the model and its updates do not."""
-    return {
+def config(pairs: int, target: bool = False) -> dict:
+    """The benchmark's config: the corpus grows, the model and its updates do not. With ``target``, the domain
+    columns too (``score.target.split: valid``, pruned by ``domain_combined-high``)."""
+    out = {
         "download": {"source": "synthetic", "pairs": list(PAIRS), "synthetic_train_per_pair": pairs // len(PAIRS),
                      "max_valid_per_pair": 100, "max_test_per_pair": 50},
         "prepare": {"vocab_size": 1000},
@@ -51,6 +53,10 @@ def config(pairs: int) -> dict:
         "train": {"include_full": False, "max_update": 20, "warmup_updates": 5, "max_tokens": 2048},
         "evaluate": {"beam": 1},
     }
+    if target:
+        out["score"] = {"target": {"split": "valid"}}
+        out["prune"]["strategies"] = ["el2n-high", "domain_combined-high"]
+    return out
 
 
 def tree_rss(root_pid: int) -> int:
@@ -116,6 +122,8 @@ def main() -> None:
     ap.add_argument("--pairs", default="20000,200000", help="corpus sizes (training pairs in all), comma-separated")
     ap.add_argument("--workdir", default="/tmp/mtprune-bench-scale", help="run directories go here (removed first)")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
+    ap.add_argument("--target", action="store_true",
+                    help="also the domain columns (score.target: the valid split), pruned by domain_combined-high")
     args = ap.parse_args()
     sizes = sorted(int(x) for x in args.pairs.split(","))
     work = Path(args.workdir)
@@ -124,7 +132,7 @@ def main() -> None:
     results: dict[int, dict[str, dict]] = {}
     for n in sizes:
         cfg_path = work / f"bench-{n}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config(n), sort_keys=False))
+        cfg_path.write_text(yaml.safe_dump(config(n, args.target), sort_keys=False))
         run_dir = work / f"run-{n}"
         results[n] = {}
         for stage in STAGES:

@@ -430,10 +430,11 @@ def finding_table(df: Any, labels: Any) -> tuple[str, dict[str, Any]]:
     for name, v in cands.items():
         a = auroc(v, ~inside)
         kept = np.argsort(v, kind="stable")[:n_in]
-        rows.append([name, a, float(inside[kept].mean()) if n_in else float("nan")])
+        rows.append([name, a, float(inside[kept].mean()) if n_in else float("nan")])  # AUROCs close to 1: 3 decimals
         if name in COLUMNS:
             summary[name] = round(a, 4)
     rows.sort(key=lambda r: -r[1] if r[1] == r[1] else 1.0)
+    rows = [[name, "–" if a != a else f"{a:.3f}", share] for name, a, share in rows]
     md = (f"# Telling the target domain apart\n\n{n_in} of {len(df)} training pairs come from the pool's in-domain part "
           "(01_download/domain.ids). AUROC of each column at ranking the other pairs above them (domain columns: high "
           "= unlike the target set; 0.5 is chance; `-length`: shorter target first), and the share of in-domain pairs "
