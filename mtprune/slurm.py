@@ -217,9 +217,12 @@ def job_resources(cfg: Config, stage: str, unit: bool) -> Resources:
     ``launch.gpus_per_run`` GPUs, on each of ``launch.slurm.nodes`` nodes (one task per GPU when there
     are several nodes: fairseq's Slurm init reads its rank from the task); evaluate decodes on
     ``launch.slurm.gpus_per_node``; the CPU stages and the jobs that only finish a stage (merge shards,
-    write the manifest) hold none. A single-node job is one task whatever its GPUs: fairseq-train
+    write the manifest) hold none, but the score merge with ``score.target`` (the domain columns) holds one. A single-node job is one task whatever its GPUs: fairseq-train
     spawns one process per GPU itself there."""
     s = cfg.launch.slurm
+    if not unit and stage == "score" and cfg.score.target.enabled:
+        # the merge computes the domain columns: a fine-tuning per proxy seed and a pass over the corpus, on one GPU
+        return Resources(gpus_per_node=min(1, s.gpus_per_node))
     if not unit or stage in (BASELINES, "prepare"):
         return Resources(gpus_per_node=s.gpus_per_node if stage == "evaluate" else 0)
     if stage == "score":

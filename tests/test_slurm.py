@@ -93,6 +93,13 @@ def test_slurm_sweep_submits_the_whole_chain_with_dependencies(fake_sbatch: Path
     assert not RunLayout(run).stage_dir("download").exists()  # submitted, not run
     code, out = cli("status", "-c", str(TINY), "--run-dir", str(run))
     assert "queued" in out and "train --unit full" in out
+    # with score.target the score merge computes the domain columns (a fine-tuning, a pass over the corpus): one GPU
+    sets = ["-c", str(TINY), "--run-dir", str(tmp_path / "domain"), "--set", "launch.slurm.gpus_per_node=4",
+            "--set", "launch.score_shards=3"]
+    for target, gpus in (([], None), (["--set", "score.target.split=valid"], "1")):
+        code, script = cli("slurm-script", "score", "--finish", *sets, *target)
+        assert code == 0, script
+        assert sbatch_options_of(script).get("gpus-per-node") == gpus, target
 
     # states as Slurm's accounting reports them
     (tmp_path / "sacct-states").write_text(
