@@ -511,6 +511,9 @@ def _combine_problems(v: tuple[str, ...]) -> list[str]:
     return out + (["duplicate columns"] if len(set(v)) != len(v) else [])
 
 
+# the domain columns (scoring/domain.py), all higher = unlike the target set; the proxy's need target pairs
+PROXY_DOMAIN_COLUMNS = ("domain_xent_diff", "domain_grad", "domain_sim")
+DOMAIN_COLUMNS = (*PROXY_DOMAIN_COLUMNS, "base_domain_xent", "domain_combined")
 SidePath = Str | None
 
 
@@ -546,6 +549,14 @@ class TargetConfig(_Recorded):
     @property
     def enabled(self) -> bool:
         return bool(self.files) or self.split is not None
+
+    def columns(self) -> tuple[str, ...]:
+        """The columns these settings add to the score table (``scoring/domain.py``): none without a target set, the
+        n-gram ones only when a side is given as null (the proxy's need pairs)."""
+        if not self.enabled:
+            return ()
+        one_sided = any(None in sides for sides in self.files.values())
+        return tuple(c for c in DOMAIN_COLUMNS if not (one_sided and c in PROXY_DOMAIN_COLUMNS))
 
 
 class ScoreConfig(_Recorded):
@@ -806,7 +817,7 @@ _UNION_TAGS = {("train", "files"), ("train", "parts")}
 
 def _key(prefix: str, loc: tuple[Any, ...]) -> str:
     key = prefix
-    for before, part in zip((None, *loc), loc):
+    for before, part in zip((None, *loc[:-1]), loc, strict=True):
         if (before, part) in _UNION_TAGS:
             continue
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))

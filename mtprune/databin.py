@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from .children import die_with
+from .config import Config
+from .sources import langs
 
 MAGIC = b"MMIDIDX\x00\x00"
 _CODES = {np.dtype(np.uint16): 8, np.dtype(np.uint32): 9, np.dtype(np.int64): 5}
@@ -235,3 +237,50 @@ class Encoder:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+# ---- the run's directions and vocabulary (prepare binarizes with them; the score stage's target set too) ----
+
+def tag(lang: str) -> str:
+    return f"<2{lang}>"
+
+
+def tasks(pairs: tuple[str, ...] | list[str], direction: str) -> list[tuple[str, str, str]]:
+    """(pair, source language, target language) for every translation direction of the run."""
+    out = []
+    for pair in pairs:
+        a, b = langs(pair)
+        other = b if a == "en" else a
+        if direction in ("en-xx", "both"):
+            out.append((pair, "en", other))
+        if direction in ("xx-en", "both"):
+            out.append((pair, other, "en"))
+    return out
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The SentencePiece model's pieces and their fairseq dictionary ids, read once per process."""
+
+    pieces: list[str]
+    lut: np.ndarray
+
+    @classmethod
+    def load(cls, model: Path) -> Vocabulary:
+        import sentencepiece as spm
+
+        vocab = pieces(spm.SentencePieceProcessor(model_file=str(model)))
+        return cls(vocab, fairseq_ids(vocab))
+
+    @property
+    def dtype(self) -> np.dtype:
+        """What fairseq stores ids of this dictionary as."""
+        return id_dtype(int(self.lut.max()) + 1)
+
+    def frame(self, cfg: Config, s: str, t: str) -> Frame:
+        """How the rows of direction ``s``-``t`` are framed (tags, length limit, stored dtype)."""
+        def tag_id(lang: str) -> int:
+            return int(self.lut[self.pieces.index(tag(lang))])
+
+        return Frame(tag=tag_id(t), reverse_tag=tag_id(s), limit=cfg.prepare.max_tokens, dtype=self.dtype.str,
+                     dual=cfg.proxy.dual)

@@ -398,7 +398,6 @@ def score_table(cfg: Config, layout: RunLayout, indices: np.ndarray, res: dict[s
     return pa.table(cols)
 
 
-
 def score_columns(cfg: Config) -> list[str]:
     """Every numeric column ``scores.parquet`` will have with these settings (``tests/test_score.py`` holds it
     to the real table), so that a strategy or combine entry naming a column no stage writes is refused
@@ -417,11 +416,4 @@ def score_columns(cfg: Config) -> list[str]:
         out.append("combined")
         if cfg.score.baselines:
             out.append("combined_all")
-    if cfg.score.target.enabled:  # a side given as null: no pairs, so no proxy domain column
-        one_sided = any(None in sides for sides in cfg.score.target.files.values())
-        out += [c for c in DOMAIN_COLUMNS if not (one_sided and c in DOMAIN_COLUMNS[:3])]
-    return out
-
-
-# with score.target (mtprune/scoring/domain.py), all higher = unlike the target set
-DOMAIN_COLUMNS = ("domain_xent_diff", "domain_grad", "domain_sim", "base_domain_xent", "domain_combined")
+    return out + list(cfg.score.target.columns())  # domain.py's, with score.target

@@ -17,7 +17,6 @@ import random
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..config import Config
 from ..cpus import usable_cpus
-from ..databin import Encoder, Frame, concat, fairseq_ids, id_dtype, pieces, write_index
+from ..databin import Encoder, Vocabulary, concat, tag, tasks, write_index
 from ..errors import UsageError
 from ..fairseq_backend import SRC, TGT, write_dictionary
 from ..faults import crash_point
@@ -41,22 +40,6 @@ UPSTREAM = ("download",)
 KEEPS_UNITS = True  # parts binarized by `prepare --shard` jobs (02_prepare/shards) carry their own key
 log = logging.getLogger("mtprune")
 
-
-def tag(lang: str) -> str:
-    return f"<2{lang}>"
-
-
-def tasks(pairs: tuple[str, ...] | list[str], direction: str) -> list[tuple[str, str, str]]:
-    """(pair, source language, target language) for every translation direction of the run."""
-    out = []
-    for pair in pairs:
-        a, b = langs(pair)
-        other = b if a == "en" else a
-        if direction in ("en-xx", "both"):
-            out.append((pair, "en", other))
-        if direction in ("xx-en", "both"):
-            out.append((pair, other, "en"))
-    return out
 
 
 def train_spm(cfg: Config, layout: RunLayout, all_tasks: list[tuple[str, str, str]], path: Path) -> None:
@@ -135,34 +118,6 @@ def shared_spm(cfg: Config, layout: RunLayout, key: str) -> Path:
         return model
     finally:
         lock.release()
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """The SentencePiece model's pieces and their fairseq dictionary ids, read once per process."""
-
-    pieces: list[str]
-    lut: np.ndarray
-
-    @classmethod
-    def load(cls, model: Path) -> Vocabulary:
-        import sentencepiece as spm
-
-        vocab = pieces(spm.SentencePieceProcessor(model_file=str(model)))
-        return cls(vocab, fairseq_ids(vocab))
-
-    @property
-    def dtype(self) -> np.dtype:
-        """What fairseq stores ids of this dictionary as."""
-        return id_dtype(int(self.lut.max()) + 1)
-
-    def frame(self, cfg: Config, s: str, t: str) -> Frame:
-        """How the rows of direction ``s``-``t`` are framed (tags, length limit, stored dtype)."""
-        def tag_id(lang: str) -> int:
-            return int(self.lut[self.pieces.index(tag(lang))])
-
-        return Frame(tag=tag_id(t), reverse_tag=tag_id(s), limit=cfg.prepare.max_tokens, dtype=self.dtype.str,
-                     dual=cfg.proxy.dual)
 
 
 STREAMS = ("src", "tgt")

@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..layout import RunLayout
 from ..manifest import atomic_write_text, count_lines, temp_path
 from ..pipeline import StageResult, require_fresh_upstream, stage_config, upstream_digests
-from ..scoring import domain
+from ..scoring import domain, target
 from ..scoring.derived import add_columns_table
 from ..scoring.disktable import DiskTable
 from ..scoring.dual import add_columns as add_dual_columns
@@ -65,7 +65,7 @@ log = logging.getLogger("mtprune")
 
 def external_inputs(cfg: Config) -> list[str]:
     """score.target's files (fingerprinted: an edited target file redoes the domain columns, not the pass)."""
-    return domain.external_inputs(cfg)
+    return target.external_inputs(cfg)
 
 
 def current_shard_key(cfg: Config, layout: RunLayout) -> str:
@@ -266,14 +266,14 @@ def _domain_files(table: Any, layout: RunLayout, stats: dict[str, Any]) -> list[
 def preflight(cfg: Config, layout: RunLayout) -> None:
     """Bad target text (score.target) is named before the scoring pass, not after it."""
     if cfg.score.target.enabled:
-        domain.target_text(cfg, layout)
+        target.target_text(cfg, layout)
 
 
 def check(cfg: Config, layout: RunLayout) -> None:
     """Problems the stage would meet, from the config alone (also before a sweep's first stage): a device or
     precision this machine lacks, a ``score.combine`` entry naming a column the stage does not write."""
     pick_device(cfg)
-    domain.check_files(cfg)
+    target.check_files(cfg)
     known = [c for c in score_columns(cfg) if c != "combined"]
     missing = [e for e in cfg.score.combine if e.lstrip("-") not in known]
     if missing:
