@@ -278,3 +278,19 @@ def test_domain_columns_from_score_shards_equal_the_one_pass(tiny_copy: Path, ti
         assert np.allclose(merged[c], whole[c], rtol=1e-5, atol=1e-5), c
     assert (merged["domain_sim"] - whole["domain_sim"]).abs().max() <= 1e-3
     assert (merged["domain_combined"] - whole["domain_combined"]).abs().max() <= 4 / len(whole)
+
+
+def test_baseline_slices_and_the_domain_columns_go_together(tiny_copy: Path) -> None:
+    """`score --baselines I/N` jobs (the base_* columns on CPUs) beside score.target: the merge reads their columns
+    and adds the domain columns; base_domain_xent stays out of the baselines' slices and of base_all."""
+    sets = (*TARGET, "score.baselines=true")
+    for i in range(2):
+        code, out = score(tiny_copy, *sets, "--baselines", f"{i}/2")
+        assert code == 0, out
+    code, out = score(tiny_copy, *sets)
+    assert code == 0, out
+    assert "base_from_shards" in out, out  # the merge assembled the slices' columns
+    table = pq.read_table(RunLayout(tiny_copy).scores)
+    assert {"base_all", "base_wordalign_src", *DOMAIN} <= set(table.column_names)
+    slices = [pq.read_table(p) for p in sorted((tiny_copy / "04_score" / "shards").glob("baselines-*-of-0002.parquet"))]
+    assert slices and all("base_domain_xent" not in t.column_names for t in slices)
