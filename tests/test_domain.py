@@ -161,13 +161,13 @@ def _two_domain_config(tmp_path: Path) -> Path:
         "source": "files", "pairs": ["de-en"], "direction": "en-xx", "max_valid_per_pair": 300, "max_test_per_pair": 50,
         "files": {"de-en": {
             "train": [{"files": [str(TATOEBA / "opus.de-en-train.de"), str(TATOEBA / "opus.de-en-train.en")],
-                       "max_pairs": 1500},
-                      {"files": [str(MULTI30K / "train.de"), str(MULTI30K / "train.en")], "max_pairs": 500,
+                       "max_pairs": 1200},
+                      {"files": [str(MULTI30K / "train.de"), str(MULTI30K / "train.en")], "max_pairs": 400,
                        "in_domain": True}],
             "valid": [str(MULTI30K / "val.de"), str(MULTI30K / "val.en")],
             "test": [str(MULTI30K / "test.de"), str(MULTI30K / "test.en")]}}}
     cfg["prepare"]["vocab_size"] = 1000
-    cfg["proxy"].update(checkpoints=[100, 200], warmup_updates=50)
+    cfg["proxy"].update(checkpoints=[80, 160], warmup_updates=40)
     cfg["score"]["target"] = {"split": "valid", "updates": 50}
     path = tmp_path / "two-domains.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -183,10 +183,10 @@ def test_domain_columns_tell_captions_from_conversation_on_real_text(tmp_path: P
         assert code == 0, out
     layout = RunLayout(run)
     labels = dict(line.split("\t") for line in read(layout.domain_ids))
-    assert len(labels) == 2000 and sum(v == "IN_DOMAIN" for v in labels.values()) == 500
-    assert all(labels[f"de-en/{n}"] == ("IN_DOMAIN" if n >= 1500 else "general") for n in range(2000))
+    assert len(labels) == 1600 and sum(v == "IN_DOMAIN" for v in labels.values()) == 400
+    assert all(labels[f"de-en/{n}"] == ("IN_DOMAIN" if n >= 1200 else "general") for n in range(1600))
     summary = json.loads(layout.manifest("score").read_text())["stats"]["domain"]
-    assert summary["in_domain"] == 500
+    assert summary["in_domain"] == 400
     auroc = summary["auroc"]
     assert auroc["domain_combined"] >= 0.9, auroc
     assert auroc["base_domain_xent"] >= 0.9, auroc
