@@ -95,8 +95,8 @@ def columns(cfg: Config, layout: RunLayout, table: Any, pooled: np.ndarray, sket
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..manifest import atomic_write_text, temp_path
-    from .shards import stored_key
+    from ..manifest import atomic_write_text
+    from .shards import stored_key, write_parquet
 
     text = target_text(cfg, layout)
     key = cache_key(cfg, pass_key, text)
@@ -117,13 +117,7 @@ def columns(cfg: Config, layout: RunLayout, table: Any, pooled: np.ndarray, sket
         log.info("score: the target text has one side only: domain_xent_diff, domain_grad and domain_sim need pairs "
                  "and are left out; domain_combined is base_domain_xent's rank")
     out["domain_combined"] = combined_rank(out)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(cache)
-    try:
-        pq.write_table(pa.table({"index": pa.array(index), **{c: pa.array(v) for c, v in out.items()}}), tmp)
-        tmp.replace(cache)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet(pa.table({"index": pa.array(index), **{c: pa.array(v) for c, v in out.items()}}), cache)
     atomic_write_text(cache.with_suffix(".json"), json.dumps({"key": key}))
     return out
 

@@ -28,10 +28,7 @@ def target_files(cfg: Config, layout: RunLayout) -> dict[str, tuple[Path | None,
     if t.split is not None:
         return {p: (layout.split_file(p, t.split, langs(p)[0]), layout.split_file(p, t.split, langs(p)[1]))
                 for p in pairs}
-    extra = [p for p in t.files if p not in pairs]
-    if extra:
-        raise InputError(f"score.target.files: {extra[0]!r} is not a pair of this run (download.pairs: "
-                         f"{', '.join(pairs)})")
+    check_files(cfg)
     missing = [p for p in pairs if p not in t.files]
     if missing:
         raise InputError(f"score.target.files: no target text for pair {missing[0]} (give [file of "
