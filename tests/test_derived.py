@@ -107,7 +107,7 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     seconds: dict[str, float] = {}
     out = derived.add_columns(df, cfg, layout, seconds)
     assert {"el2n_debiased", "el2n_debiased@s1u10", "nll_debiased", "nll_debiased@s1u10", "combined",
-            "base_all", "combined_all", *baselines.COLUMNS} <= set(out.columns)
+            "base_all", "base_fitted", "combined_all", *baselines.COLUMNS} <= set(out.columns)
     assert set(seconds) >= {"base_langid", "base_wordalign", "combined", "el2n_debiased"}
     # row 0 (de-en/9): an Italian target where German is expected
     assert out["base_langid_tgt"][0] == 1.0 and out["base_langid_tgt"][1] < 0.2
@@ -120,6 +120,8 @@ def test_add_columns_on_raw_text_and_again_on_its_own_output(tmp_path: Path) -> 
     both = derived.tail_ranks(out, (*cfg.score.combine, *derived.BASE_ALL))
     np.testing.assert_allclose(out["combined_all"], derived.fisher(both))
     np.testing.assert_allclose(out["base_all"], derived.fisher(derived.tail_ranks(out, derived.BASE_ALL)))
+    # base_fitted: four rows are too few to fit on (fitted.MIN_ROWS), so it ranks the pairs as base_all does
+    np.testing.assert_array_equal(out["base_fitted"].rank(), out["base_all"].rank())
     # four rows make one length bin: el2n median 0.35, nll median 2.5
     np.testing.assert_allclose(out["el2n_debiased"], [0.15, 0.05, -0.05, -0.15])
     assert cfg.score.combine == ("nll_debiased", "el2n_debiased", "el2n_eos", "el2n_max")  # the default

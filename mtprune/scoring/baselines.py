@@ -109,14 +109,15 @@ def langid_rejects(bad_src: np.ndarray, bad_tgt: np.ndarray) -> np.ndarray:
     return (np.nan_to_num(bad_src) >= 1.0) | (np.nan_to_num(bad_tgt) >= 1.0)
 
 
-def wordalign(text: Any, rows: np.ndarray, src: str, tgt: str, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
+def wordalign(text: Any, rows: np.ndarray, src: str, tgt: str, workdir: Path,
+              train: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The word-alignment scores of each of ``rows`` of ``text`` (source->target, target->source): each pair scored on
-    its own by lexical models fitted on ``training_pairs`` (``scoring/wordalign.py``), kept in ``workdir/wordalign``.
-    NaN for every row when fewer than two distinct non-empty pairs are there to learn from."""
+    its own by lexical models fitted on ``train`` (by default ``training_pairs``; ``scoring/wordalign.py``), kept in
+    ``workdir/wordalign``. NaN for every row when fewer than two distinct non-empty pairs are there to learn from."""
     from . import wordalign as wa
 
     nan = np.full(len(rows), np.nan)
-    train = training_pairs(text, rows, f"{src}-{tgt}")
+    train = training_pairs(text, rows, f"{src}-{tgt}") if train is None else train
     if not _two_distinct(train):
         return nan, nan.copy()
     digest = wa.sample_digest(train)
@@ -182,9 +183,11 @@ def compute(src_text: list[str], tgt_text: list[str], directions: list[str], wor
 
 
 def compute_rows(text: Any, direction_codes: np.ndarray, direction_names: list[str], workdir: Path,
-                 seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+                 seconds: dict[str, float] | None = None,
+                 train: dict[str, list[tuple[str, str]]] | None = None) -> dict[str, np.ndarray]:
     """Every ``base_*`` column for the rows of ``text`` (``rawtext.RowText`` or ``ListText``), row i translating in
-    direction ``direction_names[direction_codes[i]]``; ``seconds`` receives the wall time per filter.
+    direction ``direction_names[direction_codes[i]]``; ``seconds`` receives the wall time per filter. ``train``: the
+    pairs each direction's word-alignment models are fitted on, when not the text's own (``training_pairs``).
 
     The text is read ``CHUNK`` rows at a time for the per-pair filters, and to the word-alignment models: memory does not
     grow with the corpus beyond the columns themselves (and the models, fitted on at most ``wordalign.TRAIN_MAX`` pairs)."""
@@ -216,7 +219,8 @@ def compute_rows(text: Any, direction_codes: np.ndarray, direction_names: list[s
             seconds["base_langid"] = round(seconds.get("base_langid", 0.0) + time.time() - t0, 3)
         out["base_opusfilter"][rows] = rejects
         t0 = time.time()
-        out["base_wordalign_src"][rows], out["base_wordalign_tgt"][rows] = wordalign(text, rows, s, t, workdir)
+        out["base_wordalign_src"][rows], out["base_wordalign_tgt"][rows] = wordalign(
+            text, rows, s, t, workdir, None if train is None else train[direction])
         seconds["base_wordalign"] = round(seconds.get("base_wordalign", 0.0) + time.time() - t0, 3)
     return out
 

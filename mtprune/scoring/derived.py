@@ -19,6 +19,8 @@ after shards are merged), all with higher = worse:
   columns (``base_*``) never enter it.
 - ``base_*``: OpusFilter's filters on the raw text (``score.baselines``; ``mtprune/scoring/baselines.py``).
 - ``base_all``: the ``BASE_ALL`` baselines combined, no proxy: what OpusFilter's scores find together.
+- ``base_fitted``: ``base_all`` and the filters weighted by a classifier fitted on synthetic noise made from the
+  corpus (``mtprune/scoring/fitted.py``), combined alike; no proxy, no labels.
 - ``combined_all``: the ``score.combine`` columns and ``BASE_ALL`` combined: proxy and baselines together, the
   column to use when the best detector is wanted (``combined`` stays proxy-only so the two compare).
   Both combine by ``score.combine_all_how``: ``fisher`` (default) sums -log p over the columns, p being the
@@ -44,7 +46,7 @@ import numpy as np
 
 from ..config import combine_problem
 from ..errors import UsageError
-from . import baselines
+from . import baselines, fitted
 
 log = logging.getLogger("mtprune")
 
@@ -138,7 +140,7 @@ def tail_ranks(df: Any, columns: tuple[str, ...] | list[str]) -> np.ndarray:
 
     rows = []
     for entry in columns:
-        v = df[entry.lstrip("-")].to_numpy(dtype=np.float64)
+        v = np.asarray(df[entry.lstrip("-")], dtype=np.float64)
         rows.append(pd.Series(-v if entry.startswith("-") else v).rank(method="average", pct=True)
                     .fillna(0.0).to_numpy())
     return np.vstack(rows)
@@ -205,6 +207,8 @@ def derived_columns(data: Any, cfg: Any, layout: Any, seconds: dict[str, float])
             index = df["index"].to_numpy() if "index" in df.columns else None
             new.update(baselines.cached_rows(layout.baseline_cache, df.raw("sentence_id"), text, text.direction_codes,
                                              text.direction_names, layout.stage_dir("score"), seconds, index))
+            odds = fitted.log_odds(text, text.direction_codes, text.direction_names, new, layout.baseline_cache.parent,
+                                   seconds)
     df = _Columns(data, new)
     if all(c in df.columns for c in EL2N_WORST) and n:
         t0 = time.time()
@@ -218,6 +222,8 @@ def derived_columns(data: Any, cfg: Any, layout: Any, seconds: dict[str, float])
         t0 = time.time()
         how = cfg.score.combine_all_how
         new["base_all"] = combine_ranks(tail_ranks(df, BASE_ALL), how)
+        new["base_fitted"] = combine_ranks(tail_ranks({"odds": odds, "base_all": new["base_all"]},
+                                                      ("odds", "base_all")), how)
         if cfg.score.combine:  # its entries were checked when `combined` was made above
             new["combined_all"] = combine_ranks(tail_ranks(df, (*cfg.score.combine, *BASE_ALL)), how)
         seconds["base_all_combined_all"] = round(time.time() - t0, 3)

@@ -147,7 +147,7 @@ def noise_finding(df: Any, labels: dict[str, str], sparsities: list[float], scop
     return pd.DataFrame(rows)
 
 
-SIDE_BY_SIDE = ("combined", "base_all", "combined_all")  # noise.md shows these first, together
+SIDE_BY_SIDE = ("combined", "base_all", "base_fitted", "combined_all")  # noise.md shows these first, together
 
 
 def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[str, Any, dict[str, Any]]:
@@ -181,7 +181,8 @@ def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[
     side_md = ""
     if len(sides) > 1:
         side_md = ("## Proxy, baselines, both\n\n`combined`: the proxy's scores alone (`score.combine`); `base_all`: "
-                   "OpusFilter's filters alone (`base_*`), no model; `combined_all`: both (`score.combine_all_how`: "
+                   "OpusFilter's filters alone (`base_*`), no model; `base_fitted`: the filters weighted by a "
+                   "classifier fitted on synthetic noise, with `base_all`; `combined_all`: proxy and filters (`score.combine_all_how`: "
                    "Fisher's sum of -log tail shares by default).\n\n" + md_table(header, sides) + "\n## Every score\n\n")
     sample = (f" as noise, the other {n_all - n_noisy} as clean: every figure is on these {n_all} labelled pairs"
               if getattr(labels, "clean", None) else "")
