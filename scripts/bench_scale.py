@@ -92,12 +92,19 @@ def folder_bytes(path: Path) -> int:
 
 
 def run_stage(stage: str, cfg_path: Path, run_dir: Path, log: Path, extra: tuple[str, ...] = ()) -> dict:
+    r = measure([sys.executable, "-m", "mtprune", stage, "-c", str(cfg_path), "--run-dir", str(run_dir), *extra], log)
+    if r["code"] != 0:
+        raise SystemExit(f"bench_scale: `mtprune {stage}` exited with {r['code']}; see {log}")
+    return r
+
+
+def measure(argv: list[str], log: Path, cwd: Path = ROOT) -> dict:
+    """Run ``argv`` (output appended to ``log``): its wall and CPU seconds (with its children), the peak RSS of its
+    process tree, its exit code."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     with open(log, "a", encoding="utf-8") as out:
-        p = subprocess.Popen([sys.executable, "-m", "mtprune", stage, "-c", str(cfg_path), "--run-dir", str(run_dir),
-                              *extra],
-                             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         peak = [0]
 
         def sample() -> None:
@@ -111,10 +118,8 @@ def run_stage(stage: str, cfg_path: Path, run_dir: Path, log: Path, extra: tuple
         sampler.join()
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if code != 0:
-        raise SystemExit(f"bench_scale: `mtprune {stage}` exited with {code}; see {log}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "rss": peak[0]}
+    return {"wall": wall, "cpu": cpu, "rss": peak[0], "code": code}
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import numpy as np
 log = logging.getLogger("mtprune")
 
 VERSION = 1  # bump when the corruption, the features or the fit change
-KINDS = ("neighbour", "random", "truncated", "appended", "copied", "swapped")
+KINDS = ("neighbour", "random", "truncated", "appended", "copied")
 FEATURES = ("base_wordalign_src", "base_wordalign_tgt", "base_langid_src", "base_langid_tgt", "base_similarity",
             "base_lengthratio_char", "base_lengthratio_word", "base_terminalpunct", "base_numerals",
             "base_repetition", "base_opusfilter")
@@ -74,10 +74,8 @@ def corrupt(pairs: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
             out.append((s, _cut(t, share)) if side else (_cut(s, share), t))
         elif kind == "appended":
             out.append((s, f"{t} {near[1]}") if side else (f"{s} {near[0]}", t))
-        elif kind == "copied":
-            out.append((s, s) if side else (t, t))
         else:
-            out.append((t, s))
+            out.append((s, s) if side else (t, t))
     return out
 
 
@@ -103,7 +101,8 @@ def log_odds(text: Any, direction_codes: np.ndarray, direction_names: list[str],
              workdir: Path, seconds: dict[str, float] | None = None) -> np.ndarray:
     """The regression's log-odds of every row of ``text`` (``rawtext.RowText`` or ``ListText``, row i translating in
     direction ``direction_names[direction_codes[i]]``; ``base``: its ``base_*`` columns), fitted per direction; NaN in
-    a direction with fewer than ``MIN_ROWS`` rows. ``workdir/fitted`` keeps the word-alignment models it fits."""
+    a direction with fewer than ``MIN_ROWS`` rows. ``workdir``: where ``baselines`` keeps the word-alignment models
+    (``workdir/wordalign``; fitted there when missing)."""
     import time
 
     from sklearn.exceptions import ConvergenceWarning
@@ -115,7 +114,6 @@ def log_odds(text: Any, direction_codes: np.ndarray, direction_names: list[str],
 
     out = np.full(len(text), np.nan)
     codes = np.asarray(direction_codes)
-    folder = workdir / "fitted"
     for d, direction in enumerate(direction_names):
         rows = np.flatnonzero(codes == d)
         if len(rows) < MIN_ROWS:
@@ -123,20 +121,13 @@ def log_odds(text: Any, direction_codes: np.ndarray, direction_names: list[str],
         t0 = time.time()
         sample = rows[sample_rows(len(rows), SAMPLE)]
         fake = corrupt(list(text.pairs(sample)), direction_seed(direction))
-        # the word-alignment models see the corrupted copies too: a pair in a model's own training text is explained
-        # by what the model learnt from it (a copy by its own identity links), and the rows are in theirs
-        train = {direction: [*baselines.training_pairs(text, rows, direction), *fake]}
+        # word alignment by the models the base_* columns were scored with (fitted on the corpus, cached in workdir)
+        train = {direction: baselines.training_pairs(text, rows, direction)}
         fake_cols = baselines.compute_rows(ListText([p[0] for p in fake], [p[1] for p in fake]),
-                                           np.zeros(len(fake), np.int64), [direction], folder, None, train)
-        cols = dict(base)
-        s, t = direction.split("-")
-        aligned = baselines.wordalign(text, rows, s, t, folder, train[direction])
-        for name, values in zip(("base_wordalign_src", "base_wordalign_tgt"), aligned, strict=True):
-            cols[name] = np.full(len(text), np.nan)
-            cols[name][rows] = values
-        reference = {c: cols[c][rows] for c in FEATURES}
+                                           np.zeros(len(fake), np.int64), [direction], workdir, None, train)
+        reference = {c: base[c][rows] for c in FEATURES}
         fit_rows = rows[sample_rows(len(rows), FIT_ROWS)]
-        x = np.vstack([_features(reference, cols, fit_rows), _features(reference, fake_cols, slice(None))])
+        x = np.vstack([_features(reference, base, fit_rows), _features(reference, fake_cols, slice(None))])
         y = np.r_[np.zeros(len(fit_rows)), np.ones(len(fake))]
         model = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
         with warnings.catch_warnings():
@@ -144,7 +135,7 @@ def log_odds(text: Any, direction_codes: np.ndarray, direction_names: list[str],
             model.fit(x, y)
         for lo in range(0, len(rows), ROWS_AT_ONCE):
             part = rows[lo:lo + ROWS_AT_ONCE]
-            out[part] = model.decision_function(_features(reference, cols, part))
+            out[part] = model.decision_function(_features(reference, base, part))
         if seconds is not None:
             seconds[f"base_fitted {direction}"] = round(time.time() - t0, 3)
         log.info("score: base_fitted %s: fitted on %d rows against %d corrupted copies (weights %s)", direction,

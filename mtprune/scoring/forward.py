@@ -411,7 +411,7 @@ def score_columns(cfg: Config) -> list[str]:
     for f in families:
         out += [f, *(f"{f}@{t}" for t in tags)]
     if cfg.score.baselines:
-        out += [*BASELINE_COLUMNS, "base_all"]
+        out += [*BASELINE_COLUMNS, "base_all", "base_fitted"]
     if cfg.score.combine:
         out.append("combined")
         if cfg.score.baselines:

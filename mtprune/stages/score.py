@@ -57,8 +57,7 @@ KEEPS_UNITS = True  # shards in 04_score/shards carry their own key
 # text they were computed from: --overwrite and a changed config keep them (computing them again gives the same bytes,
 # in minutes at millions of pairs); the domain columns, keyed by the pass, the target text and score.target
 KEPT_CACHES = ("shards/baselines.parquet", "shards/baselines-*-of-*.parquet", "shards/wordalign/*.npz",
-               "shards/wordalign/*.json", "shards/fitted/wordalign/*.npz", "shards/fitted/wordalign/*.json",
-               "shards/domain.parquet", "shards/domain.json")
+               "shards/wordalign/*.json", "shards/domain.parquet", "shards/domain.json")
 
 
 log = logging.getLogger("mtprune")
