@@ -69,6 +69,16 @@ def _fail(label: str, err: MtpruneError) -> None:
     sys.exit(err.exit_code)
 
 
+def _exit_now(code: int) -> None:
+    """Exit without joining threads: a unit's thread waits on its fairseq-train until that ends, and Python's exit
+    would wait for it (training on, the command hanging after Ctrl-C). The trainers die with this process
+    (children.die_with_parent); what a stage leaves is what a killed one leaves, which a rerun resumes."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def guarded(label: str, fn: Callable[[], Any], verbose: int = 0) -> Any:
     """Run ``fn``; turn known errors into one line and an exit code, never a traceback."""
     try:
@@ -77,7 +87,7 @@ def guarded(label: str, fn: Callable[[], Any], verbose: int = 0) -> Any:
         _fail(label, e)
     except KeyboardInterrupt:
         click.echo(f"mtprune {label}: interrupted; rerun the same command to continue", err=True)
-        sys.exit(130)
+        _exit_now(130)
     except BrokenPipeError:  # `mtprune status | head`: the reader has what it wanted
         sys.stderr.close()
         os._exit(0)

@@ -363,7 +363,14 @@ def run_units(units: list[Unit], parallel: int, use_cuda: bool, gpus_per_run: in
                 slots.put(group)
 
     results: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=procs) as pool:
+    pool = ThreadPoolExecutor(max_workers=procs)
+    try:
         for name, result in pool.map(one, units):
             results[name] = result
+    except KeyboardInterrupt:
+        # Ctrl-C: no waiting unit starts; the running ones stop when this process exits (the CLI exits at once,
+        # without joining the threads that wait on them, and their trainers die with it: children.py)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results

@@ -279,3 +279,42 @@ def test_a_child_dies_with_its_parent_only_on_the_parents_host() -> None:
         p = subprocess.run([sys.executable, "-c", code], env={**os.environ, PARENT_PID: parent}, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert (p.stdout.strip() == "alive") == alive and (p.returncode == 0) == alive, (parent, p)
+
+
+def test_ctrl_c_stops_the_running_trainers_and_starts_no_waiting_unit(tiny_swept: tuple[Path, str],
+                                                                       tmp_path: Path) -> None:
+    """SIGINT to the mtprune process alone (as a terminal's Ctrl-C reaches it when its children ignore it, or `kill
+    -INT`): it says so and exits with 130 at once; its running trainers die with it and the seed still waiting for a
+    slot never starts. It used to wait for every unit, running or waiting, to train to the end. The rerun resumes."""
+    from mtprune.children import writers_into
+
+    ref, _ = tiny_swept
+    run = without(tmp_path / "run", ref, "proxy")
+    sets = ["--set", "proxy.seeds=[1,2,3]", "--set", "proxy.parallel=2", "--set", "proxy.checkpoints=[10,200]"]
+    layout = RunLayout(run)
+    p = subprocess.Popen([sys.executable, "-m", "mtprune", "proxy", "-c", str(TINY), "--run-dir", str(run), *sets],
+                         cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not list(run.glob("03_proxy/seed*/checkpoint_*_10.pt")):
+            time.sleep(0.05)
+        assert p.poll() is None and writers_into(layout.proxy_seed_dir(1)) + writers_into(layout.proxy_seed_dir(2)), \
+            "the run ended before it could be interrupted"
+        os.kill(p.pid, signal.SIGINT)  # the parent only
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 130, err[-2000:]
+        assert "mtprune proxy: interrupted; rerun the same command to continue" in err
+        deadline = time.time() + 20
+        while time.time() < deadline and any(writers_into(layout.proxy_seed_dir(s)) for s in (1, 2, 3)):
+            time.sleep(0.1)
+        assert not any(writers_into(layout.proxy_seed_dir(s)) for s in (1, 2, 3)), "a trainer outlived Ctrl-C"
+        assert not (layout.proxy_seed_dir(3) / "train.log").exists(), "a waiting seed started after Ctrl-C"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+    done = mtprune(run, "proxy", *sets)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(layout.proxy_checkpoint(s, 200).exists() for s in (1, 2, 3))
