@@ -290,7 +290,7 @@ def test_ctrl_c_stops_the_running_trainers_and_starts_no_waiting_unit(tiny_swept
 
     ref, _ = tiny_swept
     run = without(tmp_path / "run", ref, "proxy")
-    sets = ["--set", "proxy.seeds=[1,2,3]", "--set", "proxy.parallel=2", "--set", "proxy.checkpoints=[10,200]"]
+    sets = ["--set", "proxy.seeds=[1,2,3]", "--set", "proxy.parallel=2", "--set", "proxy.checkpoints=[10,60]"]
     layout = RunLayout(run)
     p = subprocess.Popen([sys.executable, "-m", "mtprune", "proxy", "-c", str(TINY), "--run-dir", str(run), *sets],
                          cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -317,4 +317,4 @@ def test_ctrl_c_stops_the_running_trainers_and_starts_no_waiting_unit(tiny_swept
         p.wait()
     done = mtprune(run, "proxy", *sets)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert all(layout.proxy_checkpoint(s, 200).exists() for s in (1, 2, 3))
+    assert all(layout.proxy_checkpoint(s, 60).exists() for s in (1, 2, 3))
