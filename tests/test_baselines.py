@@ -270,7 +270,9 @@ def test_baseline_slices_scored_as_jobs_of_their_own_are_what_the_merge_uses(tin
     real = baselines.compute_rows
 
     def counted(*a, **k):  # noqa: ANN002, ANN003, ANN202
-        calls.append(len(a[0]))
+        # the training pairs' columns (a RowText); base_fitted's corrupted copies (a ListText each) are not counted
+        if type(a[0]).__name__ != "ListText":
+            calls.append(len(a[0]))
         return real(*a, **k)
 
     monkeypatch.setattr(baselines, "compute_rows", counted)
