@@ -26,23 +26,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import config, folder_bytes, run_stage  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sizes_and_workdir(description: str, workdir: str) -> tuple[list[int], Path]:
+    """The ``--pairs`` sizes (ascending) and a fresh ``--workdir`` of a benchmark over the synthetic corpus."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--pairs", default="100000,1000000", help="corpus sizes (training pairs in all), comma-separated")
-    ap.add_argument("--workdir", default="/tmp/mtprune-bench-baselines", help="run directories go here (removed first)")
+    ap.add_argument("--workdir", default=workdir, help="run directories go here (removed first)")
     args = ap.parse_args()
-    sizes = sorted(int(x) for x in args.pairs.split(","))
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    return sorted(int(x) for x in args.pairs.split(",")), work
+
+
+def baselines_of(work: Path, n: int) -> tuple[Path, Path, dict]:
+    """Download and prepare ``n`` synthetic pairs under ``work``, then their ``base_*`` columns as one slice
+    (`score --baselines 0/1`): the run folder, its log and the slice's measurement (``bench_scale.run_stage``)."""
+    cfg_path = work / f"bench-{n}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(n), sort_keys=False))
+    run_dir, log = work / f"run-{n}", work / f"log-{n}.txt"
+    for stage in ("download", "prepare"):
+        run_stage(stage, cfg_path, run_dir, log)
+    return run_dir, log, run_stage("score", cfg_path, run_dir, log, ("--baselines", "0/1"))
+
+
+def main() -> None:
+    sizes, work = sizes_and_workdir(__doc__.split("\n\n")[0], "/tmp/mtprune-bench-baselines")
     rows = {}
     for n in sizes:
-        cfg_path = work / f"bench-{n}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config(n), sort_keys=False))
-        run_dir, log = work / f"run-{n}", work / f"log-{n}.txt"
-        for stage in ("download", "prepare"):
-            run_stage(stage, cfg_path, run_dir, log)
-        r = run_stage("score", cfg_path, run_dir, log, ("--baselines", "0/1"))
+        run_dir, log, r = baselines_of(work, n)
         r["bytes"] = folder_bytes(run_dir / "04_score" / "shards")
         line = [ln for ln in log.read_text().splitlines() if "baselines shard" in ln][-1]
         r["filters"] = dict(re.findall(r"(base_\w+) ([0-9.]+)s", line))

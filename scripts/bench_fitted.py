@@ -19,15 +19,13 @@ Run it alone on the machine: a second job on the same cores changes every time i
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import ROOT, config, measure, run_stage  # noqa: E402
+from bench_baselines import baselines_of, sizes_and_workdir  # noqa: E402
+from bench_scale import ROOT, measure  # noqa: E402
 
 FIT = """
 import sys, time
@@ -51,22 +49,10 @@ print(f"fitted {len(odds)} rows in {time.time() - t0:.1f} s")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", default="100000,1000000", help="corpus sizes (training pairs in all), comma-separated")
-    ap.add_argument("--workdir", default="/tmp/mtprune-bench-fitted", help="run directories go here (removed first)")
-    args = ap.parse_args()
-    sizes = sorted(int(x) for x in args.pairs.split(","))
-    work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    sizes, work = sizes_and_workdir(__doc__.split("\n\n")[0], "/tmp/mtprune-bench-fitted")
     rows = {}
     for n in sizes:
-        cfg_path = work / f"bench-{n}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config(n), sort_keys=False))
-        run_dir, log = work / f"run-{n}", work / f"log-{n}.txt"
-        for stage in ("download", "prepare"):
-            run_stage(stage, cfg_path, run_dir, log)
-        run_stage("score", cfg_path, run_dir, log, ("--baselines", "0/1"))
+        run_dir, log, _ = baselines_of(work, n)
         r = measure([sys.executable, "-c", FIT, str(run_dir)], log, cwd=ROOT)
         if r["code"] != 0:
             raise SystemExit(f"bench_fitted: fitting base_fitted exited with {r['code']}; see {log}")
