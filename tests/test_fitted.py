@@ -77,9 +77,7 @@ def _base_fitted(en: list[str], de: list[str], workdir: Path) -> tuple[np.ndarra
     base = baselines.compute(en, de, ["en-de"] * len(en), workdir)
     odds = fitted.log_odds(ListText(en, de), np.zeros(len(en), np.int64), ["en-de"], base, workdir)
     base_all = derived.combine_ranks(derived.tail_ranks(base, derived.BASE_ALL), "fisher")
-    both = derived.combine_ranks(derived.tail_ranks({"odds": odds, "base_all": base_all}, ("odds", "base_all")),
-                                 "fisher")
-    return both, base_all
+    return derived.base_fitted(odds, base_all, "fisher"), base_all
 
 
 def test_base_fitted_finds_noise_it_was_not_fitted_on(noisy_pool, tmp_path: Path) -> None:

@@ -158,6 +158,12 @@ def combine_ranks(ranks: np.ndarray, how: str) -> np.ndarray:
     return fisher(ranks) if how == "fisher" else ranks.max(axis=0)
 
 
+def base_fitted(odds: np.ndarray, base_all: np.ndarray, how: str) -> np.ndarray:
+    """``base_fitted``: the tail ranks of ``fitted.log_odds``' log-odds and of ``base_all``, combined as ``base_all``
+    combines its columns."""
+    return combine_ranks(tail_ranks({"odds": odds, "base_all": base_all}, ("odds", "base_all")), how)
+
+
 # ---- the table ----------------------------------------------------------------------------------
 
 class _Columns:
@@ -222,8 +228,7 @@ def derived_columns(data: Any, cfg: Any, layout: Any, seconds: dict[str, float])
         t0 = time.time()
         how = cfg.score.combine_all_how
         new["base_all"] = combine_ranks(tail_ranks(df, BASE_ALL), how)
-        new["base_fitted"] = combine_ranks(tail_ranks({"odds": odds, "base_all": new["base_all"]},
-                                                      ("odds", "base_all")), how)
+        new["base_fitted"] = base_fitted(odds, new["base_all"], how)
         if cfg.score.combine:  # its entries were checked when `combined` was made above
             new["combined_all"] = combine_ranks(tail_ranks(df, (*cfg.score.combine, *BASE_ALL)), how)
         seconds["base_all_combined_all"] = round(time.time() - t0, 3)

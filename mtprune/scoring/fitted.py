@@ -79,9 +79,11 @@ def corrupt(pairs: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
     return out
 
 
-def percentiles(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Each value's mid-percentile among the non-missing ``reference`` values (ties halved); a missing value: 0."""
-    ref = np.sort(reference[~np.isnan(reference)])
+def _sorted(reference: np.ndarray) -> np.ndarray:
+    return np.sort(reference[~np.isnan(reference)])
+
+
+def _percentiles_in(ref: np.ndarray, values: np.ndarray) -> np.ndarray:
     if not len(ref):
         return np.zeros(len(values))
     v = np.nan_to_num(values, nan=-np.inf)
@@ -89,8 +91,14 @@ def percentiles(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), 0.0, p)
 
 
-def _features(reference: dict[str, np.ndarray], columns: dict[str, np.ndarray], rows: np.ndarray | slice) -> np.ndarray:
-    return np.column_stack([percentiles(reference[c], columns[c][rows]) for c in FEATURES])
+def percentiles(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each value's mid-percentile among the non-missing ``reference`` values (ties halved); a missing value: 0."""
+    return _percentiles_in(_sorted(reference), values)
+
+
+def _features(ref: dict[str, np.ndarray], columns: dict[str, np.ndarray], rows: np.ndarray | slice) -> np.ndarray:
+    """``FEATURES`` of ``rows`` of ``columns`` as percentiles among ``ref`` (each column's sorted reference values)."""
+    return np.column_stack([_percentiles_in(ref[c], columns[c][rows]) for c in FEATURES])
 
 
 def direction_seed(direction: str) -> int:
@@ -125,7 +133,7 @@ def log_odds(text: Any, direction_codes: np.ndarray, direction_names: list[str],
         train = {direction: baselines.training_pairs(text, rows, direction)}
         fake_cols = baselines.compute_rows(ListText([p[0] for p in fake], [p[1] for p in fake]),
                                            np.zeros(len(fake), np.int64), [direction], workdir, None, train)
-        reference = {c: base[c][rows] for c in FEATURES}
+        reference = {c: _sorted(base[c][rows]) for c in FEATURES}  # sorted once, used by every _features call
         fit_rows = rows[sample_rows(len(rows), FIT_ROWS)]
         x = np.vstack([_features(reference, base, fit_rows), _features(reference, fake_cols, slice(None))])
         y = np.r_[np.zeros(len(fit_rows)), np.ones(len(fake))]
