@@ -182,8 +182,8 @@ def labelled_noise_table(df: Any, labels: dict[str, str], source: str) -> tuple[
     if len(sides) > 1:
         side_md = ("## Proxy, baselines, both\n\n`combined`: the proxy's scores alone (`score.combine`); `base_all`: "
                    "OpusFilter's filters alone (`base_*`), no model; `base_fitted`: the filters weighted by a "
-                   "classifier fitted on synthetic noise, with `base_all`; `combined_all`: proxy and filters (`score.combine_all_how`: "
-                   "Fisher's sum of -log tail shares by default).\n\n" + md_table(header, sides) + "\n## Every score\n\n")
+                   "classifier fitted on synthetic noise, with `base_all`; `combined_all`: proxy and filters "
+                   "(`score.combine_all_how`: Fisher's sum of -log tail shares by default).\n\n" + md_table(header, sides) + "\n## Every score\n\n")
     sample = (f" as noise, the other {n_all - n_noisy} as clean: every figure is on these {n_all} labelled pairs"
               if getattr(labels, "clean", None) else "")
     md = (f"# Finding the labelled noise\n\n{n_noisy} of {n_all} pairs labelled{sample} ({source}). AUROC of each score "
